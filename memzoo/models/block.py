@@ -1,0 +1,64 @@
+"""The pre-norm residual block shared by every memzoo model: x + mixer(norm(x)), x + mlp(norm(x))."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .contract import Mixer
+
+__all__ = ["RMSNorm", "SwiGLU", "Block"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (arXiv 1910.07467): x / rms(x) * weight, computed in fp32."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP (arXiv 2002.05202): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one token mixer and an optional SwiGLU MLP (``d_ff=0``: none)."""
+
+    def __init__(self, mixer: Mixer, d_ff: int, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        d = mixer.d_model
+        self.mixer_norm = RMSNorm(d, norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(d, norm_eps) if d_ff else None
+        self.mlp = SwiGLU(d, d_ff) if d_ff else None
+
+    def forward(self, x: Tensor, state: Any = None, *, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Any]:
+        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens)
+        return self._mlp(x + y), state
+
+    def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """One token ``[B, D]`` through the mixer's exact ``step``."""
+        y, state = self.mixer.step(self.mixer_norm(x_t), state)
+        return self._mlp(x_t + y), state
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))

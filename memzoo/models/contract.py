@@ -1,0 +1,195 @@
+"""The memzoo layer contract: one interface for every token mixer (attention, MoM, Titans, S4D, ...).
+
+    y, state = layer(x, state=None, cu_seqlens=None)    # x: [B, T, D] -> y: [B, T, D]
+    y_t, state = layer.step(x_t, state)                 # x_t: [B, D], exact single-token decoding
+    state = layer.init_state(B, device=..., dtype=...)  # state=None behaves exactly like this
+    layer.state_size(seq_len)                           # floats of memory carried per sequence
+
+Rules every subclass keeps (the contract test suite checks them for every registered mixer):
+
+* ``forward`` always returns the state; feeding a sequence in pieces while carrying the state
+  gives the same outputs as one full pass (any split, not only chunk multiples).
+* The state is a pytree (NamedTuple of tensors) with the batch first, see ``memzoo.models.state``.
+* A layer owns neither the residual nor the pre-norm (the ``Block`` does) and takes device and
+  dtype from its input.
+* Packed variable-length batches: ``cu_seqlens`` (``[N+1]`` int, B must be 1) marks N
+  independent sequences; the layer resets at every boundary and the returned state holds one
+  row per sequence.  Passing an initial state together with ``cu_seqlens`` is layer-specific.
+* Auxiliary losses (router balance, ...) leave a layer through one mechanism:
+  ``self.record_aux_loss(name, value)`` during forward stores an already-weighted scalar; the
+  language model clears them before its forward pass, collects them after it with
+  ``pop_aux_losses()`` and adds their sum to its loss.  Standalone users call
+  ``layer.pop_aux_losses()`` themselves.
+* Bad inputs raise ``ValueError``/``TypeError`` naming the argument before any kernel runs; the
+  checks live here in ``forward``/``step`` so subclasses implement only ``_forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .state import detach_state, state_batch_size, state_leaves, tree_map
+
+__all__ = ["Mixer", "check_cu_seqlens"]
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
+    """Validate packed-sequence offsets ``[N+1]`` for an input of shape ``[batch_size, seq_len, ...]``.
+
+    Value checks (starts at 0, ends at ``seq_len``, non-decreasing) run only on CPU tensors so
+    that a CUDA training step never waits on the host.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise TypeError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, "
+            f"got shape {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}"
+        )
+    if batch_size != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed into B=1, got B={batch_size}")
+    if cu_seqlens.device.type == "cpu":
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at the sequence length {seq_len}, "
+                f"got {cu_seqlens[0].item()}..{cu_seqlens[-1].item()}"
+            )
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+
+
+class Mixer(nn.Module):
+    """Base class of every memzoo token mixer.  Subclasses implement ``_forward``,
+    ``init_state`` and ``state_size``; they may override ``_step`` with a faster exact path and
+    ``reset_state`` when their state shapes vary (e.g. a growing KV cache).
+
+    Class attributes:
+        config_class: the frozen dataclass holding the layer's hyper-parameters.
+    """
+
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            raise TypeError(f"{type(self).__name__}: pass either a config or keyword arguments, not both")
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.d_model: int = config.d_model
+        self._aux_losses: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor, state: Any = None, *, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Any]:
+        """Mix a sequence.
+
+        Args:
+            x: ``[B, T, D]`` floating-point input.
+            state: ``None`` (fresh sequences) or the state returned by a previous call.
+            cu_seqlens: optional ``[N+1]`` offsets of N packed sequences (requires B=1).
+
+        Returns:
+            ``(y, state)``: ``y`` is ``[B, T, D]`` in the dtype of ``x``; ``state`` has batch
+            ``B`` (or ``N`` with ``cu_seqlens``).
+        """
+        self._check_x(x, "x", rank=3)
+        batch = x.shape[0]
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
+            batch = cu_seqlens.numel() - 1
+        self._check_state(state, batch)
+        return self._forward(x, state, cu_seqlens=cu_seqlens)
+
+    def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Decode one token: ``x_t`` ``[B, D]`` -> ``(y_t [B, D], state)``; exact, equal to ``forward``."""
+        self._check_x(x_t, "x_t", rank=2)
+        self._check_state(state, x_t.shape[0])
+        return self._step(x_t, state)
+
+    def _forward(self, x: Tensor, state: Any, *, cu_seqlens: Tensor | None) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def _step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
+        y, state = self._forward(x_t.unsqueeze(1), state, cu_seqlens=None)
+        return y.squeeze(1), state
+
+    def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> Any:
+        """The state of ``batch_size`` fresh sequences; ``forward(x, None)`` behaves exactly like it."""
+        raise NotImplementedError
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats of state carried per sequence after ``seq_len`` tokens (the recall-vs-memory axis).
+
+        Recurrent layers ignore ``seq_len``; layers whose memory grows with the context (attention)
+        need it.
+        """
+        raise NotImplementedError
+
+    def reset_state(self, state: Any, mask: Tensor) -> Any:
+        """Return ``state`` with the rows where ``mask`` ``[B]`` (bool) is true replaced by fresh ones.
+
+        The default works for fixed-shape states; layers whose state shape changes override it.
+        """
+        batch = state_batch_size(state)
+        if mask.dim() != 1 or mask.dtype != torch.bool or mask.shape[0] != batch:
+            raise ValueError(f"mask must be a bool tensor [B={batch}], got {tuple(mask.shape)} {mask.dtype}")
+        leaves = state_leaves(state)
+        dtype = next((t.dtype for t in leaves if t.is_floating_point()), None)
+        fresh = state_leaves(self.init_state(batch, device=leaves[0].device, dtype=dtype))
+        if [t.shape for t in fresh] != [t.shape for t in leaves]:
+            raise NotImplementedError(f"{type(self).__name__} must override reset_state: its state shape varies")
+        fresh_iter = iter(fresh)
+
+        def reset(t: Tensor) -> Tensor:
+            f = next(fresh_iter).to(t.dtype)
+            return torch.where(mask.view(-1, *([1] * (t.dim() - 1))), f, t)
+
+        return tree_map(reset, state)
+
+    detach_state = staticmethod(detach_state)
+
+    def num_activated_parameters(self) -> int:
+        """Parameters used per token; sparse layers (routed memories) override this."""
+        return sum(p.numel() for p in self.parameters())
+
+    def record_aux_loss(self, name: str, value: Tensor) -> None:
+        """Store a weighted scalar auxiliary loss from inside ``forward`` (replaces one of the same name)."""
+        self._aux_losses[name] = value
+
+    def pop_aux_losses(self) -> dict[str, Tensor]:
+        """Return and clear the auxiliary losses recorded since the last pop."""
+        out, self._aux_losses = self._aux_losses, {}
+        return out
+
+    def _check_x(self, x: Any, name: str, rank: int) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        shape = "[B, T, D]" if rank == 3 else "[B, D]"
+        if x.dim() != rank:
+            raise ValueError(f"{name} must have shape {shape} with D={self.d_model}, got {tuple(x.shape)}")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"{name} must have last dimension d_model={self.d_model}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if rank == 3 and x.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one token, got {tuple(x.shape)}")
+
+    def _check_state(self, state: Any, batch_size: int) -> None:
+        if state is None:
+            return
+        try:
+            batch = state_batch_size(state)
+        except ValueError as e:
+            raise ValueError(f"state is malformed: {e}") from None
+        if batch is not None and batch != batch_size:
+            raise ValueError(
+                f"state has batch size {batch}, but the input has {batch_size} sequences "
+                "(with cu_seqlens, one state row per packed sequence)"
+            )

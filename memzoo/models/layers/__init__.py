@@ -1,0 +1,5 @@
+"""Token mixers: one file per architecture, each a ``memzoo.models.contract.Mixer``."""
+
+from .attention import Attention, AttentionConfig, AttentionState
+
+__all__ = ["Attention", "AttentionConfig", "AttentionState"]

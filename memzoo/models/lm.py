@@ -1,0 +1,233 @@
+"""``LanguageModel``: token embedding, a stack of pre-norm blocks (any mixer pattern), final norm, tied head.
+
+    out = model(input_ids, state=None, labels=None)   # out.logits, out.loss, out.aux_losses, out.state
+    ids = model.generate(prompt, max_new_tokens=32)   # prefill with forward, then exact per-token step
+
+Labels follow the Hugging Face convention: ``labels`` is aligned with ``input_ids`` and shifted
+inside (position t predicts token t+1); ``-100`` is ignored.  The loss is the mean cross-entropy
+plus the sum of the auxiliary losses the mixers recorded during this pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .block import Block, RMSNorm
+from .config import ModelConfig
+from .contract import Mixer, check_cu_seqlens
+from .registry import build_mixer
+from .state import state_batch_size
+
+__all__ = ["LanguageModel", "LMOutput", "sample_next"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # [B, T', V] (T' = T, or logits_to_keep)
+    state: tuple[Any, ...]  # one state per layer, batch first
+    loss: Tensor | None = None  # ce_loss + sum(aux_losses), when labels are given
+    ce_loss: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # "layers.{i}.{name}" -> weighted scalar
+
+
+class LanguageModel(nn.Module):
+    """A causal language model over any pattern of registered mixers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            Block(build_mixer(name, config.d_model, config.mixers.get(name)), config.ffn_hidden, config.norm_eps)
+            for name in config.layer_types
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @property
+    def mixers(self) -> list[Mixer]:
+        return [b.mixer for b in self.blocks]
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and linear weights, zero biases, GPT-2 residual scaling.
+
+        Mixers with parameters of their own (decays, SSM matrices) keep the values their
+        constructor gave them: only ``nn.Linear``/``nn.Embedding`` weights are re-drawn here.
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.Linear):
+                is_residual_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, std=residual_std if is_residual_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> tuple[Any, ...]:
+        return tuple(m.init_state(batch_size, device=device, dtype=dtype) for m in self.mixers)
+
+    def forward(self, input_ids: Tensor, state: tuple[Any, ...] | None = None, labels: Tensor | None = None,
+                *, cu_seqlens: Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``[B, T]`` integer token ids.
+            state: ``None`` or the ``state`` of a previous output (continue those sequences).
+            labels: optional ``[B, T]`` targets aligned with ``input_ids`` (shifted inside).
+            cu_seqlens: optional ``[N+1]`` offsets of packed sequences (B must be 1).
+            logits_to_keep: if > 0, compute logits for the last ``logits_to_keep`` positions only.
+
+        Returns:
+            ``LMOutput`` with logits ``[B, T', V]`` (fp32 upcast only inside the loss), the new
+            state, and ``loss``/``ce_loss``/``aux_losses`` when labels are given.
+        """
+        self._check_ids(input_ids, "input_ids")
+        B, T = input_ids.shape
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, B, T)
+        states = self._check_state(state, B if cu_seqlens is None else cu_seqlens.numel() - 1)
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.shape != input_ids.shape or labels.is_floating_point():
+                raise ValueError(f"labels must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                                 f"got {getattr(labels, 'shape', type(labels).__name__)}")
+            if logits_to_keep > 0:
+                raise ValueError("labels and logits_to_keep > 0 cannot be combined")
+        for m in self.mixers:
+            m.pop_aux_losses()
+        x = self.embed(input_ids)
+        new_states = []
+        for block, s in zip(self.blocks, states):
+            x, s = block(x, s, cu_seqlens=cu_seqlens)
+            new_states.append(s)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.norm(x))
+        aux = {f"layers.{i}.{k}": v for i, m in enumerate(self.mixers) for k, v in m.pop_aux_losses().items()}
+        out = LMOutput(logits=logits, state=tuple(new_states), aux_losses=aux)
+        if labels is not None:
+            out.ce_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(), ignore_index=IGNORE_INDEX
+            )
+            out.loss = out.ce_loss + sum(aux.values()) if aux else out.ce_loss
+        return out
+
+    def step(self, token: Tensor, state: tuple[Any, ...]) -> tuple[Tensor, tuple[Any, ...]]:
+        """Decode one token per row: ``token`` ``[B]`` -> ``(logits [B, V], state)``."""
+        self._check_ids(token, "token", rank=1)
+        states = self._check_state(state, token.shape[0])
+        x = self.embed(token)
+        new_states = []
+        for block, s in zip(self.blocks, states):
+            x, s = block.step(x, s)
+            new_states.append(s)
+        return self.lm_head(self.norm(x)), tuple(new_states)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 state: tuple[Any, ...] | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Continue ``input_ids`` ``[B, T]``: one prefill pass, then exact per-token ``step``s.
+
+        ``temperature=0`` is greedy; otherwise tokens are sampled from softmax(logits / temperature)
+        restricted to the ``top_k`` most likely and/or the ``top_p`` nucleus.  Rows that emitted
+        ``eos_token_id`` keep emitting it; generation stops early once every row has.
+
+        Returns:
+            ``[B, T + n]`` token ids, ``n <= max_new_tokens``.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return input_ids
+        out = self(input_ids, state=state, logits_to_keep=1)
+        logits, state = out.logits[:, -1], out.state
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            new_tokens.append(token)
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits, state = self.step(token, state)
+        return torch.cat((input_ids, torch.stack(new_tokens, dim=1)), dim=1)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights counted once), optionally without the embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def num_activated_parameters(self) -> int:
+        """Parameters used per token: sparse mixers (routed memories) count only what a token touches."""
+        mixer_params = sum(p.numel() for m in self.mixers for p in m.parameters())
+        return self.num_parameters() - mixer_params + sum(m.num_activated_parameters() for m in self.mixers)
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats of state per sequence over all layers after ``seq_len`` tokens."""
+        return sum(m.state_size(seq_len) for m in self.mixers)
+
+    def _check_ids(self, ids: Any, name: str, rank: int = 2) -> None:
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dim() != rank or (rank == 2 and ids.shape[1] == 0):
+            raise ValueError(f"{name} must have shape {'[B, T]' if rank == 2 else '[B]'}, got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
+        # A value check on CUDA would stall the stream; the embedding's device assert covers it there.
+        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"{name} must be in [0, vocab_size={self.config.vocab_size}), "
+                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+
+    def _check_state(self, state: tuple[Any, ...] | None, batch_size: int) -> tuple[Any, ...]:
+        if state is None:
+            return (None,) * len(self.blocks)
+        if not isinstance(state, (tuple, list)) or len(state) != len(self.blocks):
+            raise ValueError(f"state must be a tuple of {len(self.blocks)} layer states (as returned by forward)")
+        batch = state_batch_size(state)
+        if batch is not None and batch != batch_size:
+            raise ValueError(f"state has batch size {batch}, but the input has {batch_size} sequences")
+        return tuple(state)
+
+
+def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token per row from ``logits`` ``[B, V]``: greedy at temperature 0, else top-k/top-p sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,41 @@
+"""The one registry of token mixers: name -> class.  Add a line here when a layer lands.
+
+A name is what model configs use in ``pattern`` and ``mixers``; the class carries its config
+dataclass as ``config_class``, so a mixer is built from ``d_model`` plus keyword overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .contract import Mixer
+from .layers.attention import Attention
+
+__all__ = ["MIXERS", "mixer_config", "build_mixer"]
+
+MIXERS: dict[str, type[Mixer]] = {
+    "attention": Attention,
+}
+
+
+def _mixer_class(name: str) -> type[Mixer]:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; registered mixers: {sorted(MIXERS)}")
+    return MIXERS[name]
+
+
+def mixer_config(name: str, d_model: int, overrides: dict[str, Any] | None = None) -> Any:
+    """The validated config of mixer ``name`` at width ``d_model`` with keyword ``overrides``."""
+    cls = _mixer_class(name)
+    overrides = dict(overrides or {})
+    if "d_model" in overrides:
+        raise ValueError(f"mixer {name!r}: d_model is set by the model, not per mixer")
+    try:
+        return cls.config_class(d_model=d_model, **overrides)
+    except TypeError as e:
+        raise ValueError(f"bad options for mixer {name!r}: {e}") from None
+
+
+def build_mixer(name: str, d_model: int, overrides: dict[str, Any] | None = None) -> Mixer:
+    """Instantiate mixer ``name`` (see ``MIXERS``) at width ``d_model``."""
+    return _mixer_class(name)(mixer_config(name, d_model, overrides))

@@ -1,0 +1,1 @@
+"""Model-level memory that wraps a whole backbone (HMT, LongMem); empty until those land."""

@@ -1,0 +1,184 @@
+"""The layer contract, checked for every registered mixer (a new layer gets this suite for free).
+
+Each mixer is tested at its defaults (only d_model is set) and in the variants listed in
+VARIANTS.  Everything runs in float32 on CPU with small shapes.
+"""
+
+import pytest
+import torch
+
+from memzoo.models import MIXERS, build_mixer, detach_state, index_state
+from memzoo.models.state import state_batch_size, state_leaves
+from memzoo.testing import assert_close, assert_states_close
+
+D = 32
+TOL = 1e-5
+
+# Extra configurations worth the whole suite: name -> {variant id: mixer options}.
+VARIANTS = {
+    "attention": {
+        "gqa": {"n_heads": 4, "n_kv_heads": 2},
+        "mqa_window": {"n_heads": 4, "n_kv_heads": 1, "window": 5},
+        "window1": {"n_heads": 2, "window": 1},
+        "norope_dhead": {"n_heads": 2, "d_head": 8, "rope_theta": None},
+    },
+}
+
+CASES = [pytest.param(name, {}, id=f"{name}-default") for name in MIXERS] + [
+    pytest.param(name, opts, id=f"{name}-{vid}") for name, vs in VARIANTS.items() for vid, opts in vs.items()
+]
+
+
+def make(name, opts):
+    torch.manual_seed(0)
+    return build_mixer(name, D, opts).eval()
+
+
+def seq(B=2, T=13, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g)
+
+
+def test_every_variant_is_registered():
+    assert set(VARIANTS) <= set(MIXERS)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+class TestContract:
+    def test_shape_dtype_and_state_batch(self, name, opts):
+        layer, x = make(name, opts), seq()
+        y, state = layer(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert torch.isfinite(y).all()
+        assert state_batch_size(state) == x.shape[0]
+        # The output really depends on the input (a constant layer would pass the rest).
+        y2, _ = layer(x + 1.0)
+        assert not torch.allclose(y, y2)
+
+    @pytest.mark.parametrize("splits", [(1,), (6,), (12,), (3, 4), (1, 1, 1, 5)], ids=str)
+    def test_chained_equals_full(self, name, opts, splits):
+        layer, x = make(name, opts), seq(T=13)
+        y_full, s_full = layer(x)
+        bounds = [0, *splits, x.shape[1]]
+        ys, state = [], None
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a < b:
+                y, state = layer(x[:, a:b], state)
+                ys.append(y)
+        assert_close(torch.cat(ys, 1), y_full, TOL, "chained output")
+        assert_states_close(state, s_full, TOL, "chained final state")
+
+    def test_step_equals_forward(self, name, opts):
+        layer, x = make(name, opts), seq(T=9)
+        y_full, s_full = layer(x)
+        state = layer.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        ys = []
+        for t in range(x.shape[1]):
+            y_t, state = layer.step(x[:, t], state)
+            assert y_t.shape == (x.shape[0], D)
+            ys.append(y_t)
+        assert_close(torch.stack(ys, 1), y_full, TOL, "step output")
+        assert_states_close(state, s_full, TOL, "step final state")
+
+    def test_state_none_equals_init_state(self, name, opts):
+        layer, x = make(name, opts), seq()
+        y0, s0 = layer(x)
+        y1, s1 = layer(x, layer.init_state(x.shape[0], device=x.device, dtype=x.dtype))
+        assert_close(y1, y0, TOL, "output")
+        assert_states_close(s1, s0, TOL, "state")
+
+    def test_gradients_finite_and_flow_through_state(self, name, opts):
+        layer, x = make(name, opts), seq(T=10)
+        layer.train()
+        x = x.requires_grad_()
+        y1, state = layer(x[:, :4])
+        y2, _ = layer(x[:, 4:], state)
+        y2.square().sum().backward()
+        grads = [p.grad for p in layer.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert torch.isfinite(x.grad).all()
+        # The second segment reads the first through the state, so the first segment's inputs get
+        # gradient, unless the layer carries no state at all (e.g. a window of one token).
+        assert bool(x.grad[:, :4].abs().sum() > 0) == (layer.state_size(64) > 0)
+
+    def test_detach_state(self, name, opts):
+        layer, x = make(name, opts), seq()
+        layer.train()
+        _, state = layer(x.requires_grad_())
+        detached = detach_state(state)
+        for a, b in zip(state_leaves(detached), state_leaves(state)):
+            assert a.grad_fn is None and torch.equal(a, b)
+
+    def test_index_state_reorders_rows(self, name, opts):
+        layer, x = make(name, opts), seq(B=3, T=10)
+        y, state = layer(x[:, :6])
+        order = torch.tensor([2, 0, 1])
+        y_a, _ = layer(x[order, 6:], index_state(state, order))
+        y_b, _ = layer(x[:, 6:], state)
+        assert_close(y_a, y_b[order], TOL, "reordered continuation")
+
+    def test_reset_state_rows_start_fresh(self, name, opts):
+        layer, x = make(name, opts), seq(B=2, T=11)
+        _, state = layer(x[:, :6])
+        state = layer.reset_state(state, torch.tensor([True, False]))
+        y, _ = layer(x[:, 6:], state)
+        y_fresh, _ = layer(x[:1, 6:])
+        y_kept, _ = layer(x[1:], None)
+        assert_close(y[:1], y_fresh, TOL, "reset row")
+        assert_close(y[1:], y_kept[:, 6:], TOL, "kept row")
+
+    def test_packed_equals_separate(self, name, opts):
+        layer = make(name, opts)
+        lengths = [5, 0, 8, 1]
+        x = seq(B=1, T=sum(lengths))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        y, state = layer(x, cu_seqlens=cu)
+        assert y.shape == x.shape and state_batch_size(state) == len(lengths)
+        more = seq(B=len(lengths), T=3, seed=7)
+        y_next, _ = layer(more, state)
+        for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            s = None
+            if b > a:
+                y_i, s = layer(x[:, a:b])
+                assert_close(y[:, a:b], y_i, TOL, f"packed sequence {i}")
+            # The per-sequence final state continues exactly like the separately computed one.
+            y_i_next, _ = layer(more[i:i + 1], s)
+            assert_close(y_next[i:i + 1], y_i_next, TOL, f"continuation of sequence {i}")
+
+    def test_bf16_forward(self, name, opts):
+        layer, x = make(name, opts), seq()
+        y32, _ = layer(x)
+        y16, state = layer.to(torch.bfloat16)(x.bfloat16())
+        assert y16.dtype == torch.bfloat16
+        assert_close(y16.float(), y32, 5e-2, "bf16 output")
+
+    def test_state_size(self, name, opts):
+        layer = make(name, opts)
+        n = layer.state_size(64)
+        assert isinstance(n, int) and n >= 0
+        leaves = state_leaves(layer(seq(B=1, T=64))[1])
+        # state_size counts the memory floats; the state may hold more (integer positions,
+        # optimizer momentum, short-conv tails), never less.
+        assert n <= sum(t.numel() for t in leaves if t.is_floating_point())
+
+    def test_bad_inputs_raise(self, name, opts):
+        layer, x = make(name, opts), seq()
+        with pytest.raises(ValueError, match="x must have shape"):
+            layer(x[0])
+        with pytest.raises(ValueError, match="d_model"):
+            layer(torch.randn(2, 5, D + 1))
+        with pytest.raises(TypeError, match="floating-point"):
+            layer(torch.ones(2, 5, D, dtype=torch.int64))
+        with pytest.raises(ValueError, match="at least one token"):
+            layer(x[:, :0])
+        _, state = layer(x)
+        with pytest.raises(ValueError, match="batch size"):
+            layer(x[:1], state)
+        with pytest.raises(ValueError, match="x_t must have shape"):
+            layer.step(x, state)
+        with pytest.raises(ValueError, match="B=1"):
+            layer(x, cu_seqlens=torch.tensor([0, 5, 13]))
+        with pytest.raises(ValueError, match="end at the sequence length"):
+            layer(x[:1], cu_seqlens=torch.tensor([0, 5, 12]))
+        with pytest.raises(TypeError, match="cu_seqlens"):
+            layer(x[:1], cu_seqlens=torch.tensor([0.0, 13.0]))
