@@ -192,9 +192,10 @@ class LanguageModel(nn.Module):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
         # A value check on CUDA would stall the stream; the embedding's device assert covers it there.
-        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"{name} must be in [0, vocab_size={self.config.vocab_size}), "
-                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+        if ids.device.type == "cpu" and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"{name} must be in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]")
 
     def _check_state(self, state: tuple[Any, ...] | None, batch_size: int) -> tuple[Any, ...]:
         if state is None:

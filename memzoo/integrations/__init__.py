@@ -1,0 +1,1 @@
+"""Adapters to other ecosystems (Hugging Face transformers, lm-eval); optional extras, imported lazily."""

@@ -1,0 +1,57 @@
+"""Fused kernels for the chunked recurrences, one folder per op.
+
+Each op folder holds ``reference.py`` (plain PyTorch: a per-step recurrence that reads like the
+paper, plus a chunked form that is the fast CPU path), ``triton_*.py`` (kernels -> launcher ->
+``torch.autograd.Function`` -> public function) and an ``__init__.py`` that dispatches with
+``resolve_impl``.  Op signatures follow flash-linear-attention so users can swap:
+``(q, k, v, *gates, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None)
+-> (o, final_state)`` with inputs ``[B, T, H, K]`` and an fp32 state ``[N, H, K, V]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from torch import Tensor
+
+__all__ = ["IMPLS", "IMPL_ENV_VAR", "resolve_impl", "triton_available"]
+
+IMPLS = ("auto", "triton", "ref")
+# Users force a path everywhere (e.g. "ref" while debugging) without touching code.
+IMPL_ENV_VAR = "MEMZOO_KERNEL_IMPL"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, x: Tensor) -> str:
+    """Pick ``"triton"`` or ``"ref"`` for an op whose inputs live where ``x`` does.
+
+    ``"auto"`` (or ``$MEMZOO_KERNEL_IMPL`` when set) picks Triton on CUDA when Triton imports, or
+    anywhere under ``TRITON_INTERPRET=1``; otherwise the reference.  ``"triton"`` and ``"ref"``
+    force a path; forcing Triton where it cannot run raises instead of silently falling back.
+    """
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV_VAR, "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"impl (or ${IMPL_ENV_VAR}) must be one of {IMPLS}, got {impl!r}")
+    runnable = triton_available() and (x.is_cuda or _interpreting())
+    if impl == "auto":
+        return "triton" if runnable else "ref"
+    if impl == "triton" and not runnable:
+        raise RuntimeError(
+            f"impl='triton' needs triton installed and CUDA inputs (or TRITON_INTERPRET=1 on CPU); "
+            f"got device={x.device}, triton installed={triton_available()}"
+        )
+    return impl

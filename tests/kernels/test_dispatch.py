@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from memzoo.kernels import IMPL_ENV_VAR, resolve_impl, triton_available
+
+
+def test_auto_on_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    assert resolve_impl("auto", torch.zeros(1)) == "ref"
+    assert resolve_impl("ref", torch.zeros(1)) == "ref"
+
+
+def test_forcing_triton_where_it_cannot_run_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="impl='triton' needs"):
+        resolve_impl("triton", torch.zeros(1))
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_interpreter_makes_triton_runnable_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    assert resolve_impl("auto", torch.zeros(1)) == "triton"
+
+
+def test_environment_override_and_bad_names(monkeypatch):
+    monkeypatch.setenv(IMPL_ENV_VAR, "ref")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("auto", torch.zeros(1)) == "ref"
+    monkeypatch.setenv(IMPL_ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="MEMZOO_KERNEL_IMPL"):
+        resolve_impl("auto", torch.zeros(1))
+    with pytest.raises(ValueError, match="impl"):
+        resolve_impl("fast", torch.zeros(1))
