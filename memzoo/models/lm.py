@@ -195,7 +195,8 @@ class LanguageModel(nn.Module):
         if ids.device.type == "cpu" and ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"{name} must be in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]")
+                vocab = self.config.vocab_size
+                raise ValueError(f"{name} must be in [0, vocab_size={vocab}), got values in [{lo}, {hi}]")
 
     def _check_state(self, state: tuple[Any, ...] | None, batch_size: int) -> tuple[Any, ...]:
         if state is None:
