@@ -6,6 +6,8 @@ VARIANTS.  Everything runs in float32 on CPU with small shapes.
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memzoo.models import MIXERS, build_mixer, detach_state, index_state
 from memzoo.models.state import state_batch_size, state_leaves
@@ -67,6 +69,19 @@ class TestContract:
                 ys.append(y)
         assert_close(torch.cat(ys, 1), y_full, TOL, "chained output")
         assert_states_close(state, s_full, TOL, "chained final state")
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(cuts=st.lists(st.integers(1, 16), min_size=1, max_size=4, unique=True))
+    def test_any_split_equals_full(self, name, opts, cuts):
+        layer, x = make(name, opts), seq(B=1, T=17, seed=4)
+        y_full, s_full = layer(x)
+        bounds = [0, *sorted(cuts), x.shape[1]]
+        ys, state = [], None
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            y, state = layer(x[:, a:b], state)
+            ys.append(y)
+        assert_close(torch.cat(ys, 1), y_full, TOL, f"output split at {sorted(cuts)}")
+        assert_states_close(state, s_full, TOL, f"state split at {sorted(cuts)}")
 
     def test_step_equals_forward(self, name, opts):
         layer, x = make(name, opts), seq(T=9)
