@@ -39,8 +39,8 @@ __all__ = ["Mixer", "check_cu_seqlens"]
 def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
     """Validate packed-sequence offsets ``[N+1]`` for an input of shape ``[batch_size, seq_len, ...]``.
 
-    Value checks (starts at 0, ends at ``seq_len``, non-decreasing) run only on CPU tensors so
-    that a CUDA training step never waits on the host.
+    Value checks (starts at 0, ends at ``seq_len``, non-decreasing) run only on CPU tensors and
+    outside torch.compile, so that a CUDA training step never waits on the host.
     """
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
@@ -51,7 +51,7 @@ def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
         )
     if batch_size != 1:
         raise ValueError(f"with cu_seqlens the batch must be packed into B=1, got B={batch_size}")
-    if cu_seqlens.device.type == "cpu":
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
             raise ValueError(
                 f"cu_seqlens must start at 0 and end at the sequence length {seq_len}, "

@@ -191,8 +191,9 @@ class LanguageModel(nn.Module):
             raise ValueError(f"{name} must have shape {'[B, T]' if rank == 2 else '[B]'}, got {tuple(ids.shape)}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
-        # A value check on CUDA would stall the stream; the embedding's device assert covers it there.
-        if ids.device.type == "cpu" and ids.numel():
+        # A value check on CUDA would stall the stream (and break a compiled graph); the embedding's
+        # device assert covers it there.
+        if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 vocab = self.config.vocab_size

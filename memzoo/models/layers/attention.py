@@ -15,7 +15,7 @@ state-free and packed paths), otherwise ``torch.nn.functional.scaled_dot_product
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -85,12 +85,13 @@ class AttentionState(NamedTuple):
     pos: Tensor  # [B] int64 position of the next token
 
 
-@functools.lru_cache(maxsize=1)
+# Looked up once at import (cheap: no import of flash-attn itself), so torch.compile sees a constant.
+_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
 def _flash_attn() -> Any:
-    try:
-        import flash_attn
-    except ImportError:
-        return None
+    import flash_attn
+
     return flash_attn
 
 
@@ -182,11 +183,11 @@ class Attention(Mixer):
         backend = self.config.backend
         if backend == "sdpa":
             return False
-        ok = _flash_attn() is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        ok = _HAS_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         if backend == "flash" and not ok:
             raise RuntimeError(
                 "Attention(backend='flash') needs flash-attn installed and fp16/bf16 CUDA inputs, "
-                f"got device={q.device} dtype={q.dtype}, flash-attn installed={_flash_attn() is not None}"
+                f"got device={q.device} dtype={q.dtype}, flash-attn installed={_HAS_FLASH}"
             )
         return ok and self.d_head <= 256
 
