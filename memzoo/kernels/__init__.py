@@ -38,18 +38,18 @@ def _interpreting() -> bool:
 def resolve_impl(impl: str, x: Tensor) -> str:
     """Pick ``"triton"`` or ``"ref"`` for an op whose inputs live where ``x`` does.
 
-    ``"auto"`` (or ``$MEMZOO_KERNEL_IMPL`` when set) picks Triton on CUDA when Triton imports, or
-    anywhere under ``TRITON_INTERPRET=1``; otherwise the reference.  ``"triton"`` and ``"ref"``
-    force a path; forcing Triton where it cannot run raises instead of silently falling back.
+    ``"auto"`` (or ``$MEMZOO_KERNEL_IMPL`` when set) picks Triton for CUDA inputs when Triton
+    imports, and the reference for everything else: CPU tensors go to the reference even under
+    ``TRITON_INTERPRET=1``, where only an explicit ``"triton"`` runs the interpreter (tests).
+    Forcing Triton where it cannot run raises instead of silently falling back.
     """
     if impl == "auto":
         impl = os.environ.get(IMPL_ENV_VAR, "auto")
     if impl not in IMPLS:
         raise ValueError(f"impl (or ${IMPL_ENV_VAR}) must be one of {IMPLS}, got {impl!r}")
-    runnable = triton_available() and (x.is_cuda or _interpreting())
     if impl == "auto":
-        return "triton" if runnable else "ref"
-    if impl == "triton" and not runnable:
+        return "triton" if x.is_cuda and triton_available() else "ref"
+    if impl == "triton" and not (triton_available() and (x.is_cuda or _interpreting())):
         raise RuntimeError(
             f"impl='triton' needs triton installed and CUDA inputs (or TRITON_INTERPRET=1 on CPU); "
             f"got device={x.device}, triton installed={triton_available()}"

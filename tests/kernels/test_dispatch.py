@@ -18,16 +18,19 @@ def test_forcing_triton_where_it_cannot_run_raises(monkeypatch):
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_interpreter_makes_triton_runnable_on_cpu(monkeypatch):
+def test_interpreter_runs_triton_on_cpu_only_when_forced(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
-    assert resolve_impl("auto", torch.zeros(1)) == "triton"
+    assert resolve_impl("triton", torch.zeros(1)) == "triton"
+    assert resolve_impl("auto", torch.zeros(1)) == "ref"
 
 
 def test_environment_override_and_bad_names(monkeypatch):
     monkeypatch.setenv(IMPL_ENV_VAR, "ref")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_impl("auto", torch.zeros(1)) == "ref"
+    monkeypatch.setenv(IMPL_ENV_VAR, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("auto", torch.zeros(1)) == "triton"
     monkeypatch.setenv(IMPL_ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="MEMZOO_KERNEL_IMPL"):
         resolve_impl("auto", torch.zeros(1))
