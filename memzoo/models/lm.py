@@ -4,7 +4,8 @@
     ids = model.generate(prompt, max_new_tokens=32)   # prefill with forward, then exact per-token step
 
 Labels follow the Hugging Face convention: ``labels`` is aligned with ``input_ids`` and shifted
-inside (position t predicts token t+1); ``-100`` is ignored.  The loss is the mean cross-entropy
+inside (position t predicts token t+1); ``-100`` is ignored, and with ``cu_seqlens`` no position
+is trained to predict across a sequence boundary.  The loss is the mean cross-entropy
 plus the sum of the auxiliary losses the mixers recorded during this pass.
 """
 
@@ -121,8 +122,14 @@ class LanguageModel(nn.Module):
         aux = {f"layers.{i}.{k}": v for i, m in enumerate(self.mixers) for k, v in m.pop_aux_losses().items()}
         out = LMOutput(logits=logits, state=tuple(new_states), aux_losses=aux)
         if labels is not None:
+            targets = labels[:, 1:].long()
+            if cu_seqlens is not None:
+                # The last token of a packed sequence must not be trained to predict the next sequence's first.
+                starts = torch.zeros(T + 1, dtype=torch.bool, device=labels.device)
+                starts[cu_seqlens[1:-1].long()] = True
+                targets = targets.masked_fill(starts[1:T][None], IGNORE_INDEX)
             out.ce_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(), ignore_index=IGNORE_INDEX
+                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
             )
             out.loss = out.ce_loss + sum(aux.values()) if aux else out.ce_loss
         return out

@@ -68,6 +68,18 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index():
     assert model(x).loss is None
 
 
+def test_packed_loss_never_crosses_a_sequence_boundary():
+    model = tiny()
+    a, b = ids(1, 7, seed=1), ids(1, 4, seed=2)
+    packed = torch.cat((a, b), 1)
+    out = model(packed, labels=packed, cu_seqlens=torch.tensor([0, 7, 7, 11]))
+    la, lb = model(a).logits, model(b).logits
+    # Mean over the 6 + 3 within-sequence predictions only.
+    ce = torch.cat((F.cross_entropy(la[0, :-1], a[0, 1:], reduction="none"),
+                    F.cross_entropy(lb[0, :-1], b[0, 1:], reduction="none")))
+    assert torch.allclose(out.loss, ce.mean(), atol=1e-5)
+
+
 def test_logits_to_keep():
     model, x = tiny(), ids()
     assert_close(model(x, logits_to_keep=1).logits, model(x).logits[:, -1:], 1e-6, "last logits")

@@ -1,0 +1,101 @@
+"""Shared benchmark plumbing: timing, environment metadata and result files.
+
+Speed is reported as ratios against a peer measured in the same run; a result file records the
+device, date, commit and versions so numbers stay comparable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception:  # an optional peer that fails to import is simply absent from the record
+        return None
+
+
+def environment() -> dict:
+    """Device, date, commit and library versions of this run."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": device,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "fla": _version("fla"),
+            "flash_attn": _version("flash_attn"),
+            "cuda": torch.version.cuda,
+        },
+    }
+
+
+def time_ms(fn: Callable[[], object], *, cuda: bool, warmup: int = 1, reps: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds (``triton.testing.do_bench`` on CUDA)."""
+    if cuda:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0])
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write ``payload`` (plus the environment) to ``results/<name>-<device>-<date>.json``."""
+    env = environment()
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"].split("(")[0].strip().lower()).strip("-")
+    path = RESULTS_DIR / f"{name}-{slug}-{env['date'][:10]}.json"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**env, **payload}, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+    return str(v)
