@@ -71,6 +71,9 @@ class Mixer(nn.Module):
     """
 
     config_class: ClassVar[type]
+    # Sequence lengths / split points must be multiples of this for exact results (1: any split is
+    # exact, e.g. because partial chunks are carried in the state).  Trainers check seq_len against it.
+    split_multiple: ClassVar[int] = 1
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()
@@ -154,6 +157,11 @@ class Mixer(nn.Module):
         return tree_map(reset, state)
 
     detach_state = staticmethod(detach_state)
+
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token beyond the ``6 x parameters`` of its matmuls,
+        at context length ``seq_len``: attention scores, recurrent-state updates.  Used for MFU."""
+        return 0
 
     def num_activated_parameters(self) -> int:
         """Parameters used per token; sparse layers (routed memories) override this."""

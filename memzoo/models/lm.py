@@ -187,6 +187,24 @@ class LanguageModel(nn.Module):
         mixer_params = sum(p.numel() for m in self.mixers for p in m.parameters())
         return self.num_parameters() - mixer_params + sum(m.num_activated_parameters() for m in self.mixers)
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Analytic training FLOPs (forward + backward) per token at context length ``seq_len``.
+
+        ``6 x`` the activated non-embedding parameters, plus the output head (``6 V D``, real
+        compute even when tied), plus each mixer's ``extra_flops_per_token`` (attention scores,
+        state updates).  Embedding lookups are free.
+        """
+        c = self.config
+        head = 6 * c.vocab_size * c.d_model
+        dense = 6 * (self.num_activated_parameters() - self.embed.weight.numel()
+                     - (0 if c.tie_embeddings else self.lm_head.weight.numel()))
+        return dense + head + sum(m.extra_flops_per_token(seq_len) for m in self.mixers)
+
+    @property
+    def split_multiple(self) -> int:
+        """Least common multiple of the mixers' ``split_multiple``: segment and sequence lengths must be multiples."""
+        return math.lcm(*(type(m).split_multiple for m in self.mixers))
+
     def state_size(self, seq_len: int | None = None) -> int:
         """Floats of state per sequence over all layers after ``seq_len`` tokens."""
         return sum(m.state_size(seq_len) for m in self.mixers)

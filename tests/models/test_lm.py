@@ -155,6 +155,14 @@ def test_parameter_counts_with_tied_and_untied_head():
     assert tied.lm_head.weight is tied.embed.weight
 
 
+def test_flops_per_token_matches_the_counting_rule():
+    model = tiny(n_layers=2, tie_embeddings=False)
+    non_embedding = model.num_parameters() - 2 * V * 32
+    # 6 x matmul parameters + head + 12 H d T per attention layer.
+    assert model.flops_per_token(16) == 6 * non_embedding + 6 * V * 32 + 2 * 12 * 32 * 16
+    assert model.split_multiple == 1
+
+
 def test_state_size_sums_layers():
     model = tiny(n_layers=3)
     assert model.state_size(10) == 3 * 2 * 32 * 10

@@ -128,6 +128,12 @@ class Attention(Mixer):
             slots = seq_len
         return 2 * self.n_kv_heads * self.d_head * slots
 
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        # q.k and p.v: 2 matmuls x 2 FLOPs x H x d_head per visible key, x3 for forward + backward
+        # (the usual 12 H d T convention, without the causal discount).
+        keys = seq_len if self.window is None else min(seq_len, self.window)
+        return 12 * self.n_heads * self.d_head * keys
+
     def reset_state(self, state: AttentionState, mask: Tensor) -> AttentionState:
         if mask.dim() != 1 or mask.dtype != torch.bool or mask.shape[0] != state.pos.shape[0]:
             raise ValueError(f"mask must be a bool tensor [B={state.pos.shape[0]}], got {tuple(mask.shape)}")
