@@ -10,7 +10,7 @@ paper, plus a chunked form that is the fast CPU path), ``triton_*.py`` (kernels 
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 from torch import Tensor
@@ -22,13 +22,12 @@ IMPLS = ("auto", "triton", "ref")
 IMPL_ENV_VAR = "MEMZOO_KERNEL_IMPL"
 
 
-@functools.lru_cache(maxsize=1)
+# Looked up once at import without importing Triton (slow), so torch.compile sees a constant.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAS_TRITON
 
 
 def _interpreting() -> bool:

@@ -93,7 +93,7 @@ def flatten_batch(x: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]
     if cu_seqlens is not None:
         return x, cu_seqlens.to(torch.int64)
     B, T = x.shape[:2]
-    cu = torch.arange(0, (B + 1) * T, T, device=x.device, dtype=torch.int64)
+    cu = torch.arange(B + 1, device=x.device, dtype=torch.int64) * T
     return x.reshape(1, B * T, *x.shape[2:]), cu
 
 

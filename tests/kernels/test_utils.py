@@ -27,6 +27,8 @@ def test_flatten_batch_and_boundaries():
     x = torch.randn(3, 4, 2)
     flat, cu = flatten_batch(x, None)
     assert flat.shape == (1, 12, 2) and cu.tolist() == [0, 4, 8, 12]
+    empty, cu = flatten_batch(x[:, :0], None)
+    assert empty.shape == (1, 0, 2) and cu.tolist() == [0, 0, 0, 0]
     seq, pos = seq_boundaries(torch.tensor([0, 2, 2, 5]), 5)
     assert seq.tolist() == [0, 0, 2, 2, 2] and pos.tolist() == [0, 1, 0, 1, 2]
 
