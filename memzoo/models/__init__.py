@@ -7,16 +7,28 @@ from typing import Any
 from .block import Block, RMSNorm, SwiGLU
 from .config import ModelConfig
 from .contract import Mixer
-from .layers import Attention, AttentionConfig, AttentionState
+from .layers import (
+    Attention,
+    AttentionConfig,
+    AttentionState,
+    GatedDeltaNet,
+    GatedDeltaNetConfig,
+    GatedDeltaState,
+    GatedLinearAttention,
+    GatedLinearAttentionConfig,
+    GLAState,
+    ShortConvolution,
+)
 from .lm import LanguageModel, LMOutput, sample_next
 from .presets import PRESETS, get_preset
 from .registry import MIXERS, build_mixer, mixer_config
 from .state import detach_state, index_state, state_batch_size, tree_map
 
 __all__ = [
-    "Attention", "AttentionConfig", "AttentionState", "Block", "LMOutput", "LanguageModel", "MIXERS", "Mixer",
-    "ModelConfig", "PRESETS", "RMSNorm", "SwiGLU", "build_mixer", "build_model", "detach_state", "get_preset",
-    "index_state", "mixer_config", "sample_next", "state_batch_size", "tree_map",
+    "Attention", "AttentionConfig", "AttentionState", "Block", "GLAState", "GatedDeltaNet", "GatedDeltaNetConfig",
+    "GatedDeltaState", "GatedLinearAttention", "GatedLinearAttentionConfig", "LMOutput", "LanguageModel", "MIXERS",
+    "Mixer", "ModelConfig", "PRESETS", "RMSNorm", "ShortConvolution", "SwiGLU", "build_mixer", "build_model",
+    "detach_state", "get_preset", "index_state", "mixer_config", "sample_next", "state_batch_size", "tree_map",
 ]
 
 

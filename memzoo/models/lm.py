@@ -42,6 +42,9 @@ class LMOutput:
 class LanguageModel(nn.Module):
     """A causal language model over any pattern of registered mixers."""
 
+    # FSDP auto-wrapping (Accelerate's TRANSFORMER_BASED_WRAP) shards the model one Block at a time.
+    _no_split_modules = ["Block"]
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if not isinstance(config, ModelConfig):

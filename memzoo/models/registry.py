@@ -10,11 +10,15 @@ from typing import Any
 
 from .contract import Mixer
 from .layers.attention import Attention
+from .layers.gated_delta import GatedDeltaNet
+from .layers.gla import GatedLinearAttention
 
 __all__ = ["MIXERS", "mixer_config", "build_mixer"]
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
+    "gated_delta": GatedDeltaNet,
+    "gla": GatedLinearAttention,
 }
 
 

@@ -24,6 +24,16 @@ VARIANTS = {
         "window1": {"n_heads": 2, "window": 1},
         "norope_dhead": {"n_heads": 2, "d_head": 8, "rope_theta": None},
     },
+    "gated_delta": {
+        "no_conv": {"use_short_conv": False},
+        "no_gate_chunk16": {"use_gate": False, "n_heads": 2, "d_head": 8, "expand_v": 1.5, "chunk_size": 16},
+        "conv2": {"conv_size": 2, "n_heads": 2},
+    },
+    "gla": {
+        "short_conv": {"use_short_conv": True},
+        "no_gate_chunk16": {"use_gate": False, "n_heads": 2, "expand_k": 1.0, "chunk_size": 16},
+        "conv3": {"use_short_conv": True, "conv_size": 3, "gate_low_rank_dim": 4, "gate_logit_normalizer": 1.0},
+    },
 }
 
 CASES = [pytest.param(name, {}, id=f"{name}-default") for name in MIXERS] + [

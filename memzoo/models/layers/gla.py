@@ -1,0 +1,175 @@
+"""Gated linear attention (GLA): linear attention whose memory forgets per key channel.
+
+"Gated Linear Attention Transformers with Hardware-Efficient Training" (Yang, Wang, Shen, Panda, Kim;
+arXiv 2312.06635).  Per head, with a memory S_t [K, V] and a data-dependent per-key decay
+alpha_t = exp(g_t) in (0, 1)^K:
+
+    S_t = diag(alpha_t) S_{t-1} + k_t v_t^T          o_t = S_t^T q_t / sqrt(K)
+
+Built as in the paper and flash-linear-attention's layer: keys at half the model width
+(``expand_k=0.5``), a low-rank gate g_t = logsigmoid(W2 W1 x_t + b) / 16 (the normaliser keeps decays
+near 1), an optional short causal convolution on q, k, v, and a per-head RMSNorm of o gated by
+SiLU(g_proj(x)) before ``o_proj``.  The chunked op runs training and prefill; decoding uses the fused
+recurrent op.  Gates and norms are computed in fp32 whatever the parameter dtype.
+Packed sequences (``cu_seqlens``) may start from a state with one row per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...kernels import IMPLS
+from ...kernels.gla import chunk_gla, fused_recurrent_gla
+from ..contract import Mixer
+from .gated_delta import GatedRMSNorm, apply_short_convs, needs_grad, short_convs
+
+__all__ = ["GatedLinearAttentionConfig", "GLAState", "GatedLinearAttention"]
+
+
+@dataclass(frozen=True)
+class GatedLinearAttentionConfig:
+    d_model: int = 256
+    n_heads: int = 4
+    # Total key width = expand_k * d_model, split over the heads (the paper halves it to save state).
+    expand_k: float = 0.5
+    # Total value width = expand_v * d_model, split over the heads.
+    expand_v: float = 1.0
+    # Rank of the gate projection d_model -> gate_low_rank_dim -> key width.
+    gate_low_rank_dim: int = 16
+    # Divides the log-sigmoid gate: larger values keep decays closer to 1 (slower forgetting).
+    gate_logit_normalizer: float = 16.0
+    # Short causal conv + SiLU on q, k, v (off in the paper; without it q, k, v are used as projected).
+    use_short_conv: bool = False
+    # Window of the short conv in tokens, the current one included.
+    conv_size: int = 4
+    # Output gate: RMSNorm(o) * SiLU(g_proj(x)) per head; False keeps the RMSNorm alone.
+    use_gate: bool = True
+    norm_eps: float = 1e-5
+    # Chunk length of the chunked op (power of two in [16, 256]); results do not depend on it.
+    chunk_size: int = 64
+    # Kernel path: "auto" (Triton on CUDA, the PyTorch reference otherwise) | "triton" | "ref".
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.d_model <= 0 or self.n_heads <= 0:
+            raise ValueError(f"d_model and n_heads must be positive, got {self.d_model}, {self.n_heads}")
+        for name, expand, width in (("expand_k", self.expand_k, self.key_dim),
+                                    ("expand_v", self.expand_v, self.value_dim)):
+            if expand <= 0 or expand * self.d_model != width or width % self.n_heads:
+                raise ValueError(
+                    f"{name}={expand} times d_model={self.d_model} must be a positive integer "
+                    f"divisible by n_heads={self.n_heads}"
+                )
+        if self.gate_low_rank_dim < 1:
+            raise ValueError(f"gate_low_rank_dim must be >= 1, got {self.gate_low_rank_dim}")
+        if self.gate_logit_normalizer <= 0:
+            raise ValueError(f"gate_logit_normalizer must be positive, got {self.gate_logit_normalizer}")
+        if self.conv_size < 1:
+            raise ValueError(f"conv_size must be >= 1, got {self.conv_size}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if not 16 <= self.chunk_size <= 256 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"chunk_size must be a power of two in [16, 256], got {self.chunk_size}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+
+    @property
+    def key_dim(self) -> int:
+        return int(self.expand_k * self.d_model)
+
+    @property
+    def value_dim(self) -> int:
+        return int(self.expand_v * self.d_model)
+
+    @property
+    def head_k(self) -> int:
+        return self.key_dim // self.n_heads
+
+    @property
+    def head_v(self) -> int:
+        return self.value_dim // self.n_heads
+
+
+class GLAState(NamedTuple):
+    conv_q: Tensor | None  # [B, W-1, H*K] last inputs of the q conv (None without short conv)
+    conv_k: Tensor | None  # [B, W-1, H*K]
+    conv_v: Tensor | None  # [B, W-1, H*V]
+    memory: Tensor  # [B, H, K, V] fp32
+
+
+class GatedLinearAttention(Mixer):
+    """GLA token mixer: multi-head linear attention with a low-rank, per-key forget gate."""
+
+    config_class = GatedLinearAttentionConfig
+
+    def __init__(self, config: GatedLinearAttentionConfig | None = None, /, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        self.n_heads, self.head_k, self.head_v = c.n_heads, c.head_k, c.head_v
+        self.q_proj = nn.Linear(c.d_model, c.key_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.key_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.value_dim, bias=False)
+        # Low rank keeps the gate cheap (d * r + r * key_dim parameters); the bias sets the initial forgetting.
+        self.gk_proj = nn.Sequential(
+            nn.Linear(c.d_model, c.gate_low_rank_dim, bias=False),
+            nn.Linear(c.gate_low_rank_dim, c.key_dim, bias=True),
+        )
+        self.q_conv, self.k_conv, self.v_conv = short_convs(c.use_short_conv, (c.key_dim, c.key_dim, c.value_dim),
+                                                            c.conv_size)
+        self.g_proj = nn.Linear(c.d_model, c.value_dim, bias=False) if c.use_gate else None
+        self.o_norm = GatedRMSNorm(c.head_v, c.norm_eps)
+        self.o_proj = nn.Linear(c.value_dim, c.d_model, bias=False)
+
+    def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> GLAState:
+        tails = (
+            None if conv is None else conv.init_tail(batch_size, device=device, dtype=dtype)
+            for conv in (self.q_conv, self.k_conv, self.v_conv)
+        )
+        memory = torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=torch.float32)
+        return GLAState(*tails, memory)
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats of the linear-attention memory, H * K * V per sequence; the optional short-conv
+        tails (3 * (W - 1) channels' worth of recent inputs) are not counted."""
+        return self.n_heads * self.head_k * self.head_v
+
+    def gates(self, x: Tensor) -> Tensor:
+        """Per-key log-decay ``[B, T, H, K]`` in fp32, in (-inf, 0)."""
+        logits = self.gk_proj(x).float()
+        return (F.logsigmoid(logits) / self.config.gate_logit_normalizer).unflatten(-1, (self.n_heads, self.head_k))
+
+    def _forward(self, x: Tensor, state: GLAState | None, *, cu_seqlens: Tensor | None) -> tuple[Tensor, GLAState]:
+        return self._mix(x, state, cu_seqlens, step=False)
+
+    def _step(self, x_t: Tensor, state: GLAState | None) -> tuple[Tensor, GLAState]:
+        y, state = self._mix(x_t[:, None], state, None, step=True)
+        return y[:, 0], state
+
+    def _mix(self, x: Tensor, state: GLAState | None, cu_seqlens: Tensor | None,
+             *, step: bool) -> tuple[Tensor, GLAState]:
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.head_k, self.head_v
+        tails = (None,) * 3 if state is None else state[:3]
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if step:
+            qkv = tuple(t[:, 0] for t in qkv)
+        (q, k, v), new_tails = apply_short_convs(convs, qkv, tails, cu_seqlens, step=step, silu_without_conv=False)
+        g = self.gates(x)
+        memory = None if state is None else state.memory.float()
+        # The fused recurrent kernel is the decoding path; it has no backward, so training steps use the chunk op.
+        op = fused_recurrent_gla if step and not needs_grad(self, x, memory) else chunk_gla
+        o, memory = op(
+            q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V), g,
+            initial_state=memory, output_final_state=True, cu_seqlens=cu_seqlens,
+            impl=self.config.impl, chunk_size=self.config.chunk_size,
+        )  # [B, T, H, V], [N, H, K, V]
+        gate = None if self.g_proj is None else self.g_proj(x).view(B, T, H, V)
+        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, H * V))
+        return y, GLAState(*new_tails, memory)
