@@ -1,0 +1,206 @@
+"""Checkpoints: atomic ``accelerator.save_state`` folders, ``--resume auto``, and the exported final model.
+
+    out/checkpoints/checkpoint_{step}/   model, optimizer, scheduler, RNG, trainer_state (+ stream_state_{rank}.pt)
+    out/final/                           model.safetensors + config.json + tokenizer files
+
+A checkpoint is written to ``checkpoints/.tmp_checkpoint_{step}`` and renamed once every rank has
+finished, so a folder named ``checkpoint_{step}`` is always complete and an interrupted save leaves
+only a temporary folder that ``latest_checkpoint`` never returns.  ``from_pretrained`` needs only
+torch and safetensors: no Accelerate, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.config import ModelConfig
+from ..models.state import state_leaves, tree_map
+
+__all__ = ["TrainState", "latest_checkpoint", "save_checkpoint", "export_model", "from_pretrained"]
+
+_CKPT = re.compile(r"^checkpoint_(\d+)$")
+# Prefixes added by torch.compile (_orig_mod.) and DDP / DeepSpeed wrappers (module.).
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class TrainState:
+    """The trainer's counters, registered with Accelerate so ``save_state`` stores them.
+
+    Only primitives, so the pickle loads under ``torch.load(weights_only=True)`` too.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps taken
+        self.micro_index = 0  # micro-batches consumed per process: the data position
+        self.tokens_seen = 0  # tokens trained on, all processes
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``out_dir/checkpoints``, or ``None``."""
+    root = Path(out_dir, "checkpoints")
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def _remove(path: Path) -> None:
+    # Rename first so a crash half-way through the deletion leaves no folder with a checkpoint name.
+    trash = path.with_name(f".trash_{path.name}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_stale(out_dir: str | Path) -> None:
+    """Delete temporary folders left by interrupted saves or prunes (main process, before training)."""
+    root = Path(out_dir, "checkpoints")
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp_", ".trash_")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, keep: int,
+                    carried_state: Any = None) -> Path:
+    """Save everything needed to resume at ``state.step``, atomically; keep the newest ``keep``.
+
+    ``carried_state`` (stream packing) differs per rank, so each rank writes its own leaves.
+    """
+    root = Path(out_dir, "checkpoints")
+    final = root / f"checkpoint_{state.step}"
+    tmp = root / f".tmp_checkpoint_{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if carried_state is not None:
+        leaves = [t.detach().cpu() for t in state_leaves(carried_state)]
+        torch.save(leaves, tmp / f"stream_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        Path(tmp, "trainer_state.json").write_text(json.dumps(state.state_dict(), indent=2))
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)))
+        for _, old in done[:-keep]:
+            _remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_carried_state(checkpoint: str | Path, rank: int, template: Any) -> Any:
+    """Rebuild this rank's carried stream state from its saved leaves, shaped like ``template``."""
+    path = Path(checkpoint, f"stream_state_{rank}.pt")
+    if not path.is_file():
+        return None
+    leaves = iter(torch.load(path, map_location="cpu", weights_only=True))
+    return tree_map(lambda t: next(leaves).to(t.device), template)
+
+
+def _clean_key(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+        key = key.replace("._orig_mod.", ".")
+    return key
+
+
+def export_model(accelerator: Any, model: torch.nn.Module, config: ModelConfig, directory: str | Path,
+                 tokenizer: Any = None) -> Path | None:
+    """Write ``model.safetensors`` + ``config.json`` (+ tokenizer) for ``from_pretrained``; every rank calls it.
+
+    ``get_state_dict`` gathers sharded (FSDP, ZeRO-3) weights.  The tied head is dropped, since
+    safetensors refuses tensors that share memory; ``from_pretrained`` re-ties it.
+    """
+    from safetensors.torch import save_file
+
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp_{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {_clean_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(config.to_json(indent=2))
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def from_pretrained(path: str | Path, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None, config: ModelConfig | None = None) -> Any:
+    """Load a ``LanguageModel`` saved by ``memzoo-train`` (``final/``) or an Accelerate checkpoint folder.
+
+    Args:
+        path: a folder holding ``model.safetensors`` (and ``config.json``), or the file itself.
+            For a ``checkpoints/checkpoint_N`` folder the model config comes from the run's
+            ``config.json`` two levels up.
+        device, dtype: where to put the weights (default: CPU, as stored).
+        config: the model config, when no ``config.json`` is found next to the weights.
+
+    Returns:
+        The model in eval mode.
+    """
+    from safetensors.torch import load_file
+
+    from ..models import build_model
+
+    path = Path(path)
+    directory = path.parent if path.suffix == ".safetensors" else path
+    weights = path if path.suffix == ".safetensors" else directory / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"from_pretrained: no model.safetensors at {str(path)!r}")
+    if config is None:
+        config = _find_config(directory)
+    model = build_model(config)
+    tensors = {_clean_key(k): v for k, v in load_file(str(weights)).items()}
+    if config.tie_embeddings:
+        # Writers keep one name of a tied pair: ours keeps embed.weight, others may keep lm_head.weight.
+        if "embed.weight" not in tensors and "lm_head.weight" in tensors:
+            tensors["embed.weight"] = tensors["lm_head.weight"]
+        tensors.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"from_pretrained({str(path)!r}): weights do not match the config: "
+                         f"missing {missing}, unexpected {unexpected}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _find_config(directory: Path) -> ModelConfig:
+    own = directory / "config.json"
+    if own.is_file():
+        return ModelConfig.from_json(own.read_text())
+    run = directory.parent.parent / "config.json"
+    if _CKPT.match(directory.name) and run.is_file():
+        return ModelConfig.from_dict(json.loads(run.read_text())["model"])
+    raise FileNotFoundError(f"from_pretrained: no config.json in {str(directory)!r}; pass config=")

@@ -1,0 +1,31 @@
+"""Shared helpers for the trainer tests: small, fast configs built through the real config path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from memzoo.train import TrainConfig, resolve_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two cores shared by several workers: one intra-op thread per process avoids spinning threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_config(out_dir: Path, preset: str = "tiny", **overrides: Any) -> TrainConfig:
+    """A tiny preset shrunk to seconds: d_model 32, 2 layers, 32-token rows, 4 rows, no progress bar."""
+    base = {
+        "model.d_model": 32, "model.n_layers": 2, "data.seq_len": 32, "train.micro_bs": 4,
+        "train.max_steps": 4, "sched.warmup_steps": 2, "log.every": 1, "log.eval_every": 0, "log.eval_iters": 2,
+        "log.progress": False, "ckpt.every": 0, "ckpt.export_safetensors": False, "out_dir": str(out_dir),
+    }
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return resolve_config(preset, overrides={k: str(v) if not isinstance(v, str) else v for k, v in base.items()})
