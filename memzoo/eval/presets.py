@@ -1,0 +1,195 @@
+"""Benchmark presets: plain functions returning a ``BenchConfig``, keyed by task and name.
+
+``ci`` presets are tiny and run on a laptop CPU in seconds to minutes.  The others reproduce a
+published protocol (GPU scale):
+
+- ``mqar/zoology-fig2``: "Zoology" (arXiv 2312.04927) Fig. 2 - four (T, kv) pairs, d_model
+  64-512, 2 layers, no MLP, 100k/3k examples, LR logspace(-4, -2, 4), 64 epochs.
+- ``mqar/based-tradeoff``: "Simple linear attention language models balance the recall-throughput
+  tradeoff" (Based, arXiv 2402.18668) Fig. 2 - one model trained on a mix of lengths, tested on
+  seven maximally dense slices; plotted as accuracy vs state bytes.
+- ``niah/titans-sniah``: the lengths of "Titans: Learning to Memorize at Test Time" (arXiv
+  2501.00663) Table 2 S-NIAH (2K-16K) in our token-level task: train at 2K, test 2K-16K.
+- ``set_disjointness/jrt``, ``regbench/akyurek``, ``selective_copy/mad``: the protocols of JRT
+  (arXiv 2407.05483), "In-Context Language Learning" (arXiv 2401.12973) and MAD (arXiv 2403.17844).
+
+The one departure everywhere: memzoo's LM has rotary attention and RMSNorm where zoology has
+learned positions and LayerNorm.  The MQAR protocols train in fp32 as published; the others use
+bf16 autocast on CUDA (``--precision`` overrides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .config import BenchConfig, DataSpec, ModelSpec, TrainConfig, log_lrs
+from .tasks.mqar import MQARConfig
+from .tasks.niah import NIAHConfig
+from .tasks.regbench import RegBenchConfig
+from .tasks.selective_copy import SelectiveCopyConfig
+from .tasks.set_disjoint import SetDisjointConfig
+
+__all__ = ["PRESETS", "DEFAULT_PRESET", "get_preset", "zoology_batch_size"]
+
+# zoology runs attention with one head; other mixers keep their own defaults.
+_ONE_HEAD = {"attention": {"n_heads": 1}}
+
+
+def zoology_batch_size(seq_len: int) -> int:
+    """Fig. 2's batch sizes: 512 up to T=128, then halved per doubling of T (64 at T=1024)."""
+    if seq_len <= 128:
+        return 512
+    return max(64 * 1024 // seq_len, 1)
+
+
+def mqar_ci() -> BenchConfig:
+    """Vocab 64, T 32, 4 pairs: 1-head attention at d 128 passes 0.99 in ~250 steps (~5 s on 2 idle CPU cores)."""
+    train = MQARConfig(vocab_size=64, num_examples=4000, input_seq_len=32, num_kv_pairs=4)
+    test = MQARConfig(vocab_size=64, num_examples=500, input_seq_len=32, num_kv_pairs=4)
+    return BenchConfig(
+        task="mqar", name="ci", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(128,),
+        data=(DataSpec((train,), (test,)),), lrs=(1e-3,), seeds=(0,),
+        train=TrainConfig(epochs=6, batch_size=32, eval_batch_size=500),
+    )
+
+
+def mqar_zoology_fig2() -> BenchConfig:
+    """Zoology Fig. 2: (64,4), (128,8), (256,16), (512,64); d 64-512; LR logspace(-4,-2,4); 64 epochs."""
+    pairs = ((64, 4), (128, 8), (256, 16), (512, 64))
+    data = tuple(
+        DataSpec((MQARConfig(num_examples=100_000, input_seq_len=T, num_kv_pairs=kv, random_non_queries=False),),
+                 (MQARConfig(num_examples=3_000, input_seq_len=T, num_kv_pairs=kv, random_non_queries=False),),
+                 batch_size=zoology_batch_size(T))
+        for T, kv in pairs
+    )
+    return BenchConfig(
+        task="mqar", name="zoology-fig2", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(64, 128, 256, 512),
+        data=data, lrs=log_lrs(1e-4, 1e-2, 4), seeds=(123,),
+        train=TrainConfig(epochs=64, batch_size=512, eval_batch_size=512),
+    )
+
+
+def mqar_based_tradeoff() -> BenchConfig:
+    """Based Fig. 2: train on a length mix, test the 7 maximally dense slices; LR logspace(-3,-1.5,4); 32 epochs."""
+    train = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
+    test = ((64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256))
+    data = DataSpec(
+        tuple(MQARConfig(num_examples=n, input_seq_len=T, num_kv_pairs=kv) for T, kv, n in train),
+        tuple(MQARConfig(num_examples=1_000, input_seq_len=T, num_kv_pairs=kv) for T, kv in test),
+    )
+    return BenchConfig(
+        task="mqar", name="based-tradeoff", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(32, 64, 128),
+        data=(data,), lrs=log_lrs(1e-3, 10**-1.5, 4), seeds=(123,),
+        train=TrainConfig(epochs=32, batch_size=256, eval_batch_size=32),
+    )
+
+
+def niah_ci() -> BenchConfig:
+    """Train at T=128 (random depths), test at 128/256 x 5 depths: a smoke grid (far from solved in 4 epochs)."""
+    train = NIAHConfig(vocab_size=64, num_examples=3000, seq_len=128, depths=None)
+    test = tuple(NIAHConfig(vocab_size=64, num_examples=100, seq_len=T) for T in (128, 256))
+    return BenchConfig(
+        task="niah", name="ci", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(128,),
+        data=(DataSpec((train,), test),), lrs=(1e-3,), seeds=(0,),
+        train=TrainConfig(epochs=4, batch_size=32, eval_batch_size=100),
+    )
+
+
+def niah_titans_sniah() -> BenchConfig:
+    """Train at 2K, test at 2K/4K/8K/16K x 5 depths, for the passkey, number and uuid variants."""
+    data = tuple(
+        DataSpec((NIAHConfig(vocab_size=256, num_examples=20_000, seq_len=2048, variant=v, depths=None),),
+                 tuple(NIAHConfig(vocab_size=256, num_examples=500, seq_len=T, variant=v)
+                       for T in (2048, 4096, 8192, 16384)))
+        for v in ("passkey", "number", "uuid")
+    )
+    return BenchConfig(
+        task="niah", name="titans-sniah", models=(ModelSpec(("attention",), {"attention": {"n_heads": 4}}),),
+        d_models=(256,), data=data, lrs=log_lrs(1e-4, 1e-3, 3), seeds=(0,),
+        train=TrainConfig(epochs=8, batch_size=32, eval_batch_size=8, precision="bf16"),
+    )
+
+
+def set_disjointness_ci() -> BenchConfig:
+    """One short smoke configuration (lists of 4 and 8, both orders)."""
+    sizes = ((4, 8), (8, 4))
+    data = DataSpec(tuple(SetDisjointConfig(vocab_size=128, num_examples=1000, first_len=a, second_len=b)
+                          for a, b in sizes),
+                    tuple(SetDisjointConfig(vocab_size=128, num_examples=200, first_len=a, second_len=b)
+                          for a, b in sizes))
+    return BenchConfig(task="set_disjointness", name="ci", models=(ModelSpec(("attention",)),), d_models=(64,),
+                       data=(data,), lrs=(3e-3,), seeds=(0,), train=TrainConfig(epochs=1, batch_size=32))
+
+
+def set_disjointness_jrt() -> BenchConfig:
+    """JRT's sweep: vocab 2048, 4 layers, 2 heads; 12 train list-size pairs x 20k; tests up to 768."""
+    train = ((4, 16), (16, 4), (8, 32), (32, 8), (64, 16), (16, 64), (4, 128), (128, 4), (16, 256), (256, 16),
+             (4, 256), (256, 4))
+    test = train + ((768, 16), (16, 768))
+    data = DataSpec(tuple(SetDisjointConfig(num_examples=20_000, first_len=a, second_len=b) for a, b in train),
+                    tuple(SetDisjointConfig(num_examples=1_000, first_len=a, second_len=b) for a, b in test))
+    return BenchConfig(
+        task="set_disjointness", name="jrt",
+        models=(ModelSpec(("attention",), {"attention": {"n_heads": 2}}, n_layers=4),), d_models=(128, 256),
+        data=(data,), lrs=log_lrs(1e-4, 1e-2, 4), seeds=(0,),
+        train=TrainConfig(epochs=32, batch_size=64, precision="bf16"),
+    )
+
+
+def regbench_ci() -> BenchConfig:
+    """The spec's smoke configuration: 500 DFAs, one epoch, sequences cut to 256 tokens."""
+    data = DataSpec((RegBenchConfig(num_examples=500, seq_len=256),),
+                    (RegBenchConfig(num_examples=100, seq_len=256, split="test"),))
+    return BenchConfig(task="regbench", name="ci", models=(ModelSpec(("attention",)),), d_models=(64,),
+                       data=(data,), lrs=(3e-3,), seeds=(0,), train=TrainConfig(epochs=1, batch_size=32))
+
+
+def regbench_akyurek() -> BenchConfig:
+    """RegBench: 5000 train / 500 test DFAs, 200 epochs, batch 32, lr 5e-4, wd 0.1, cosine with warmup."""
+    data = DataSpec((RegBenchConfig(num_examples=5_000),), (RegBenchConfig(num_examples=500, split="test"),))
+    return BenchConfig(
+        task="regbench", name="akyurek", models=(ModelSpec(("attention",), {"attention": {"n_heads": 4}},
+                                                            n_layers=4, d_ff=None),),
+        d_models=(256,), data=(data,), lrs=(5e-4,), seeds=(0,),
+        train=TrainConfig(epochs=200, batch_size=32, warmup_steps=1000, early_stop=None, precision="bf16"),
+    )
+
+
+def selective_copy_ci() -> BenchConfig:
+    """A smoke configuration: T=64 with 8 tokens to copy."""
+    data = DataSpec((SelectiveCopyConfig(num_examples=2000, seq_len=64, n_copy=8),),
+                    (SelectiveCopyConfig(num_examples=200, seq_len=64, n_copy=8),))
+    return BenchConfig(task="selective_copy", name="ci", models=(ModelSpec(("attention",)),), d_models=(64,),
+                       data=(data,), lrs=(3e-3,), seeds=(0,), train=TrainConfig(epochs=1, batch_size=32))
+
+
+def selective_copy_mad() -> BenchConfig:
+    """MAD's selective copy: vocab 16, T 256, 16 tokens, 12,800/1,280 examples, width 128, 200 epochs."""
+    data = DataSpec((SelectiveCopyConfig(num_examples=12_800, seq_len=256, n_copy=16),),
+                    (SelectiveCopyConfig(num_examples=1_280, seq_len=256, n_copy=16),))
+    return BenchConfig(
+        task="selective_copy", name="mad", models=(ModelSpec(("attention",), d_ff=None),), d_models=(128,),
+        data=(data,), lrs=(1e-4, 5e-4, 1e-3), seeds=(0,),
+        train=TrainConfig(epochs=200, batch_size=128, precision="bf16"),
+    )
+
+
+PRESETS: dict[str, dict[str, Callable[[], BenchConfig]]] = {
+    "mqar": {"ci": mqar_ci, "zoology-fig2": mqar_zoology_fig2, "based-tradeoff": mqar_based_tradeoff},
+    "niah": {"ci": niah_ci, "titans-sniah": niah_titans_sniah},
+    "set_disjointness": {"ci": set_disjointness_ci, "jrt": set_disjointness_jrt},
+    "regbench": {"ci": regbench_ci, "akyurek": regbench_akyurek},
+    "selective_copy": {"ci": selective_copy_ci, "mad": selective_copy_mad},
+}
+
+# What a task runs without --preset: its published protocol (narrow it with --d-model, --seq-len, ...).
+DEFAULT_PRESET = {"mqar": "zoology-fig2", "niah": "titans-sniah", "set_disjointness": "jrt", "regbench": "akyurek",
+                  "selective_copy": "mad"}
+
+
+def get_preset(task: str, name: str) -> BenchConfig:
+    if task not in PRESETS:
+        raise ValueError(f"no presets for task {task!r}; tasks: {sorted(PRESETS)}")
+    if name not in PRESETS[task]:
+        raise ValueError(f"unknown preset {name!r} for task {task!r}; available: {sorted(PRESETS[task])}")
+    return PRESETS[task][name]()

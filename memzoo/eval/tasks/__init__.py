@@ -1,0 +1,46 @@
+"""The synthetic tasks: ``TASKS`` maps a name to its config class and generator.
+
+Every generator is a pure function ``make(cfg, seed) -> TaskData(inputs, labels, slices[, accept])``.
+``text_niah`` (RULER's text prompts for pretrained checkpoints) is not trained on, so it lives in
+``memzoo.eval.text_niah`` and is listed here only so the CLI can name it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import mqar, niah, regbench, selective_copy, set_disjoint
+from .base import IGNORE, TaskData
+
+__all__ = ["IGNORE", "TASKS", "Task", "TaskData", "make_task"]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    config_class: type | None
+    make: Callable[[Any, int], TaskData] | None
+    # The metric the LR sweep maximizes and the plots show: "accuracy" (mean per-example token
+    # accuracy, zoology's) or "exact_match" (every scored token right).
+    primary: str = "accuracy"
+    trainable: bool = True
+
+
+TASKS: dict[str, Task] = {
+    "mqar": Task("mqar", mqar.MQARConfig, mqar.make),
+    "niah": Task("niah", niah.NIAHConfig, niah.make, primary="exact_match"),
+    "set_disjointness": Task("set_disjointness", set_disjoint.SetDisjointConfig, set_disjoint.make),
+    "selective_copy": Task("selective_copy", selective_copy.SelectiveCopyConfig, selective_copy.make),
+    "regbench": Task("regbench", regbench.RegBenchConfig, regbench.make),
+    "text_niah": Task("text_niah", None, None, primary="string_match", trainable=False),
+}
+
+
+def make_task(cfg: Any, seed: int) -> TaskData:
+    """Generate the data of any task config (the task is found from the config's class)."""
+    for task in TASKS.values():
+        if task.config_class is not None and isinstance(cfg, task.config_class):
+            return task.make(cfg, seed)
+    raise TypeError(f"cfg must be one of the task configs, got {type(cfg).__name__}")

@@ -1,0 +1,202 @@
+"""Generator invariants of the synthetic tasks: shapes, masks, vocab ranges, placement, seeds."""
+
+import numpy as np
+import pytest
+import torch
+
+from memzoo.eval.harness import segment_seed
+from memzoo.eval.tasks import IGNORE, TASKS, make_task
+from memzoo.eval.tasks import niah as niah_mod
+from memzoo.eval.tasks import regbench as rb
+from memzoo.eval.tasks.base import distinct_per_row, weighted_distinct_per_row
+from memzoo.eval.tasks.mqar import MQARConfig
+from memzoo.eval.tasks.niah import NIAHConfig
+from memzoo.eval.tasks.regbench import RegBenchConfig
+from memzoo.eval.tasks.selective_copy import SelectiveCopyConfig
+from memzoo.eval.tasks.set_disjoint import SetDisjointConfig
+
+SMALL = {
+    "mqar": MQARConfig(vocab_size=128, num_examples=200, input_seq_len=64, num_kv_pairs=8),
+    "niah": NIAHConfig(num_examples=50, seq_len=64),
+    "set_disjointness": SetDisjointConfig(vocab_size=128, num_examples=50, first_len=4, second_len=16),
+    "selective_copy": SelectiveCopyConfig(num_examples=50, seq_len=64, n_copy=8),
+    "regbench": RegBenchConfig(num_examples=20, seq_len=128),
+}
+
+
+@pytest.mark.parametrize("task", sorted(SMALL))
+def test_shapes_dtypes_and_reproducibility(task):
+    cfg = SMALL[task]
+    a, b, c = make_task(cfg, 5), make_task(cfg, 5), make_task(cfg, 6)
+    N = cfg.num_examples
+    assert a.inputs.dtype == a.labels.dtype == torch.int64
+    assert a.inputs.shape == a.labels.shape and a.inputs.shape[0] == N
+    assert a.inputs.min() >= 0 and a.inputs.max() < cfg.vocab_size
+    scored = a.labels != IGNORE
+    assert scored.any(1).all(), "every example has a scored position"
+    assert a.labels[scored].min() >= 0 and a.labels[scored].max() < cfg.vocab_size
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs, c.inputs)
+    for mask in a.slices.values():
+        assert mask.dtype == torch.bool and mask.shape == (N,)
+    assert TASKS[task].config_class is type(cfg)
+
+
+@pytest.mark.parametrize("rnq", [True, False])
+def test_mqar_zoology_layout(rnq):
+    kv, T, V = 8, 64, 128
+    d = make_task(MQARConfig(vocab_size=V, num_examples=300, input_seq_len=T, num_kv_pairs=kv,
+                             random_non_queries=rnq), 0)
+    keys, values = d.inputs[:, 0 : 2 * kv : 2], d.inputs[:, 1 : 2 * kv : 2]
+    assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+    for n in range(d.inputs.shape[0]):
+        assert len(set(keys[n].tolist())) == kv and len(set(values[n].tolist())) == kv
+        pos = (d.labels[n] != IGNORE).nonzero()[:, 0]
+        # One query per key, each in the query region at an even offset, labelled at the key itself.
+        assert len(pos) == kv and (pos >= 2 * kv).all() and ((pos - 2 * kv) % 2 == 0).all()
+        assert sorted(d.inputs[n, pos].tolist()) == sorted(keys[n].tolist())
+        lookup = dict(zip(keys[n].tolist(), values[n].tolist()))
+        assert [lookup[k] for k in d.inputs[n, pos].tolist()] == d.labels[n, pos].tolist()
+    blanks = d.inputs[:, 2 * kv :][d.labels[:, 2 * kv :] == IGNORE]
+    assert (blanks == 0).all() != rnq
+
+
+def test_mqar_power_law_clusters_queries_early():
+    d = make_task(MQARConfig(vocab_size=1024, num_examples=2000, input_seq_len=256, num_kv_pairs=4), 1)
+    gaps = ((d.labels != IGNORE).nonzero()[:, 1] - 8) // 2
+    space = (256 - 8) // 2
+    # p(g) ~ g^(a-1) with a = 0.01 is close to 1/g: the first tenth of the slots gets most of the queries.
+    assert (gaps < space // 10).float().mean() > 0.5
+    assert gaps.max() < space
+
+
+def test_mqar_rejects_bad_configs():
+    with pytest.raises(ValueError, match="input_seq_len"):
+        MQARConfig(input_seq_len=63)
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        MQARConfig(input_seq_len=64, num_kv_pairs=17)
+    with pytest.raises(ValueError, match="vocab_size"):
+        MQARConfig(vocab_size=64, input_seq_len=64, num_kv_pairs=4)
+    with pytest.raises(ValueError, match="num_examples"):
+        MQARConfig(num_examples=0)
+
+
+def test_sampling_helpers_distinct_and_in_range():
+    rng = np.random.default_rng(0)
+    for k, hi in ((4, 1000), (30, 40)):
+        a = distinct_per_row(rng, 500, k, 10, hi)
+        assert a.min() >= 10 and a.max() < hi
+        assert all(len(set(r)) == k for r in a.tolist())
+    w = np.array([8.0, 4.0, 2.0, 1.0, 1.0])
+    s = weighted_distinct_per_row(rng, 20000, 2, w / w.sum())
+    assert all(len(set(r)) == 2 for r in s[:100].tolist())
+    first = np.bincount(s[:, 0], minlength=5) / 20000
+    assert np.allclose(first, w / w.sum(), atol=0.02)
+
+
+@pytest.mark.parametrize("variant", niah_mod.VARIANTS)
+def test_niah_needle_at_requested_depth(variant):
+    cfg = NIAHConfig(num_examples=100, seq_len=96, variant=variant, depths=(0.0, 0.25, 0.5, 0.75, 1.0))
+    d = make_task(cfg, 3)
+    H, L = cfg.haystack_len, cfg.needle_len
+    for name, mask in d.slices.items():
+        depth = int(name.split("=")[1]) / 100
+        start = cfg.needle_start(depth)
+        rows = d.inputs[mask]
+        assert len(rows) == 20
+        assert (rows[:, start] == niah_mod.KEY).all() and (rows[:, start + 1 + cfg.key_len] == niah_mod.VAL).all()
+        assert ((rows == niah_mod.KEY).sum(1) == 1).all(), "exactly one needle"
+    # The query repeats the needle's key; the labels are its values, at the last value_len positions.
+    for n in range(cfg.num_examples):
+        s = (d.inputs[n, :H] == niah_mod.KEY).nonzero()[0, 0]
+        key = d.inputs[n, s + 1 : s + 1 + cfg.key_len]
+        val = d.inputs[n, s + 2 + cfg.key_len : s + L]
+        assert d.inputs[n, H] == niah_mod.QUERY and torch.equal(d.inputs[n, H + 1 : H + 1 + cfg.key_len], key)
+        assert torch.equal(d.labels[n, -cfg.value_len :], val)
+        assert (d.labels[n, : -cfg.value_len] == IGNORE).all()
+        # Teacher forcing: the values but the last follow the query key.
+        assert torch.equal(d.inputs[n, H + 1 + cfg.key_len :], val[:-1])
+    start1 = cfg.needle_start(1.0)
+    assert start1 + L == H, "depth 100% ends right before the query"
+
+
+def test_niah_distractors_have_other_keys():
+    cfg = NIAHConfig(num_examples=40, seq_len=128, n_distractors=3)
+    d = make_task(cfg, 0)
+    for n in range(cfg.num_examples):
+        starts = (d.inputs[n, : cfg.haystack_len] == niah_mod.KEY).nonzero()[:, 0].tolist()
+        assert len(starts) == 4
+        keys = [tuple(d.inputs[n, s + 1 : s + 1 + cfg.key_len].tolist()) for s in starts]
+        query = tuple(d.inputs[n, cfg.haystack_len + 1 : cfg.haystack_len + 1 + cfg.key_len].tolist())
+        assert keys.count(query) == 1
+    passkey = make_task(NIAHConfig(num_examples=10, seq_len=64, variant="passkey"), 0)
+    H = 64 - NIAHConfig().query_len
+    assert (passkey.inputs[:, H + 1 : H + 4] == passkey.inputs[0, H + 1 : H + 4]).all(), "one fixed pass key"
+
+
+def test_set_disjointness_exactly_one_shared_token():
+    for a, b in ((4, 16), (16, 4), (5, 5)):
+        cfg = SetDisjointConfig(vocab_size=256, num_examples=200, first_len=a, second_len=b)
+        d = make_task(cfg, 1)
+        assert d.inputs.shape[1] == a + b + 3
+        assert (d.labels[:, :-1] == IGNORE).all()
+        for n in range(cfg.num_examples):
+            x = d.inputs[n].tolist()
+            first, second = x[1 : 1 + a], x[2 + a : 2 + a + b]
+            assert x[0] == 1 and x[1 + a] == 2 and x[-1] == 3
+            shared = set(first) & set(second)
+            assert shared == {d.labels[n, -1].item()}
+            assert len(set(first)) == a
+
+
+def test_selective_copy_targets_in_order():
+    cfg = SelectiveCopyConfig(num_examples=100, seq_len=48, n_copy=6)
+    d = make_task(cfg, 2)
+    ctx = 48 - 6
+    for n in range(cfg.num_examples):
+        content = d.inputs[n, :ctx][d.inputs[n, :ctx] != 0]
+        assert torch.equal(content, d.labels[n, ctx:])
+        assert (d.inputs[n, ctx:] == 1).all() and (d.labels[n, :ctx] == IGNORE).all()
+
+
+def test_regbench_dfas_and_acceptance():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        dfa = rb.random_dfa(rng)
+        assert 1 <= len(dfa) <= 12
+        assert all(1 <= len(e) <= 3 and s not in e.values() for s, e in enumerate(dfa))
+    cfg = RegBenchConfig(num_examples=30, seq_len=400)
+    d = make_task(cfg, 0)
+    scored = d.labels != IGNORE
+    assert d.accept.shape == (30, 400, 20)
+    # The true next symbol is always accepted, separators and padding are never targets.
+    assert d.accept.gather(2, d.labels.clamp(min=0)[..., None])[..., 0][scored].all()
+    assert ((d.labels[scored] != rb.SEP) & (d.labels[scored] != rb.PAD)).all()
+    assert (d.accept[~scored] == 0).all()
+
+
+def test_regbench_train_and_test_dfas_are_disjoint():
+    def hashes(split, seed):
+        rng = np.random.default_rng(seed)
+        out = set()
+        while len(out) < 40:
+            dfa = rb.random_dfa(rng)
+            h = rb.dfa_hash(dfa)
+            if (h % rb.TEST_SHARE == 0) == (split == "test"):
+                out.add(h)
+        return out
+
+    assert not hashes("train", 0) & hashes("test", 0)
+    with pytest.raises(ValueError, match="split"):
+        RegBenchConfig(split="valid")
+
+
+def test_segment_seeds_disjoint_ranges():
+    cfg = SMALL["mqar"]
+    train = {segment_seed(cfg, "train", i, s) for i in range(3) for s in range(50)}
+    test = {segment_seed(cfg, "test", i, s) for i in range(3) for s in range(50)}
+    assert max(train) < 2**31 <= min(test) < 2**32
+    assert len(train) == 150 and not train & test
+    a = make_task(cfg, segment_seed(cfg, "train", 0, 0))
+    b = make_task(cfg, segment_seed(cfg, "test", 0, 0))
+    assert not torch.equal(a.inputs, b.inputs)
