@@ -1,0 +1,115 @@
+"""Titans neural long-term memory ops: ``titans_linear`` (depth-1 memory) and ``titans_mlp`` (2-layer MLP memory).
+
+Paper: "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663).  Per head, gradients within a chunk of b
+tokens are taken at the chunk-start weights W_t' (the paper's mini-batch gradient descent, eqs 16-18):
+
+    S_t = eta_t S_{t-1} - theta_t grad 1/2 ||M_{W_t'}(k_t) - v_t||^2,    W_t = (1 - alpha_t) W_{t-1} + S_t,
+    y_t = M_{W_t}(q_t)
+
+``impl="auto"`` picks Triton for CUDA inputs of the linear memory with a per-head decay and the chunked reference
+otherwise (CPU always gets the reference; the channel-wise decay and the MLP memory have no Triton kernel yet).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import resolve_impl
+from ..utils import check_log_gate, check_recurrence_inputs
+from .reference import titans_linear_chunk_ref, titans_linear_step_ref, titans_mlp_chunk_ref, titans_mlp_step_ref
+
+__all__ = [
+    "titans_linear", "titans_mlp", "titans_linear_chunk_ref", "titans_linear_step_ref", "titans_mlp_chunk_ref",
+    "titans_mlp_step_ref",
+]
+
+
+def _check_common(q, k, v, theta, log_eta, log_gamma, start_pos, chunk_size, cu_seqlens, extra=None) -> int:
+    gates = {"theta": (theta, "BTH"), "log_eta": (log_eta, "BTH"),
+             "log_gamma": (log_gamma, "BTHK" if getattr(log_gamma, "dim", lambda: 0)() == 4 else "BTH")}
+    gates.update(extra or {})
+    for name, (g, _) in gates.items():
+        if g is None:
+            raise ValueError(f"{name} is required")
+    n_seq = check_recurrence_inputs(q, k, v, gates, None, cu_seqlens)
+    check_log_gate(log_eta, "log_eta")
+    check_log_gate(log_gamma, "log_gamma")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(start_pos, Tensor) or tuple(start_pos.shape) != (n_seq,) or start_pos.is_floating_point():
+        raise ValueError(f"start_pos must be an integer tensor [N={n_seq}], got {getattr(start_pos, 'shape', None)}")
+    return n_seq
+
+
+def _check_states(initial_state, shapes: list[tuple[int, ...]]) -> None:
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != len(shapes):
+        raise ValueError(f"initial_state must be a tuple of {len(shapes)} tensors")
+    for i, (s, want) in enumerate(zip(initial_state, shapes)):
+        if not isinstance(s, Tensor) or tuple(s.shape) != want:
+            raise ValueError(f"initial_state[{i}] must have shape {list(want)}, got {getattr(s, 'shape', s)}")
+        if s.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"initial_state[{i}] must be float32 (or float64 for oracle checks), got {s.dtype}")
+
+
+def titans_linear(
+    q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor,
+    initial_state: tuple[Tensor, Tensor, Tensor], start_pos: Tensor, chunk_size: int = 16,
+    cu_seqlens: Tensor | None = None, *, impl: str = "auto",
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Linear Titans memory ``W [K, V]`` with momentum and decay, exact chunked test-time learning.
+
+    Args:
+        q, k: ``[B, T, H, K]`` (the layer L2-normalises them); v: ``[B, T, H, V]``.
+        theta: inner learning rate ``[B, T, H]`` (>= 0); log_eta: log momentum decay ``[B, T, H]`` (<= 0);
+        log_gamma: log(1 - alpha) ``[B, T, H]`` or per key channel ``[B, T, H, K]`` (<= 0).
+        initial_state: (W_base, W, S) fp32 ``[N, H, K, V]``: gradient base, weights, momentum.
+        start_pos: ``[N]`` int in [0, chunk_size), position of each sequence's first token inside its current chunk.
+        chunk_size: b; changes the results (train and decode with the same b).
+        cu_seqlens: ``[N + 1]`` int offsets of packed sequences (B == 1); empty sequences allowed.
+        impl: ``"auto"`` | ``"triton"`` | ``"ref"``.
+
+    Returns:
+        y ``[B, T, H, V]`` in q's dtype and the final (W_base, W, S) in fp32 (fp64 for fp64 inputs).
+    """
+    n_seq = _check_common(q, k, v, theta, log_eta, log_gamma, start_pos, chunk_size, cu_seqlens)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    _check_states(initial_state, [(n_seq, H, K, V)] * 3)
+    path = resolve_impl(impl, q)
+    # The kernel covers the per-head decay; under "auto" a channel-wise decay takes the reference.
+    if path == "triton" and (log_gamma.dim() == 3 or impl == "triton"):
+        from .triton_chunk import titans_linear_triton
+
+        return titans_linear_triton(q, k, v, theta, log_eta, log_gamma, initial_state, start_pos, chunk_size,
+                                    cu_seqlens)
+    y, state = titans_linear_chunk_ref(q, k, v, theta, log_eta, log_gamma, initial_state, start_pos, chunk_size,
+                                       cu_seqlens)
+    return y.to(q.dtype), state
+
+
+def titans_mlp(
+    q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor, log_gamma: Tensor,
+    initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int = 16, cu_seqlens: Tensor | None = None,
+    *, impl: str = "auto",
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """2-layer MLP Titans memory ``x + LN(gelu(x A2) A1)`` (expansion E = A2.shape[-1]), exact chunked dual form.
+
+    Args as ``titans_linear`` with v ``[B, T, H, K]``, a learning rate per matrix (theta1 for A1, theta2 for A2),
+    a per-head log_gamma ``[B, T, H]`` and initial_state (A1_base, A1, S1, A2_base, A2, S2) with A1 ``[N, H, E, K]``
+    and A2 ``[N, H, K, E]``.  ``impl`` is accepted for a uniform signature; every input runs the reference.
+    """
+    n_seq = _check_common(q, k, v, theta1, log_eta, log_gamma, start_pos, chunk_size, cu_seqlens,
+                          {"theta2": (theta2, "BTH")})
+    if log_gamma.dim() != 3:
+        raise ValueError("titans_mlp takes a per-head log_gamma [B, T, H]")
+    H, K = q.shape[2], q.shape[3]
+    if v.shape[3] != K:
+        raise ValueError(f"the MLP memory maps K to K: v must be [B, T, H, K={K}], got {tuple(v.shape)}")
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 6:
+        raise ValueError("initial_state must be a tuple of 6 tensors (A1_base, A1, S1, A2_base, A2, S2)")
+    E = initial_state[0].shape[-2]
+    _check_states(initial_state, [(n_seq, H, E, K)] * 3 + [(n_seq, H, K, E)] * 3)
+    resolve_impl(impl, q)
+    y, state = titans_mlp_chunk_ref(q, k, v, theta1, theta2, log_eta, log_gamma, initial_state, start_pos,
+                                    chunk_size, cu_seqlens)
+    return y.to(q.dtype), state
