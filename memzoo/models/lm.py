@@ -37,6 +37,7 @@ class LMOutput:
     loss: Tensor | None = None  # ce_loss + sum(aux_losses), when labels are given
     ce_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # "layers.{i}.{name}" -> weighted scalar
+    hidden: Tensor | None = None  # [B, T', D] final-norm hidden states, with output_hidden=True
 
 
 class LanguageModel(nn.Module):
@@ -60,6 +61,11 @@ class LanguageModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the embeddings and hidden states (the backbone protocol of ``memzoo.models.wrappers``)."""
+        return self.config.d_model
 
     @property
     def mixers(self) -> list[Mixer]:
@@ -86,44 +92,60 @@ class LanguageModel(nn.Module):
                    dtype: torch.dtype | None = None) -> tuple[Any, ...]:
         return tuple(m.init_state(batch_size, device=device, dtype=dtype) for m in self.mixers)
 
-    def forward(self, input_ids: Tensor, state: tuple[Any, ...] | None = None, labels: Tensor | None = None,
-                *, cu_seqlens: Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+    def forward(self, input_ids: Tensor | None = None, state: tuple[Any, ...] | None = None,
+                labels: Tensor | None = None, *, cu_seqlens: Tensor | None = None, logits_to_keep: int = 0,
+                inputs_embeds: Tensor | None = None, output_hidden: bool = False) -> LMOutput:
         """Run the model.
 
         Args:
-            input_ids: ``[B, T]`` integer token ids.
+            input_ids: ``[B, T]`` integer token ids (or ``None`` with ``inputs_embeds``).
             state: ``None`` or the ``state`` of a previous output (continue those sequences).
             labels: optional ``[B, T]`` targets aligned with ``input_ids`` (shifted inside).
             cu_seqlens: optional ``[N+1]`` offsets of packed sequences (B must be 1).
             logits_to_keep: if > 0, compute logits for the last ``logits_to_keep`` positions only.
+            inputs_embeds: ``[B, T, D]`` input vectors used instead of ``embed(input_ids)`` (wrappers
+                such as HMT splice memory vectors between token embeddings).
+            output_hidden: also return the final-norm hidden states (the vectors the head reads).
 
         Returns:
             ``LMOutput`` with logits ``[B, T', V]`` (fp32 upcast only inside the loss), the new
             state, and ``loss``/``ce_loss``/``aux_losses`` when labels are given.
         """
-        self._check_ids(input_ids, "input_ids")
-        B, T = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            self._check_ids(input_ids, "input_ids")
+            B, T = input_ids.shape
+        else:
+            d = self.config.d_model
+            if not isinstance(inputs_embeds, Tensor) or not inputs_embeds.is_floating_point():
+                raise TypeError(f"inputs_embeds must be a floating-point tensor, got {type(inputs_embeds).__name__}")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != d:
+                raise ValueError(f"inputs_embeds must have shape [B, T, D={d}] with T >= 1, "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            B, T = inputs_embeds.shape[:2]
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, B, T)
         states = self._check_state(state, B if cu_seqlens is None else cu_seqlens.numel() - 1)
         if labels is not None:
-            if not isinstance(labels, Tensor) or labels.shape != input_ids.shape or labels.is_floating_point():
-                raise ValueError(f"labels must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}, "
+            if not isinstance(labels, Tensor) or labels.shape != (B, T) or labels.is_floating_point():
+                raise ValueError(f"labels must be an integer tensor shaped like the input [B, T] = {[B, T]}, "
                                  f"got {getattr(labels, 'shape', type(labels).__name__)}")
             if logits_to_keep > 0:
                 raise ValueError("labels and logits_to_keep > 0 cannot be combined")
         for m in self.mixers:
             m.pop_aux_losses()
-        x = self.embed(input_ids)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         new_states = []
         for block, s in zip(self.blocks, states):
             x, s = block(x, s, cu_seqlens=cu_seqlens)
             new_states.append(s)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
         aux = {f"layers.{i}.{k}": v for i, m in enumerate(self.mixers) for k, v in m.pop_aux_losses().items()}
-        out = LMOutput(logits=logits, state=tuple(new_states), aux_losses=aux)
+        out = LMOutput(logits=logits, state=tuple(new_states), aux_losses=aux, hidden=hidden if output_hidden else None)
         if labels is not None:
             targets = labels[:, 1:].long()
             if cu_seqlens is not None:

@@ -144,7 +144,9 @@ def export_model(accelerator: Any, model: torch.nn.Module, config: ModelConfig, 
     tmp.mkdir(parents=True)
     tensors = {_clean_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
     if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
+        # A wrapped backbone (HMT) stores its tied head as "backbone.lm_head.weight".
+        for key in [k for k in tensors if k == "lm_head.weight" or k.endswith(".lm_head.weight")]:
+            tensors.pop(key)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(config.to_json(indent=2))
     if tokenizer is not None:

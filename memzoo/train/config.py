@@ -26,6 +26,7 @@ from typing import Any
 
 from ..models.config import ModelConfig
 from ..models.presets import get_preset as get_model_preset
+from ..models.wrappers.hmt import HMTConfig
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "SchedConfig", "LoopConfig", "CheckpointConfig", "LogConfig",
@@ -131,6 +132,8 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Wrap the model in HMT (memzoo.models.wrappers.hmt); None trains the bare language model.
+    hmt: HMTConfig | None = None
     out_dir: str = "runs/default"
     # The training preset this config started from (recorded, not interpreted).
     preset: str | None = None
@@ -259,6 +262,8 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
         if k not in known:
             raise _unknown(key, known)
         hint = hints[k]
+        if hint == HMTConfig | None and isinstance(v, dict):
+            hint = HMTConfig
         if hint is ModelConfig:
             kwargs[k] = _build_model(v, key)
         elif dataclasses.is_dataclass(hint):
@@ -382,6 +387,31 @@ def _gpu(mixer: str, size: str) -> TrainConfig:
     )
 
 
+def _hmt(stage: int) -> TrainConfig:
+    """HMT's two-stage recipe on a tiny short-window attention backbone (CPU-sized; swap the model for real runs).
+
+    Stage 1 trains the memory token and sensory path without recall (BPTT over 2 segments);
+    stage 2 loads stage 1, adds the recall parameters and back-propagates through up to 15 segments.
+    Rows stream whole documents, so the memory carries across rows and resets at document starts.
+    """
+    model = ModelConfig(vocab_size=320, d_model=128, n_layers=4, pattern=("attention",),
+                        mixers={"attention": {"n_heads": 2}})
+    segment_len = 64
+    hmt = HMTConfig(segment_len=segment_len, n_sensory=16, cache_size=300, recall_dim=32, use_recall=stage == 2,
+                    init_from=None if stage == 1 else "runs/hmt-stage-1/final/model.safetensors")
+    return TrainConfig(
+        model=model,
+        data=DataConfig(seq_len=segment_len * (4 if stage == 1 else 15), segment_len=segment_len,
+                        detach_every=2 if stage == 1 else 15, pack="stream"),
+        optim=OptimConfig(lr=1e-3 if stage == 1 else 3e-4, weight_decay=0.1),
+        sched=SchedConfig(warmup_steps=20, decay="cosine"),
+        train=LoopConfig(max_steps=200 if stage == 1 else 500, micro_bs=2),
+        ckpt=CheckpointConfig(every=100, keep=2),
+        log=LogConfig(every=10, eval_every=100, eval_iters=10),
+        hmt=hmt, out_dir=f"runs/hmt-stage-{stage}", preset=f"hmt_stage_{stage}",
+    )
+
+
 def train_presets() -> dict[str, Callable[[], TrainConfig]]:
     """Name -> function returning a ``TrainConfig``; one tiny CPU and two GPU presets per registered mixer.
 
@@ -394,6 +424,8 @@ def train_presets() -> dict[str, Callable[[], TrainConfig]]:
         presets[f"tiny-{mixer}"] = functools.partial(_tiny, mixer)
         presets[f"gpu-125m-{mixer}"] = functools.partial(_gpu, mixer, "125m")
         presets[f"gpu-350m-{mixer}"] = functools.partial(_gpu, mixer, "350m")
+    presets["hmt_stage_1"] = functools.partial(_hmt, 1)
+    presets["hmt_stage_2"] = functools.partial(_hmt, 2)
     presets["tiny"] = functools.partial(_tiny, "attention")
     presets["gpu-125m"] = functools.partial(_gpu, "attention", "125m")
     presets["gpu-350m"] = functools.partial(_gpu, "attention", "350m")
@@ -505,3 +537,9 @@ def validate_config(cfg: TrainConfig) -> None:
         need(d.pack != "varlen",
              "data.segment_len needs data.pack 'block' or 'stream': a varlen row resets its state at every "
              "document through cu_seqlens, so there is no state to carry between segments")
+    if cfg.hmt is not None:
+        seg = cfg.hmt.segment_len
+        need(d.pack != "varlen", "hmt needs data.pack 'block' or 'stream' (it does not take cu_seqlens)")
+        need(d.seq_len % seg == 0 and (d.segment_len is None or d.segment_len % seg == 0),
+             f"data.seq_len={d.seq_len} and data.segment_len={d.segment_len} must be multiples of "
+             f"hmt.segment_len={seg}, so that trainer segments and HMT segments line up")

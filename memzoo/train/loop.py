@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..models import build_model
 from ..models.state import detach_state, state_leaves
+from ..models.wrappers.hmt import HMT
 from .checkpoint import TrainState, clean_stale, export_model, latest_checkpoint, load_carried_state, save_checkpoint
 from .config import ConfigError, SchedConfig, TrainConfig, validate_config
 from .data import (
@@ -46,9 +47,14 @@ __all__ = ["train", "run_segments", "reset_model_state", "lr_factor", "param_gro
 
 
 def reset_model_state(model: nn.Module, state: tuple[Any, ...], mask: Tensor) -> tuple[Any, ...]:
-    """Fresh state for the rows where ``mask`` ``[B]`` is true, in every layer (each mixer's ``reset_state``)."""
+    """Fresh state for the rows where ``mask`` ``[B]`` is true, in every layer (each mixer's ``reset_state``).
+
+    A model-level wrapper (HMT) that defines ``reset_state`` resets its own state.
+    """
     if not bool(mask.any()):
         return state
+    if hasattr(model, "reset_state"):
+        return model.reset_state(state, mask)
     return tuple(m.reset_state(s, mask) for m, s in zip(model.mixers, state))
 
 
@@ -227,6 +233,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     tok, train_tokens, val_tokens = _load_data(cfg, acc, out, resume is not None)
     model = build_model(cfg.model)
+    if cfg.hmt is not None:
+        model = HMT(model, cfg.hmt)
+        if cfg.hmt.init_from and resume is None:
+            model.load_stage1(cfg.hmt.init_from)
+        say(f"HMT adds {model.added_parameters():,} parameters ({100 * model.parameter_overhead():.2f}% of the "
+            f"backbone)")
     _check_model(cfg, model, tok)
     tokens_per_step = cfg.tokens_per_step * world
     max_steps = t.max_steps if t.max_tokens is None else -(-t.max_tokens // tokens_per_step)

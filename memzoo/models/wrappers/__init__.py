@@ -1,1 +1,5 @@
-"""Model-level memory that wraps a whole backbone (HMT, LongMem); empty until those land."""
+"""Model-level memory that wraps a whole backbone: HMT (hierarchical memory segment recurrence)."""
+
+from .hmt import HMT, HMTConfig, HMTState, recall
+
+__all__ = ["HMT", "HMTConfig", "HMTState", "recall"]
