@@ -9,6 +9,7 @@
 """
 
 from .models import (
+    HMT,
     MIXERS,
     PRESETS,
     Attention,
@@ -18,6 +19,7 @@ from .models import (
     GatedDeltaNetConfig,
     GatedLinearAttention,
     GatedLinearAttentionConfig,
+    HMTConfig,
     LanguageModel,
     LMOutput,
     Mixer,
@@ -34,5 +36,6 @@ __version__ = "0.1.0"
 __all__ = [
     "MIXERS", "PRESETS", "Attention", "AttentionConfig", "Block", "GatedDeltaNet", "GatedDeltaNetConfig",
     "GatedLinearAttention", "GatedLinearAttentionConfig", "LMOutput", "LanguageModel", "Mixer", "ModelConfig",
+    "HMT", "HMTConfig",
     "__version__", "build_mixer", "build_model", "detach_state", "from_pretrained", "index_state",
 ]

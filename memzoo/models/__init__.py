@@ -8,6 +8,8 @@ from .block import Block, RMSNorm, SwiGLU
 from .config import ModelConfig
 from .contract import Mixer
 from .layers import (
+    LSSL,
+    S4D,
     Attention,
     AttentionConfig,
     AttentionState,
@@ -17,18 +19,34 @@ from .layers import (
     GatedLinearAttention,
     GatedLinearAttentionConfig,
     GLAState,
+    LSSLConfig,
+    LSSLState,
+    MixtureOfMemories,
+    MoMConfig,
+    MoMState,
+    NeuralMemory,
+    S4DConfig,
+    S4DState,
     ShortConvolution,
+    TitansConfig,
+    TitansMemory,
+    TitansState,
 )
 from .lm import LanguageModel, LMOutput, sample_next
 from .presets import PRESETS, get_preset
 from .registry import MIXERS, build_mixer, mixer_config
 from .state import detach_state, index_state, state_batch_size, tree_map
+from .wrappers import HMT, HMTConfig, HMTState
 
 __all__ = [
+    "NeuralMemory", "TitansConfig", "TitansMemory", "TitansState",
     "Attention", "AttentionConfig", "AttentionState", "Block", "GLAState", "GatedDeltaNet", "GatedDeltaNetConfig",
     "GatedDeltaState", "GatedLinearAttention", "GatedLinearAttentionConfig", "LMOutput", "LanguageModel", "MIXERS",
     "Mixer", "ModelConfig", "PRESETS", "RMSNorm", "ShortConvolution", "SwiGLU", "build_mixer", "build_model",
     "detach_state", "get_preset", "index_state", "mixer_config", "sample_next", "state_batch_size", "tree_map",
+    "HMT", "HMTConfig", "HMTState",
+    "LSSL", "LSSLConfig", "LSSLState", "S4D", "S4DConfig", "S4DState",
+    "MixtureOfMemories", "MoMConfig", "MoMState",
 ]
 
 

@@ -12,6 +12,10 @@ from .contract import Mixer
 from .layers.attention import Attention
 from .layers.gated_delta import GatedDeltaNet
 from .layers.gla import GatedLinearAttention
+from .layers.lssl import LSSL
+from .layers.mom import MixtureOfMemories
+from .layers.s4d import S4D
+from .layers.titans import TitansMemory
 
 __all__ = ["MIXERS", "mixer_config", "build_mixer"]
 
@@ -19,6 +23,10 @@ MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
     "gated_delta": GatedDeltaNet,
     "gla": GatedLinearAttention,
+    "s4d": S4D,
+    "lssl": LSSL,
+    "titans": TitansMemory,
+    "mom": MixtureOfMemories,
 }
 
 

@@ -34,6 +34,25 @@ VARIANTS = {
         "no_gate_chunk16": {"use_gate": False, "n_heads": 2, "expand_k": 1.0, "chunk_size": 16},
         "conv3": {"use_short_conv": True, "conv_size": 3, "gate_low_rank_dim": 4, "gate_logit_normalizer": 1.0},
     },
+    "s4d": {
+        "lin_bilinear": {"init": "lin", "disc": "bilinear", "d_state": 8},
+        "legs": {"init": "legs", "d_state": 16},
+        "real": {"init": "real", "d_state": 4},
+    },
+    "lssl": {
+        "legt_zoh": {"measure": "legt", "disc": "zoh", "d_state": 8},
+        "learn_a": {"learn_a": True, "d_state": 4},
+    },
+    "titans": {
+        "linear_b4": {"mem_depth": 1, "chunk_size": 4},
+        "linear_head_alpha_nomom": {"mem_depth": 1, "alpha_shape": "head", "momentum": False, "chunk_size": 5},
+        "mlp_b3_shared_lr": {"chunk_size": 3, "per_matrix_lr": False, "mem_expansion": 2, "use_short_conv": False},
+    },
+    "mom": {
+        "dense_gla": {"path": "dense", "backend": "gla", "n_heads": 2},
+        "k_eq_m_no_shared": {"num_memories": 3, "topk": 3, "shared_mem": False, "conv_size": 2},
+        "linear_attn_no_conv": {"backend": "linear_attn", "use_short_conv": False, "num_memories": 2, "topk": 1},
+    },
 }
 
 CASES = [pytest.param(name, {}, id=f"{name}-default") for name in MIXERS] + [

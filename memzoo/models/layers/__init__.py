@@ -4,8 +4,15 @@ from .attention import Attention, AttentionConfig, AttentionState
 from .conv import ShortConvolution
 from .gated_delta import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaState
 from .gla import GatedLinearAttention, GatedLinearAttentionConfig, GLAState
+from .lssl import LSSL, LSSLConfig, LSSLState
+from .mom import MixtureOfMemories, MoMConfig, MoMState
+from .s4d import S4D, S4DConfig, S4DState
+from .titans import NeuralMemory, TitansConfig, TitansMemory, TitansState
 
 __all__ = [
+    "NeuralMemory", "TitansConfig", "TitansMemory", "TitansState",
     "Attention", "AttentionConfig", "AttentionState", "GLAState", "GatedDeltaNet", "GatedDeltaNetConfig",
     "GatedDeltaState", "GatedLinearAttention", "GatedLinearAttentionConfig", "ShortConvolution",
+    "LSSL", "LSSLConfig", "LSSLState", "S4D", "S4DConfig", "S4DState",
+    "MixtureOfMemories", "MoMConfig", "MoMState",
 ]
