@@ -12,6 +12,7 @@ plus the sum of the auxiliary losses the mixers recorded during this pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from .contract import Mixer, check_cu_seqlens
 from .registry import build_mixer
 from .state import state_batch_size
 
-__all__ = ["LanguageModel", "LMOutput", "sample_next"]
+__all__ = ["LanguageModel", "LMOutput", "decode_loop", "sample_next"]
 
 IGNORE_INDEX = -100
 
@@ -188,19 +189,15 @@ class LanguageModel(nn.Module):
         if max_new_tokens == 0:
             return input_ids
         out = self(input_ids, state=state, logits_to_keep=1)
-        logits, state = out.logits[:, -1], out.state
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for i in range(max_new_tokens):
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_token_id is not None:
-                token = token.masked_fill(finished, eos_token_id)
-                finished |= token == eos_token_id
-            new_tokens.append(token)
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-                break
+        state = out.state
+
+        def advance(token: Tensor) -> Tensor:
+            nonlocal state
             logits, state = self.step(token, state)
-        return torch.cat((input_ids, torch.stack(new_tokens, dim=1)), dim=1)
+            return logits
+
+        return decode_loop(input_ids, out.logits[:, -1], advance, max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (tied weights counted once), optionally without the embedding table."""
@@ -258,6 +255,35 @@ class LanguageModel(nn.Module):
         if batch is not None and batch != batch_size:
             raise ValueError(f"state has batch size {batch}, but the input has {batch_size} sequences")
         return tuple(state)
+
+
+def decode_loop(input_ids: Tensor, logits: Tensor, advance: Callable[[Tensor], Tensor], max_new_tokens: int, *,
+                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """The sampling loop shared by every model's ``generate``.
+
+    Args:
+        input_ids: ``[B, T]`` prompt ids (returned in front of the new tokens).
+        logits: ``[B, V]`` next-token logits after the prompt.
+        advance: feeds one sampled token ``[B]`` to the model and returns the next logits ``[B, V]``.
+
+    Rows that emitted ``eos_token_id`` keep emitting it; the loop stops early once every row has.
+
+    Returns:
+        ``[B, T + n]`` token ids, ``1 <= n <= max_new_tokens``.
+    """
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        new_tokens.append(token)
+        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            break
+        logits = advance(token)
+    return torch.cat((input_ids, torch.stack(new_tokens, dim=1)), dim=1)
 
 
 def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

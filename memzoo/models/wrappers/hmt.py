@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..lm import IGNORE_INDEX, LMOutput, sample_next
+from ..lm import IGNORE_INDEX, LMOutput, decode_loop
 from ..state import detach_state, index_state, state_batch_size, state_leaves, tree_map
 
 __all__ = ["HMT", "HMTConfig", "HMTState", "recall"]
@@ -369,16 +369,9 @@ class HMT(nn.Module):
             logits, state = out.logits[:, -1], out.state
         if open_ids.shape[1]:
             logits, ctx = self._prefill(open_ids, state)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for i in range(max_new_tokens):
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_token_id is not None:
-                token = token.masked_fill(finished, eos_token_id)
-                finished |= token == eos_token_id
-            new_tokens.append(token)
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-                break
+
+        def advance(token: Tensor) -> Tensor:
+            nonlocal open_ids, ctx, state
             if open_ids.shape[1] == S:
                 summary = self.summaries([open_ids])[0] if self.config.use_recall else None
                 _, state = self._segment(open_ids, summary, state)
@@ -386,10 +379,13 @@ class HMT(nn.Module):
             open_ids = torch.cat((open_ids, token[:, None]), dim=1)
             if ctx is None or (self.config.use_recall and open_ids.shape[1] <= j):
                 logits, ctx = self._prefill(open_ids, state)
-            else:
-                out = self.backbone(inputs_embeds=self.backbone.embed(token[:, None]), state=ctx)
-                logits, ctx = out.logits[:, -1], out.state
-        return torch.cat((input_ids, torch.stack(new_tokens, dim=1)), dim=1)
+                return logits
+            out = self.backbone(inputs_embeds=self.backbone.embed(token[:, None]), state=ctx)
+            ctx = out.state
+            return out.logits[:, -1]
+
+        return decode_loop(input_ids, logits, advance, max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, eos_token_id=eos_token_id, generator=generator)
 
     def _prefill(self, open_ids: Tensor, state: HMTState) -> tuple[Tensor, Any]:
         """Main pass over ``[P ; sensory ; open_ids]``: last logits and the backbone cache (None: cannot extend)."""
