@@ -39,6 +39,10 @@ def log_lrs(low: float, high: float, n: int) -> tuple[float, ...]:
     return tuple(float(f"{10 ** (a + (b - a) * i / (n - 1)):.6g}") for i in range(n))
 
 
+# HMT sized for tasks of 32-512 tokens: 16-token segments, 4 sensory tokens, a 32-slot cache.
+HMT_BENCH_DEFAULTS: dict[str, Any] = {"segment_len": 16, "n_sensory": 4, "cache_size": 32, "recall_dim": 32}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A small LM around one mixer or a layer pattern: embedding, n_layers blocks, norm, tied head."""
@@ -50,8 +54,10 @@ class ModelSpec:
     n_layers: int = 2
     # 0 = no MLP (the zoology sweeps); None = SwiGLU of the default width.
     d_ff: int | None = 0
-    # Display name; defaults to the pattern joined by "+".
+    # Display name; defaults to the pattern joined by "+" (wrapped as "hmt(...)" with HMT).
     name: str = ""
+    # HMTConfig options: wrap the LM in HMT segment recurrence (memzoo.models.wrappers.hmt); None = plain LM.
+    hmt: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         pattern = (self.pattern,) if isinstance(self.pattern, str) else tuple(self.pattern)
@@ -67,13 +73,33 @@ class ModelSpec:
         object.__setattr__(self, "mixers", mixers)
         if self.n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
+        if self.hmt is not None:
+            from memzoo.models.wrappers.hmt import HMTConfig
+
+            HMTConfig(**self.hmt)
         if not self.name:
-            object.__setattr__(self, "name", "+".join(pattern))
+            name = "+".join(pattern)
+            object.__setattr__(self, "name", f"hmt({name})" if self.hmt is not None else name)
 
     @classmethod
     def parse(cls, text: str, mixers: dict[str, dict[str, Any]] | None = None, **kw: Any) -> ModelSpec:
-        """``"attention"`` or a pattern ``"gated_delta+gated_delta+attention"``."""
+        """``"attention"``, a pattern ``"gated_delta+gated_delta+attention"``, or either behind
+        ``"hmt:"`` to wrap it in HMT with ``HMT_BENCH_DEFAULTS`` (sized for the synthetic tasks)."""
+        if text.startswith("hmt:"):
+            text = text[len("hmt:"):]
+            kw.setdefault("hmt", dict(HMT_BENCH_DEFAULTS))
         return cls(pattern=tuple(p.strip() for p in text.split("+")), mixers=mixers or {}, **kw)
+
+    def build(self, vocab_size: int, d_model: int) -> Any:
+        """The model: ``build_model(model_config(...))``, wrapped in HMT when ``hmt`` is set."""
+        from memzoo.models import build_model
+
+        model = build_model(self.model_config(vocab_size, d_model))
+        if self.hmt is None:
+            return model
+        from memzoo.models.wrappers.hmt import HMT, HMTConfig
+
+        return HMT(model, HMTConfig(**self.hmt))
 
     def model_config(self, vocab_size: int, d_model: int) -> Any:
         from memzoo.models import ModelConfig

@@ -164,8 +164,6 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
         length, per-slice ``metrics`` (after the last epoch run), the ``curve`` (one point per
         epoch), ``steps``, ``epochs_run``, ``stopped_early`` and ``wall_s``.
     """
-    from memzoo.models import build_model
-
     device = torch.device(device)
     primary = TASKS[task].primary
     t0 = time.perf_counter()
@@ -175,7 +173,7 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
     test_sets = [load_segment(c, s, cache_dir) for c, s in zip(data.test, test_seeds)]
 
     torch.manual_seed(seed)
-    model = build_model(spec.model_config(data.vocab_size, d_model)).to(device)
+    model = spec.build(data.vocab_size, d_model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     sizes = [d.inputs.shape[0] for d in train_sets]
@@ -233,6 +231,7 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
 
     return {
         "model": spec.name, "pattern": list(spec.pattern), "mixers": spec.mixers, "n_layers": spec.n_layers,
+        "hmt": spec.hmt,
         "d_ff": spec.d_ff, "d_model": d_model, "lr": lr, "seed": seed, "batch_size": batch_size,
         "train_segments": [asdict(c) for c in data.train], "test_segments": [asdict(c) for c in data.test],
         "train_seeds": train_seeds, "test_seeds": test_seeds,

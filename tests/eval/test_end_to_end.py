@@ -101,6 +101,24 @@ def test_any_registered_mixer_trains_in_the_harness(tmp_path, mixer):
         assert r["curve"][0]["train_loss"] == r["curve"][0]["train_loss"], "finite loss"
 
 
+@pytest.mark.parametrize("backbone", ["attention", "gated_delta"])
+def test_hmt_wrapped_models_train_in_the_harness(tmp_path, backbone):
+    spec = ModelSpec.parse(f"hmt:{backbone}")
+    assert spec.name == f"hmt({backbone})" and spec.hmt["segment_len"] == 16
+    cfg = _short("mqar", epochs=1, max_steps=2).replace(models=(spec,), d_models=(64,), lrs=(1e-3,))
+    (rec,) = run_and_save(cfg, tmp_path, progress=False, plots=False, log=lambda *_: None)["records"]
+    assert rec["model"] == f"hmt({backbone})" and rec["hmt"] == spec.hmt and rec["steps"] == 2
+    plain = ModelSpec((backbone,)).build(64, 64)
+    # The wrapper adds its memory parameters on top of the backbone's.
+    assert rec["params"] > plain.num_parameters()
+    assert rec["curve"][0]["train_loss"] == rec["curve"][0]["train_loss"], "finite loss"
+
+
+def test_bad_hmt_options_fail_when_the_spec_is_built():
+    with pytest.raises(ValueError, match="segment_len"):
+        ModelSpec(("attention",), hmt={"segment_len": 3, "n_sensory": 4})
+
+
 @pytest.mark.slow
 def test_gated_delta_learns_the_ci_preset(tmp_path):
     # The spec's second learnability anchor: a gated-delta layer solves the same tiny MQAR (~500 steps).
