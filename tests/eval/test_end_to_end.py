@@ -114,6 +114,13 @@ def test_hmt_wrapped_models_train_in_the_harness(tmp_path, backbone):
     assert rec["curve"][0]["train_loss"] == rec["curve"][0]["train_loss"], "finite loss"
 
 
+def test_cli_accepts_hmt_models():
+    from memzoo.eval import cli
+
+    cfg = cli.build_config(cli._parser().parse_args(["mqar", "--preset", "ci", "--model", "attention,hmt:gla"]))
+    assert [m.name for m in cfg.models] == ["attention", "hmt(gla)"] and cfg.models[1].hmt is not None
+
+
 def test_bad_hmt_options_fail_when_the_spec_is_built():
     with pytest.raises(ValueError, match="segment_len"):
         ModelSpec(("attention",), hmt={"segment_len": 3, "n_sensory": 4})
