@@ -187,3 +187,13 @@ def test_sizes_and_state_size():
 def test_bad_config_raises(opts, match):
     with pytest.raises(ValueError, match=match):
         GatedLinearAttentionConfig(d_model=32, **opts)
+
+
+def test_extra_flops_count_the_chunked_memory():
+    from memzoo.models.layers.gated_delta import chunked_memory_flops
+
+    layer = GatedLinearAttention(d_model=64, n_heads=2, chunk_size=16)
+    k, v = layer.head_k, layer.head_v
+    assert layer.extra_flops_per_token(1024) == 3 * 2 * (4 * k * v + 2 * 16 * (k + v))
+    # Short contexts attend within fewer keys per chunk.
+    assert layer.extra_flops_per_token(4) == chunked_memory_flops(2, k, v, 4, 4) < layer.extra_flops_per_token(1024)

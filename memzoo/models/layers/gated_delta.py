@@ -130,6 +130,19 @@ def apply_short_convs(convs: tuple[ShortConvolution | None, ...], xs: tuple[Tens
     return outs, new_tails
 
 
+def chunked_memory_flops(n_heads: int, head_k: int, head_v: int, chunk_size: int, seq_len: int,
+                         wy: bool = False) -> int:
+    """Training FLOPs per token of a chunked matrix-memory op beyond the layer's projections.
+
+    Per head: reading and writing the [K, V] chunk state (two K x V products), the intra-chunk
+    attention over up to ``chunk_size`` keys (q.k and A.v), and with ``wy`` the delta rule's
+    k.k products of the WY transform; x3 for forward + backward.
+    """
+    c = min(chunk_size, seq_len)
+    per_head = 2 * 2 * head_k * head_v + 2 * c * (head_k + head_v) + (2 * c * head_k if wy else 0)
+    return 3 * n_heads * per_head
+
+
 def needs_grad(module: nn.Module, *tensors: Tensor | None) -> bool:
     """Whether autograd must see this call: the fused recurrent kernels have no backward."""
     if not torch.is_grad_enabled():
@@ -187,6 +200,9 @@ class GatedDeltaNet(Mixer):
         """Floats of the delta-rule memory, H * K * V per sequence; the short-conv tails
         (3 * (W - 1) channels' worth of recent inputs) are not counted."""
         return self.n_heads * self.head_k * self.head_v
+
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        return chunked_memory_flops(self.n_heads, self.head_k, self.head_v, self.config.chunk_size, seq_len, wy=True)
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Log-decay g <= 0 and write strength beta in (0, 1), both fp32 ``[B, T, H]``."""

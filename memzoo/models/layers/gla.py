@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ...kernels import IMPLS
 from ...kernels.gla import chunk_gla, fused_recurrent_gla
 from ..contract import Mixer
-from .gated_delta import GatedRMSNorm, apply_short_convs, needs_grad, short_convs
+from .gated_delta import GatedRMSNorm, apply_short_convs, chunked_memory_flops, needs_grad, short_convs
 
 __all__ = ["GatedLinearAttentionConfig", "GLAState", "GatedLinearAttention"]
 
@@ -138,6 +138,9 @@ class GatedLinearAttention(Mixer):
         """Floats of the linear-attention memory, H * K * V per sequence; the optional short-conv
         tails (3 * (W - 1) channels' worth of recent inputs) are not counted."""
         return self.n_heads * self.head_k * self.head_v
+
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        return chunked_memory_flops(self.n_heads, self.head_k, self.head_v, self.config.chunk_size, seq_len)
 
     def gates(self, x: Tensor) -> Tensor:
         """Per-key log-decay ``[B, T, H, K]`` in fp32, in (-inf, 0)."""
