@@ -32,6 +32,27 @@ def memory_fn(layer, weights, x):
     return x + F.layer_norm(z, (z.shape[-1],), eps=1e-5)
 
 
+def inner_loss(c, r):
+    """The attentional bias whose gradient the memory follows: Titans' 1/2 ||r||^2 or a Miras loss (spec §5)."""
+    if c.error_map == "lp":
+        # ||r||_p^p with |r| smoothed to sqrt(r^2 + eps); its gradient is the lp error map.
+        return (r * r + c.lp_eps).pow(c.p / 2).sum()
+    if c.error_map == "huber":
+        a = r.abs()
+        return torch.where(a <= c.huber_delta, 0.5 * r * r, c.huber_delta * (a - 0.5 * c.huber_delta)).sum()
+    return 0.5 * r.pow(2).sum()
+
+
+def retain(c, w):
+    """The Miras retention at a chunk boundary, per head ([H, rows, cols])."""
+    if c.retention == "lq":
+        return w / ((w.abs() ** c.q).sum((1, 2), keepdim=True) + c.lq_eps) ** (1 - 2 / c.q)
+    if c.retention == "kl":
+        e = torch.where(w > c.kl_eps, w, torch.full_like(w, c.kl_eps)) ** (1 - c.kl_lambda)
+        return c.kl_scale * e / e.sum(-1, keepdim=True)
+    return w
+
+
 def oracle(layer, x):
     """Eqs 13-15 token by token in float64, per sequence of ``x`` [B, T, D]."""
     B, T, _ = x.shape
@@ -53,7 +74,7 @@ def oracle(layer, x):
             # Surprise: the gradient of the associative loss at the chunk-start weights.
             leaves = [w.clone().requires_grad_() for w in base]
             with torch.enable_grad():
-                loss = 0.5 * (memory_fn(layer, leaves, k[n, t]) - v[n, t]).pow(2).sum()
+                loss = inner_loss(layer.config, memory_fn(layer, leaves, k[n, t]) - v[n, t])
                 grads = torch.autograd.grad(loss, leaves)
             for i, grad in enumerate(grads):
                 lr = theta[n, t, :, min(i, theta.shape[-1] - 1)]
@@ -63,6 +84,7 @@ def oracle(layer, x):
                 weights[i] = g_shape * weights[i] + momenta[i]
             outs[n, t] = memory_fn(layer, weights, q[n, t])
             if (t + 1) % b == 0:
+                weights = [retain(layer.config, w) for w in weights]
                 base = [w.clone() for w in weights]
     gate = None if layer.g_proj is None else layer.g_proj(x).view(B, T, H, Dh)
     return outs, layer.o_proj(layer.o_norm(outs, gate).reshape(B, T, H * Dh))
@@ -73,7 +95,12 @@ def oracle(layer, x):
     {"mem_depth": 1, "chunk_size": 16, "alpha_shape": "head"},
     {"mem_depth": 2, "chunk_size": 4},
     {"mem_depth": 2, "chunk_size": 16, "per_matrix_lr": False, "momentum": False},
-], ids=["linear_b4", "linear_b16_head", "mlp_b4", "mlp_b16_shared_nomom"])
+    {"mem_depth": 1, "chunk_size": 4, "error_map": "lp", "p": 3.0, "retention": "lq"},
+    {"mem_depth": 1, "chunk_size": 5, "error_map": "huber", "huber_delta": 0.05, "retention": "kl", "kl_lambda": 0.3},
+    {"mem_depth": 2, "chunk_size": 4, "error_map": "lp", "p": 1.5, "retention": "lq", "q": 3.0},
+    {"mem_depth": 2, "chunk_size": 3, "error_map": "huber", "huber_delta": 0.1},
+], ids=["linear_b4", "linear_b16_head", "mlp_b4", "mlp_b16_shared_nomom", "linear_lp_lq", "linear_huber_kl",
+        "mlp_lp_lq", "mlp_huber"])
 def test_layer_equals_float64_oracle(opts):
     layer = make(**opts).double()
     # Stronger gates than the init so every term of the recurrence matters.
@@ -92,7 +119,11 @@ def test_layer_equals_float64_oracle(opts):
     assert_close(y, y_ref, 1e-6, "layer vs oracle")
 
 
-@pytest.mark.parametrize("opts", [{"mem_depth": 1}, {"mem_depth": 2}], ids=["linear", "mlp"])
+@pytest.mark.parametrize("opts", [
+    {"mem_depth": 1}, {"mem_depth": 2},
+    {"mem_depth": 1, "error_map": "huber", "huber_delta": 0.1, "retention": "kl"},
+    {"mem_depth": 2, "error_map": "lp", "retention": "lq"},
+], ids=["linear", "mlp", "linear_huber_kl", "mlp_lp_lq"])
 def test_prefill_then_decode_equals_forward(opts):
     layer, x = make(**opts), seq(T=40)
     y_full, s_full = layer(x)
@@ -172,6 +203,14 @@ def test_defaults_and_state_size():
     ({"chunk_size": 0}, "chunk_size"),
     ({"theta_max": 0.0}, "theta_max"),
     ({"impl": "cuda"}, "impl"),
+    ({"error_map": "l1"}, "error_map"),
+    ({"retention": "l1"}, "retention"),
+    ({"error_map": "lp", "p": 0.5}, "p >= 1"),
+    ({"error_map": "huber", "huber_delta": 0.0}, "huber_delta"),
+    ({"retention": "lq", "q": 1.0}, "q > 1"),
+    ({"retention": "kl", "kl_lambda": 1.0}, "kl"),
+    ({"mem_depth": 2, "retention": "kl"}, "mem_depth=1"),
+    ({"mem_depth": 1, "impl": "triton", "error_map": "lp"}, "triton"),
 ])
 def test_config_errors(opts, match):
     with pytest.raises(ValueError, match=match):

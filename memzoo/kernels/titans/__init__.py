@@ -8,6 +8,8 @@ tokens are taken at the chunk-start weights W_t' (the paper's mini-batch gradien
 
 ``impl="auto"`` picks Triton for CUDA inputs of the linear memory with a per-head decay and the chunked reference
 otherwise (CPU always gets the reference; the channel-wise decay and the MLP memory have no Triton kernel yet).
+The Miras variants (``miras=Miras(error_map=..., retention=...)``, arXiv 2504.13173) run the chunked reference:
+"auto" sends them there, and ``impl="triton"`` with a variant raises instead of computing plain Titans.
 """
 
 from __future__ import annotations
@@ -17,11 +19,18 @@ from torch import Tensor
 
 from .. import resolve_impl
 from ..utils import check_log_gate, check_recurrence_inputs
-from .reference import titans_linear_chunk_ref, titans_linear_step_ref, titans_mlp_chunk_ref, titans_mlp_step_ref
+from .reference import (
+    MIRAS_L2,
+    Miras,
+    titans_linear_chunk_ref,
+    titans_linear_step_ref,
+    titans_mlp_chunk_ref,
+    titans_mlp_step_ref,
+)
 
 __all__ = [
-    "titans_linear", "titans_mlp", "titans_linear_chunk_ref", "titans_linear_step_ref", "titans_mlp_chunk_ref",
-    "titans_mlp_step_ref",
+    "Miras", "MIRAS_L2", "titans_linear", "titans_mlp", "titans_linear_chunk_ref", "titans_linear_step_ref",
+    "titans_mlp_chunk_ref", "titans_mlp_step_ref",
 ]
 
 
@@ -55,7 +64,7 @@ def _check_states(initial_state, shapes: list[tuple[int, ...]]) -> None:
 def titans_linear(
     q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor,
     initial_state: tuple[Tensor, Tensor, Tensor], start_pos: Tensor, chunk_size: int = 16,
-    cu_seqlens: Tensor | None = None, *, impl: str = "auto",
+    cu_seqlens: Tensor | None = None, *, impl: str = "auto", miras: Miras = MIRAS_L2,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """Linear Titans memory ``W [K, V]`` with momentum and decay, exact chunked test-time learning.
 
@@ -68,6 +77,7 @@ def titans_linear(
         chunk_size: b; changes the results (train and decode with the same b).
         cu_seqlens: ``[N + 1]`` int offsets of packed sequences (B == 1); empty sequences allowed.
         impl: ``"auto"`` | ``"triton"`` | ``"ref"``.
+        miras: error map and retention (``Miras``); anything but plain l2/l2 runs the chunked reference.
 
     Returns:
         y ``[B, T, H, V]`` in q's dtype and the final (W_base, W, S) in fp32 (fp64 for fp64 inputs).
@@ -75,7 +85,14 @@ def titans_linear(
     n_seq = _check_common(q, k, v, theta, log_eta, log_gamma, start_pos, chunk_size, cu_seqlens)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     _check_states(initial_state, [(n_seq, H, K, V)] * 3)
+    if not isinstance(miras, Miras):
+        raise TypeError(f"miras must be a Miras, got {type(miras).__name__}")
+    if impl == "triton" and not miras.is_titans:
+        raise ValueError(f"the Triton kernel implements the l2 error map and l2 retention only, got "
+                         f"error_map={miras.error_map!r}, retention={miras.retention!r}; use impl='auto' or 'ref'")
     path = resolve_impl(impl, q)
+    if not miras.is_titans:
+        path = "ref"
     # The kernel covers the per-head decay; under "auto" a channel-wise decay takes the reference.
     if path == "triton" and (log_gamma.dim() == 3 or impl == "triton"):
         from .triton_chunk import titans_linear_triton
@@ -83,21 +100,24 @@ def titans_linear(
         return titans_linear_triton(q, k, v, theta, log_eta, log_gamma, initial_state, start_pos, chunk_size,
                                     cu_seqlens)
     y, state = titans_linear_chunk_ref(q, k, v, theta, log_eta, log_gamma, initial_state, start_pos, chunk_size,
-                                       cu_seqlens)
+                                       cu_seqlens, miras=miras)
     return y.to(q.dtype), state
 
 
 def titans_mlp(
     q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor, log_gamma: Tensor,
     initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int = 16, cu_seqlens: Tensor | None = None,
-    *, impl: str = "auto",
+    *, impl: str = "auto", miras: Miras = MIRAS_L2,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """2-layer MLP Titans memory ``x + LN(gelu(x A2) A1)`` (expansion E = A2.shape[-1]), exact chunked dual form.
 
     Args as ``titans_linear`` with v ``[B, T, H, K]``, a learning rate per matrix (theta1 for A1, theta2 for A2),
     a per-head log_gamma ``[B, T, H]`` and initial_state (A1_base, A1, S1, A2_base, A2, S2) with A1 ``[N, H, E, K]``
     and A2 ``[N, H, K, E]``.  ``impl`` is accepted for a uniform signature; every input runs the reference.
+    ``miras``: error map and retention; ``retention="kl"`` raises (defined for the linear memory only).
     """
+    if not isinstance(miras, Miras):
+        raise TypeError(f"miras must be a Miras, got {type(miras).__name__}")
     n_seq = _check_common(q, k, v, theta1, log_eta, log_gamma, start_pos, chunk_size, cu_seqlens,
                           {"theta2": (theta2, "BTH")})
     if log_gamma.dim() != 3:
@@ -111,5 +131,5 @@ def titans_mlp(
     _check_states(initial_state, [(n_seq, H, E, K)] * 3 + [(n_seq, H, K, E)] * 3)
     resolve_impl(impl, q)
     y, state = titans_mlp_chunk_ref(q, k, v, theta1, theta2, log_eta, log_gamma, initial_state, start_pos,
-                                    chunk_size, cu_seqlens)
+                                    chunk_size, cu_seqlens, miras=miras)
     return y.to(q.dtype), state

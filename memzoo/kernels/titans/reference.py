@@ -15,9 +15,16 @@ Gates arrive as theta >= 0, log_eta = log(eta) <= 0 and log_gamma = log(1 - alph
 linear (W_base, W, S) each ``[N, H, K, V]``; MLP (A1_base, A1, S1, A2_base, A2, S2).  ``start_pos`` ``[N]`` is the
 position of each sequence's first token inside its current chunk (0 for fresh sequences), so a sequence split
 anywhere and carried through the state gives exactly the outputs of one pass.
+
+Miras variants ("It's All Connected", arXiv 2504.13173; titans.md §5), passed as ``miras=Miras(...)``: an error map
+psi replaces the residual r = M(k) - v before the backward through the memory (still at the chunk-start weights,
+so the chunk form stays exact), and a non-linear retention acts on the weights only when a chunk ends.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +34,88 @@ from ..utils import seq_boundaries
 
 __all__ = [
     "titans_linear_step_ref", "titans_linear_chunk_ref", "titans_mlp_step_ref", "titans_mlp_chunk_ref",
-    "layer_norm", "layer_norm_backward",
+    "layer_norm", "layer_norm_backward", "Miras", "MIRAS_L2",
 ]
 
 LN_EPS = 1e-5
+
+
+ERROR_MAPS = ("l2", "lp", "huber")
+RETENTIONS = ("l2", "lq", "kl")
+
+
+@dataclass(frozen=True)
+class Miras:
+    """Attentional bias (error map) and retention of the inner loop (titans.md §5).
+
+    error_map, applied to each residual row r = M_{W_t'}(k) - v:
+        "l2":    psi(r) = r (the Titans loss 1/2 ||r||^2);
+        "lp":    psi(r) = p r (r^2 + lp_eps)^((p - 2) / 2), coordinate-wise: the gradient of ||r||_p^p,
+                 p sign(r) |r|^(p-1), with |r| smoothed to sqrt(r^2 + lp_eps) (sign(r) = r / |r|).  p = 2 gives
+                 exactly 2r; p = 1 is the smooth sign ("value-less");
+        "huber": psi(r) = clamp(r, -huber_delta, huber_delta), coordinate-wise Huber (r where |r| <= delta, else
+                 delta sign(r)); delta = inf is "l2".
+    retention, applied to the weights (and so to the next gradient base) when a chunk ends; inside a chunk the
+    Titans decay alpha and momentum act as usual:
+        "l2":    nothing more (the Titans decay alone);
+        "lq":    W <- W / (||W||_q^q + lq_eps)^((q - 2) / q) per head and weight matrix (Moneta's A / ||A||_q^(q-2));
+                 q = 2 leaves W unchanged;
+        "kl":    W <- kl_scale softmax((1 - kl_lambda) log max(W, kl_eps)) over each row of the linear memory
+                 (the values stored for one key channel): Memora's c Softmax((1 - lambda) log W - eta' grad) with the
+                 chunk's linear update in place of the gradient step.  Entries below kl_eps get no gradient.
+    """
+
+    error_map: str = "l2"
+    p: float = 3.0
+    lp_eps: float = 1e-6
+    huber_delta: float = 1.0
+    retention: str = "l2"
+    q: float = 4.0
+    lq_eps: float = 1e-6
+    kl_scale: float = 1.0
+    kl_lambda: float = 0.0
+    kl_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.error_map not in ERROR_MAPS:
+            raise ValueError(f"error_map must be one of {ERROR_MAPS}, got {self.error_map!r}")
+        if self.retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {RETENTIONS}, got {self.retention!r}")
+        if not self.p >= 1 or math.isinf(self.p) or not self.lp_eps > 0:
+            raise ValueError(f"lp needs a finite p >= 1 and lp_eps > 0, got p={self.p}, lp_eps={self.lp_eps}")
+        if not self.huber_delta > 0:
+            raise ValueError(f"huber_delta must be positive (inf for l2), got {self.huber_delta}")
+        if not self.q > 1 or math.isinf(self.q) or not self.lq_eps > 0:
+            raise ValueError(f"lq needs a finite q > 1 and lq_eps > 0, got q={self.q}, lq_eps={self.lq_eps}")
+        if not self.kl_scale > 0 or not 0 <= self.kl_lambda < 1 or not self.kl_eps > 0:
+            raise ValueError(f"kl needs kl_scale > 0, 0 <= kl_lambda < 1, kl_eps > 0, got {self.kl_scale}, "
+                             f"{self.kl_lambda}, {self.kl_eps}")
+
+    @property
+    def is_titans(self) -> bool:
+        """True when nothing differs from plain Titans (the l2 error and the l2 retention)."""
+        return self.error_map == "l2" and self.retention == "l2"
+
+    def error(self, r: Tensor) -> Tensor:
+        """psi(r), coordinate-wise."""
+        if self.error_map == "lp":
+            return self.p * r * (r * r + self.lp_eps).pow((self.p - 2) / 2)
+        if self.error_map == "huber":
+            return r.clamp(-self.huber_delta, self.huber_delta)
+        return r
+
+    def retain(self, w: Tensor) -> Tensor:
+        """The chunk-boundary retention of one weight matrix ``[..., rows, cols]``."""
+        if self.retention == "lq":
+            norm_q = w.abs().pow(self.q).sum((-2, -1), keepdim=True) + self.lq_eps
+            return w * norm_q.pow(-(self.q - 2) / self.q)
+        if self.retention == "kl":
+            logits = (1 - self.kl_lambda) * w.clamp_min(self.kl_eps).log()
+            return self.kl_scale * torch.softmax(logits, dim=-1)
+        return w
+
+
+MIRAS_L2 = Miras()
 
 
 def layer_norm(z: Tensor) -> Tensor:
@@ -52,8 +137,10 @@ def _gelu_grad(h: Tensor) -> Tensor:
     return cdf + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
 
 
-def mlp_inner_grads(k: Tensor, v: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token backward of 1/2 ||k + LN(gelu(k A2) A1) - v||^2 at (A1, A2), rows batched: ``k, v [..., n, D]``.
+def mlp_inner_grads(k: Tensor, v: Tensor, a1: Tensor, a2: Tensor,
+                    miras: Miras = MIRAS_L2) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token backward of 1/2 ||k + LN(gelu(k A2) A1) - v||^2 at (A1, A2), rows batched: ``k, v [..., n, D]``;
+    with a Miras error map the residual r is replaced by psi(r) before the backward.
 
     Returns ``a = gelu(k A2)`` ``[..., n, E]``, ``g_z`` ``[..., n, D]`` and ``g_h`` ``[..., n, E]``; the per-token
     weight gradients are the outer products ``a^T g_z`` (for A1) and ``k^T g_h`` (for A2).
@@ -61,7 +148,7 @@ def mlp_inner_grads(k: Tensor, v: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tenso
     h = k @ a2
     a = F.gelu(h)
     z = a @ a1
-    g_z = layer_norm_backward(z, k + layer_norm(z) - v)
+    g_z = layer_norm_backward(z, miras.error(k + layer_norm(z) - v))
     g_h = (g_z @ a1.transpose(-1, -2)) * _gelu_grad(h)
     return a, g_z, g_h
 
@@ -101,7 +188,8 @@ def _step_loop(step_fn, xs: tuple[Tensor, ...], out_dim: int, state: tuple[Tenso
 
 def titans_linear_step_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor,
                            initial_state: tuple[Tensor, Tensor, Tensor], start_pos: Tensor, chunk_size: int,
-                           cu_seqlens: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+                           cu_seqlens: Tensor | None = None, *,
+                           miras: Miras = MIRAS_L2) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """Eqs 13-15 token by token for the linear memory: the specification.
 
     Args:
@@ -110,6 +198,7 @@ def titans_linear_step_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_e
         initial_state: (W_base, W, S), each ``[N, H, K, V]``; start_pos: ``[N]`` int.
         chunk_size: b, the span over which gradients share the base W_t'.
         cu_seqlens: optional ``[N + 1]`` offsets (B == 1).
+        miras: error map psi (u_t = k_t^T psi(k_t W_t' - v_t)) and the retention applied when a chunk ends.
 
     Returns:
         y ``[B, T, H, V]`` in the accumulation dtype (fp64 for fp64 inputs, else fp32) and the final state.
@@ -120,10 +209,12 @@ def titans_linear_step_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_e
     def step(x, st):
         base, w, s = st
         if x is None:
-            # A chunk ended: the next gradients are taken at the current weights.
+            # A chunk ended: retention, then the next gradients are taken at the current weights.
+            w = miras.retain(w)
             return w, w, s
         q_t, k_t, v_t, th, le, g = x  # [H, K], [H, K], [H, V], [H], [H], [H, K or 1]
-        grad = k_t[:, :, None] * (torch.einsum("hk,hkv->hv", k_t, base) - v_t)[:, None, :]  # [H, K, V]
+        err = miras.error(torch.einsum("hk,hkv->hv", k_t, base) - v_t)
+        grad = k_t[:, :, None] * err[:, None, :]  # [H, K, V]
         s = le.exp()[:, None, None] * s - th[:, None, None] * grad
         w = g.exp()[:, :, None] * w + s
         return torch.einsum("hk,hkv->hv", q_t, w), (base, w, s)
@@ -135,20 +226,25 @@ def titans_linear_step_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_e
 
 def titans_mlp_step_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor,
                         log_gamma: Tensor, initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int,
-                        cu_seqlens: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+                        cu_seqlens: Tensor | None = None, *,
+                        miras: Miras = MIRAS_L2) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Eqs 13-15 token by token for the 2-layer MLP memory ``x + LN(gelu(x A2) A1)``.
 
     Args as ``titans_linear_step_ref`` with v ``[B, T, H, D]`` (D = K), one theta per matrix and
-    initial_state (A1_base, A1, S1, A2_base, A2, S2): A1 ``[N, H, E, D]``, A2 ``[N, H, D, E]``.
+    initial_state (A1_base, A1, S1, A2_base, A2, S2): A1 ``[N, H, E, D]``, A2 ``[N, H, D, E]``.  The KL
+    retention needs a linear memory (it keeps rows on a simplex) and is rejected here.
     """
+    if miras.retention == "kl":
+        raise ValueError("retention='kl' is defined for the linear memory only")
     acc = _acc(q)
 
     def step(x, st):
         b1, a1, s1, b2, a2, s2 = st
         if x is None:
+            a1, a2 = miras.retain(a1), miras.retain(a2)
             return a1, a1, s1, a2, a2, s2
         q_t, k_t, v_t, th1, th2, le, g = x
-        act, g_z, g_h = mlp_inner_grads(k_t[:, None], v_t[:, None], b1, b2)  # [H, 1, E], [H, 1, D], [H, 1, E]
+        act, g_z, g_h = mlp_inner_grads(k_t[:, None], v_t[:, None], b1, b2, miras)  # [H, 1, E], [H, 1, D], [H, 1, E]
         eta, gamma = le.exp()[:, None, None], g.exp()[:, None, None]
         s1 = eta * s1 - th1[:, None, None] * act.transpose(-1, -2) @ g_z
         s2 = eta * s2 - th2[:, None, None] * k_t[:, :, None] @ g_h
@@ -223,7 +319,8 @@ def _coefficients(log_eta: Tensor, log_gamma: Tensor, valid: Tensor):
 
 def titans_linear_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor,
                             initial_state: tuple[Tensor, Tensor, Tensor], start_pos: Tensor, chunk_size: int,
-                            cu_seqlens: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+                            cu_seqlens: Tensor | None = None, *,
+                            miras: Miras = MIRAS_L2) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """The closed chunk form (titans.md §2), all chunk coefficients at once, one short loop over chunks.
 
     Same arguments and returns as ``titans_linear_step_ref``.  Per chunk with start state (W_0, S_0), gradient
@@ -232,6 +329,9 @@ def titans_linear_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_
         Y      = (beta * Q) W_0 + (f * Q) S_0 - C E,     C_tj = sum_{j<=i<=t} N_ij <q_t * beta_t / beta_i, k_j>
         W_end  = beta_b W_0 + f_b S_0 - (K * g)^T E,     g_j = sum_{i>=j} N_ij beta_b / beta_i
         S_end  = m_b S_0 - (N_b * K)^T E
+
+    With a Miras error map E = psi(K W_g - V) (still linear in the rows, so the form stays exact); a retention
+    maps W_end (and the next base) of every chunk a sequence completes.
     """
     acc = _acc(q)
     B, T = q.shape[:2]
@@ -259,19 +359,28 @@ def titans_linear_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_
     chunks = zip(*(x.unbind(2) for x in (k, v, coef, q_beta, q_f, k_end, k_s, beta[..., -1, :], f[..., -1, :],
                                          m[..., -1])))
     for c, (k_c, v_c, c_c, qb_c, qf_c, ke_c, ks_c, bb_c, fb_c, mb_c) in enumerate(chunks):
-        err = k_c @ w_base - v_c  # [N, H, b, V]
+        err = miras.error(k_c @ w_base - v_c)  # [N, H, b, V]
         ys.append(qb_c @ w + qf_c @ s - c_c @ err)
         w, s = (bb_c[..., None] * w + fb_c[..., None] * s - ke_c.transpose(-1, -2) @ err,
                 mb_c[..., None, None] * s - ks_c.transpose(-1, -2) @ err)
+        if miras.retention != "l2":
+            w = _retain_completed(miras, w, next_chunk, c)
         w_base = w
         next_base = torch.where((next_chunk == c + 1).view(-1, 1, 1, 1), w, next_base)
     y = _from_grid(torch.stack(ys, 2), where, B, T)
     return y, (next_base, w, s)
 
 
+def _retain_completed(miras: Miras, w: Tensor, next_chunk: Tensor, c: int) -> Tensor:
+    """Retention for the rows whose chunk ``c`` ended (their next token lies in a later chunk); a row that stops
+    inside chunk c (or before it) crossed no boundary and keeps its weights."""
+    return torch.where((next_chunk > c).view(-1, 1, 1, 1), miras.retain(w), w)
+
+
 def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor,
                          log_gamma: Tensor, initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int,
-                         cu_seqlens: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+                         cu_seqlens: Tensor | None = None, *,
+                         miras: Miras = MIRAS_L2) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The chunked dual form of the MLP memory (titans.md §2); arguments as ``titans_mlp_step_ref``.
 
     Per chunk: one MLP forward/backward on the b keys at the base weights gives the rows G_z, G_h; with
@@ -280,8 +389,11 @@ def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2
         H_q = beta Q A2_0 + f Q S2_0 - (G^(2) * QK^T) G_h,    A_q = gelu(H_q)
         Z_q = beta A_q A1_0 + f A_q S1_0 - (G^(1) * A_q A^T) G_z,    y = q + LN(Z_q)
 
-    and the chunk-end weights and momenta are the same sums at row b.
+    and the chunk-end weights and momenta are the same sums at row b.  A Miras error map replaces the residual in
+    the base backward (G_z, G_h); an "lq" retention maps A1 and A2 at every completed chunk.
     """
+    if miras.retention == "kl":
+        raise ValueError("retention='kl' is defined for the linear memory only")
     acc = _acc(q)
     B, T = q.shape[:2]
     xs = tuple(x.to(acc) for x in (q, k, v, theta1, theta2, log_eta, log_gamma[..., None]))
@@ -297,7 +409,7 @@ def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2
     ys = []
     chunks = zip(*(x.unbind(2) for x in (q, k, v, qk, g1, g2, nm1, nm2, beta, f, m)))
     for c, (q_c, k_c, v_c, qk_c, g1_c, g2_c, n1_c, n2_c, be_c, f_c, m_c) in enumerate(chunks):
-        act, g_z, g_h = mlp_inner_grads(k_c, v_c, b1, b2)
+        act, g_z, g_h = mlp_inner_grads(k_c, v_c, b1, b2, miras)
         a_q = F.gelu(be_c * (q_c @ a2) + f_c * (q_c @ s2) - qk_c @ g_h)
         z_q = be_c * (a_q @ a1) + f_c * (a_q @ s1) - (g1_c * (a_q @ act.transpose(-1, -2))) @ g_z
         ys.append(q_c + layer_norm(z_q))
@@ -308,6 +420,8 @@ def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2
             bb * a2 + fb * s2 - (k_c * g2_c[..., -1, :, None]).transpose(-1, -2) @ g_h,
             mb * s2 - (k_c * n2_c[..., -1, :, None]).transpose(-1, -2) @ g_h,
         )
+        if miras.retention != "l2":
+            a1, a2 = _retain_completed(miras, a1, next_chunk, c), _retain_completed(miras, a2, next_chunk, c)
         b1, b2 = a1, a2
         hit = (next_chunk == c + 1).view(-1, 1, 1, 1)
         nb1, nb2 = torch.where(hit, a1, nb1), torch.where(hit, a2, nb2)

@@ -14,6 +14,11 @@ alpha_t per head and key channel (linear memory) or per head (MLP memory); a lea
 RMSNorm gated by SiLU(g_proj(x)); ``o_proj``.  The state carries the gradient base, the weights, the momentum, the
 position inside the current chunk and the conv tails, so a sequence split anywhere (mid-chunk included) and
 decoding token by token give exactly the outputs of one pass.
+
+Miras variants ("It's All Connected", arXiv 2504.13173; spec §5) are options of the same layer: ``error_map``
+replaces the residual M(k) - v by psi(.) before the inner backward (lp, Huber), and ``retention`` adds a
+non-linear retention applied to the weights when a chunk ends (lq normalisation, KL/softmax).  Defaults (l2, l2)
+are plain Titans.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import Tensor, nn
 
 from ...kernels import IMPLS
 from ...kernels.gated_delta.reference import l2norm
-from ...kernels.titans import titans_linear, titans_mlp
+from ...kernels.titans import Miras, titans_linear, titans_mlp
 from ..contract import Mixer
 from .gated_delta import GatedRMSNorm, apply_short_convs, short_convs
 
@@ -69,7 +74,33 @@ class TitansConfig:
     init: str = "learned"
     norm_eps: float = 1e-5
     # Kernel path: "auto" (Triton on CUDA for the linear memory, the chunked reference otherwise) | "triton" | "ref".
+    # Miras variants have no kernel: "auto" runs them on the reference and "triton" with a variant is an error.
     impl: str = "auto"
+    # Miras attentional bias, psi applied coordinate-wise to the residual r = M_{W_t'}(k) - v before the inner
+    # backward: "l2" (psi = r, Titans), "lp" (p r (r^2 + lp_eps)^((p-2)/2): the gradient of ||r||_p^p with
+    # |r| smoothed to sqrt(r^2 + lp_eps); p = 2 is twice l2), "huber" (clamp(r, -huber_delta, huber_delta), the
+    # spec's coordinate-wise Huber; delta = inf is l2).
+    error_map: str = "l2"
+    # lp exponent (Moneta: p = 3 best); p >= 1, p = 1 is the smooth sign.
+    p: float = 3.0
+    # Smoothing of |r| in the lp map.
+    lp_eps: float = 1e-6
+    # Huber threshold delta (a constant; Yaad's data-dependent delta_t is not implemented).
+    huber_delta: float = 1.0
+    # Miras retention, applied to the weights when a chunk ends (the spec's chunk boundaries; inside a chunk the
+    # Titans decay and momentum act unchanged): "l2" (the Titans decay alone), "lq" (W <- W / ||W||_q^(q-2) per
+    # head and matrix, Moneta), "kl" (each row of the linear memory W <- kl_scale softmax((1 - kl_lambda)
+    # log max(W, kl_eps)), Memora; mem_depth=1 only).
+    retention: str = "l2"
+    # lq exponent (Moneta: q = 4); q > 1, q = 2 leaves W unchanged.
+    q: float = 4.0
+    # Added to ||W||_q^q so that a zero memory stays finite.
+    lq_eps: float = 1e-6
+    # KL retention: the scale c of each softmax row, the retention strength lambda in [0, 1), and the floor
+    # below which weights count as kl_eps (log of a non-positive weight is undefined; no gradient there).
+    kl_scale: float = 1.0
+    kl_lambda: float = 0.0
+    kl_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0:
@@ -94,10 +125,21 @@ class TitansConfig:
             raise ValueError(f"init must be 'learned' or (for mem_depth=1) 'zero', got {self.init!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        miras = self.miras  # validates the Miras fields
+        if self.retention == "kl" and self.mem_depth != 1:
+            raise ValueError("retention='kl' keeps rows of the linear memory on a simplex: it needs mem_depth=1")
+        if self.impl == "triton" and not miras.is_titans:
+            raise ValueError(f"impl='triton' supports error_map='l2' and retention='l2' only, got "
+                             f"{self.error_map!r}, {self.retention!r}; use impl='auto' or 'ref'")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads if self.d_head is None else self.d_head
+
+    @property
+    def miras(self) -> Miras:
+        return Miras(self.error_map, self.p, self.lp_eps, self.huber_delta, self.retention, self.q, self.lq_eps,
+                     self.kl_scale, self.kl_lambda, self.kl_eps)
 
     @property
     def channel_alpha(self) -> bool:
@@ -223,10 +265,10 @@ class TitansMemory(Mixer):
         c = self.config
         if c.mem_depth == 1:
             o, memory = titans_linear(q, k, v, theta[..., 0], log_eta, log_gamma, memory, state.pos, c.chunk_size,
-                                      cu_seqlens, impl=c.impl)
+                                      cu_seqlens, impl=c.impl, miras=c.miras)
         else:
             o, memory = titans_mlp(q, k, v, theta[..., 0], theta[..., -1], log_eta, log_gamma, memory, state.pos,
-                                   c.chunk_size, cu_seqlens, impl=c.impl)
+                                   c.chunk_size, cu_seqlens, impl=c.impl, miras=c.miras)
         lengths = torch.full_like(state.pos, T) if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1])
         pos = (state.pos + lengths.to(state.pos)) % c.chunk_size
         gate = None if self.g_proj is None else self.g_proj(x).view(B, T, H, D)
