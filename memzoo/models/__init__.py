@@ -29,6 +29,12 @@ from .layers import (
     S4DState,
     ShortConvolution,
     TitansConfig,
+    TitansMAC,
+    TitansMACConfig,
+    TitansMAG,
+    TitansMAGConfig,
+    TitansMAL,
+    TitansMALConfig,
     TitansMemory,
     TitansState,
 )
@@ -47,6 +53,7 @@ __all__ = [
     "HMT", "HMTConfig", "HMTState",
     "LSSL", "LSSLConfig", "LSSLState", "S4D", "S4DConfig", "S4DState",
     "MixtureOfMemories", "MoMConfig", "MoMState",
+    "TitansMAC", "TitansMACConfig", "TitansMAG", "TitansMAGConfig", "TitansMAL", "TitansMALConfig",
 ]
 
 

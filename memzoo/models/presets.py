@@ -6,6 +6,7 @@ vocabulary (256) by default: it needs no tokenizer files.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from .config import ModelConfig
@@ -34,7 +35,22 @@ def attention_350m() -> ModelConfig:
     return ModelConfig(vocab_size=32_000, d_model=1024, n_layers=24, mixers={"attention": {"n_heads": 16}})
 
 
+# Titans v2 Table 5 (arXiv 2501.00663): blocks, d_model, heads; Llama-2 32k vocabulary.
+_TITANS_SIZES = {"170m": (12, 768, 16), "340m": (24, 1024, 16), "760m": (24, 1536, 16)}
+_TITANS_MIXERS = {"lmm": "titans", "mac": "titans_mac", "mag": "titans_mag", "mal": "titans_mal"}
+
+
+def titans(variant: str, size: str) -> ModelConfig:
+    """Titans LMM/MAC/MAG/MAL at the paper's 170M/340M/760M shapes: 16 memory and attention heads, the layers'
+    paper defaults (b = 16, N_p = 128, segment 512, window 2048)."""
+    n_layers, d_model, heads = _TITANS_SIZES[size]
+    mixer = _TITANS_MIXERS[variant]
+    opts = {"n_heads": heads} if mixer == "titans" else {"n_heads": heads, "memory": {"n_heads": heads}}
+    return ModelConfig(vocab_size=32_000, d_model=d_model, n_layers=n_layers, pattern=(mixer,), mixers={mixer: opts})
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    **{f"titans-{v}-{s}": functools.partial(titans, v, s) for v in _TITANS_MIXERS for s in _TITANS_SIZES},
     "attention-tiny": attention_tiny,
     "attention-small": attention_small,
     "attention-125m": attention_125m,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .contract import Mixer
+from .layers import TitansMAC, TitansMAG, TitansMAL
 from .layers.attention import Attention
 from .layers.gated_delta import GatedDeltaNet
 from .layers.gla import GatedLinearAttention
@@ -27,6 +28,9 @@ MIXERS: dict[str, type[Mixer]] = {
     "lssl": LSSL,
     "titans": TitansMemory,
     "mom": MixtureOfMemories,
+    "titans_mac": TitansMAC,
+    "titans_mag": TitansMAG,
+    "titans_mal": TitansMAL,
 }
 
 

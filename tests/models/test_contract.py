@@ -47,12 +47,17 @@ VARIANTS = {
         "linear_b4": {"mem_depth": 1, "chunk_size": 4},
         "linear_head_alpha_nomom": {"mem_depth": 1, "alpha_shape": "head", "momentum": False, "chunk_size": 5},
         "mlp_b3_shared_lr": {"chunk_size": 3, "per_matrix_lr": False, "mem_expansion": 2, "use_short_conv": False},
+        "linear_b4_lp_kl": {"mem_depth": 1, "chunk_size": 4, "error_map": "lp", "retention": "kl", "kl_lambda": 0.2},
     },
     "mom": {
         "dense_gla": {"path": "dense", "backend": "gla", "n_heads": 2},
         "k_eq_m_no_shared": {"num_memories": 3, "topk": 3, "shared_mem": False, "conv_size": 2},
         "linear_attn_no_conv": {"backend": "linear_attn", "use_short_conv": False, "num_memories": 2, "topk": 1},
     },
+    "titans_mac": {"seg4_linear": {"segment": 4, "n_persistent": 3, "memory": {"mem_depth": 1, "chunk_size": 3}}},
+    "titans_mag": {"win5_b4_primed": {"window": 5, "n_persistent": 2, "prime_memory": True,
+                                      "memory": {"chunk_size": 4, "mem_expansion": 2}}},
+    "titans_mal": {"win3_linear": {"window": 3, "n_persistent": 1, "memory": {"mem_depth": 1, "chunk_size": 5}}},
 }
 
 CASES = [pytest.param(name, {}, id=f"{name}-default") for name in MIXERS] + [

@@ -8,6 +8,8 @@ from .lssl import LSSL, LSSLConfig, LSSLState
 from .mom import MixtureOfMemories, MoMConfig, MoMState
 from .s4d import S4D, S4DConfig, S4DState
 from .titans import NeuralMemory, TitansConfig, TitansMemory, TitansState
+from .titans_arch import TitansMAG, TitansMAGConfig, TitansMAL, TitansMALConfig, TitansSWAState
+from .titans_arch_mac import TitansMAC, TitansMACConfig, TitansMACState
 
 __all__ = [
     "NeuralMemory", "TitansConfig", "TitansMemory", "TitansState",
@@ -15,4 +17,6 @@ __all__ = [
     "GatedDeltaState", "GatedLinearAttention", "GatedLinearAttentionConfig", "ShortConvolution",
     "LSSL", "LSSLConfig", "LSSLState", "S4D", "S4DConfig", "S4DState",
     "MixtureOfMemories", "MoMConfig", "MoMState",
+    "TitansMAC", "TitansMACConfig", "TitansMACState", "TitansMAG", "TitansMAGConfig", "TitansMAL", "TitansMALConfig",
+    "TitansSWAState",
 ]
