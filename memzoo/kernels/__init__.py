@@ -15,7 +15,7 @@ import os
 
 from torch import Tensor
 
-__all__ = ["IMPLS", "IMPL_ENV_VAR", "resolve_impl", "triton_available"]
+__all__ = ["IMPLS", "IMPL_ENV_VAR", "check_chunk_options", "resolve_impl", "triton_available"]
 
 IMPLS = ("auto", "triton", "ref")
 # Users force a path everywhere (e.g. "ref" while debugging) without touching code.
@@ -54,3 +54,14 @@ def resolve_impl(impl: str, x: Tensor) -> str:
             f"got device={x.device}, triton installed={triton_available()}"
         )
     return impl
+
+
+def check_chunk_options(chunk_size: int, impl: str, *, max_chunk: int | None = None) -> None:
+    """Validate a layer config's chunked-op options: ``chunk_size`` a power of two >= 16 (the
+    smallest legal ``tl.dot`` tile), at most ``max_chunk`` if given, and ``impl`` one of ``IMPLS``."""
+    too_big = max_chunk is not None and chunk_size > max_chunk
+    if chunk_size < 16 or chunk_size & (chunk_size - 1) or too_big:
+        upper = f" and <= {max_chunk}" if max_chunk is not None else ""
+        raise ValueError(f"chunk_size must be a power of two >= 16{upper}, got {chunk_size}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -36,3 +36,15 @@ def test_environment_override_and_bad_names(monkeypatch):
         resolve_impl("auto", torch.zeros(1))
     with pytest.raises(ValueError, match="impl"):
         resolve_impl("fast", torch.zeros(1))
+
+
+def test_check_chunk_options():
+    from memzoo.kernels import check_chunk_options
+
+    check_chunk_options(16, "auto")
+    check_chunk_options(256, "ref", max_chunk=256)
+    for bad, kw in ((8, {}), (48, {}), (512, {"max_chunk": 256})):
+        with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+            check_chunk_options(bad, "auto", **kw)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        check_chunk_options(64, "cuda")

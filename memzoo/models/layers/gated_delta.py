@@ -24,20 +24,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import IMPLS
+from ...kernels import check_chunk_options
 from ...kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from ..contract import Mixer
 from .conv import ShortConvolution
 
-__all__ = ["GatedDeltaNetConfig", "GatedDeltaState", "GatedDeltaNet", "GatedRMSNorm"]
+__all__ = ["HeadDims", "GatedDeltaNetConfig", "GatedDeltaState", "GatedDeltaNet", "GatedRMSNorm"]
 
 # Mamba-2's initialisation: A ~ U(0, 16) per head, dt ~ log-uniform in [DT_MIN, DT_MAX].
 _A_INIT_RANGE = (0.0, 16.0)
 _DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
+class HeadDims:
+    """``head_k`` / ``head_v`` of configs with ``d_model``, ``n_heads``, ``d_head`` (None = d_model //
+    n_heads) and ``expand_v`` (value width per head = expand_v * head_k)."""
+
+    @property
+    def head_k(self) -> int:
+        return self.d_model // self.n_heads if self.d_head is None else self.d_head
+
+    @property
+    def head_v(self) -> int:
+        return int(self.expand_v * self.head_k)
+
+
 @dataclass(frozen=True)
-class GatedDeltaNetConfig:
+class GatedDeltaNetConfig(HeadDims):
     d_model: int = 256
     n_heads: int = 4
     # Query/key head dimension; None = d_model // n_heads.
@@ -69,18 +82,8 @@ class GatedDeltaNetConfig:
             raise ValueError(f"conv_size must be >= 1, got {self.conv_size}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
-            raise ValueError(f"chunk_size must be a power of two >= 16, got {self.chunk_size}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        check_chunk_options(self.chunk_size, self.impl)
 
-    @property
-    def head_k(self) -> int:
-        return self.d_model // self.n_heads if self.d_head is None else self.d_head
-
-    @property
-    def head_v(self) -> int:
-        return int(self.expand_v * self.head_k)
 
 
 class GatedDeltaState(NamedTuple):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import IMPLS
+from ...kernels import check_chunk_options
 from ...kernels.gla import chunk_gla, fused_recurrent_gla
 from ..contract import Mixer
 from .gated_delta import GatedRMSNorm, apply_short_convs, chunked_memory_flops, needs_grad, short_convs
@@ -73,10 +73,7 @@ class GatedLinearAttentionConfig:
             raise ValueError(f"conv_size must be >= 1, got {self.conv_size}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if not 16 <= self.chunk_size <= 256 or self.chunk_size & (self.chunk_size - 1):
-            raise ValueError(f"chunk_size must be a power of two in [16, 256], got {self.chunk_size}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        check_chunk_options(self.chunk_size, self.impl, max_chunk=256)
 
     @property
     def key_dim(self) -> int:

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import IMPLS
+from ...kernels import check_chunk_options
 from ...kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from ...kernels.gla import chunk_gla, chunk_simple_gla, fused_recurrent_gla
 from ...kernels.utils import flatten_batch, seq_boundaries
 from ..contract import Mixer
-from .gated_delta import GatedDeltaNet, GatedRMSNorm, needs_grad, short_convs
+from .gated_delta import GatedDeltaNet, GatedRMSNorm, HeadDims, needs_grad, short_convs
 from .mom_routing import balance_loss, memory_load, plan_segments, route, z_loss
 
 __all__ = ["MoMConfig", "MoMState", "MixtureOfMemories"]
@@ -47,7 +47,7 @@ PATHS = ("varlen", "dense")
 
 
 @dataclass(frozen=True)
-class MoMConfig:
+class MoMConfig(HeadDims):
     d_model: int = 256
     n_heads: int = 4
     # Query/key head dimension; None = d_model // n_heads.
@@ -95,18 +95,8 @@ class MoMConfig:
             raise ValueError("conv_size must be >= 1; norm_eps and gate_logit_normalizer positive")
         if self.aux_loss_scale < 0 or self.z_loss_scale < 0:
             raise ValueError(f"loss scales must be >= 0, got {self.aux_loss_scale}, {self.z_loss_scale}")
-        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
-            raise ValueError(f"chunk_size must be a power of two >= 16, got {self.chunk_size}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        check_chunk_options(self.chunk_size, self.impl)
 
-    @property
-    def head_k(self) -> int:
-        return self.d_model // self.n_heads if self.d_head is None else self.d_head
-
-    @property
-    def head_v(self) -> int:
-        return int(self.expand_v * self.head_k)
 
     @property
     def n_slots(self) -> int:
