@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from memzoo.kernels.titans.reference import layer_norm
 from memzoo.models import MIXERS, LanguageModel, ModelConfig, build_mixer
+from memzoo.models.state import index_state
 from memzoo.testing import assert_close, assert_states_close
 
 D = 32
@@ -50,6 +51,24 @@ def test_prefill_then_decode_equals_forward(name, opts, prefill):
         ys.append(y_t[:, None])
     assert_close(torch.cat(ys, 1), y_full, TOL, "prefill + decode")
     assert_states_close(state, s_full, TOL, "decode state")
+
+
+@pytest.mark.parametrize("name,opts", [c for c in CASES if "mac" in c.id])
+def test_mac_decodes_rows_at_different_segment_offsets(name, opts):
+    # A packed prefill of unequal lengths leaves the rows at different offsets; the sync-free step must still
+    # roll each row's read weights and buffers at its own segment boundary.
+    layer, x = make(name, opts), seq(B=2, T=16, seed=5)
+    lengths = (3, 6)
+    packed = torch.cat([x[i, :n] for i, n in enumerate(lengths)])[None]
+    _, state = layer(packed, cu_seqlens=torch.tensor([0, lengths[0], sum(lengths)]))
+    steps = []
+    for j in range(9):
+        y_t, state = layer.step(torch.stack([x[i, n + j] for i, n in enumerate(lengths)]), state)
+        steps.append(y_t)
+    for i, n in enumerate(lengths):
+        y_ref, s_ref = layer(x[i:i + 1, :n + 9])
+        assert_close(torch.stack([s[i] for s in steps]), y_ref[0, n:], TOL, f"row {i} decode")
+        assert_states_close(index_state(state, torch.tensor([i])), s_ref, TOL, f"row {i} state")
 
 
 @pytest.mark.parametrize("name,opts", CASES)

@@ -215,3 +215,25 @@ def test_defaults_and_state_size():
 def test_config_errors(opts, match):
     with pytest.raises(ValueError, match=match):
         TitansConfig(d_model=D, **opts)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_read_is_the_forward_read_out_at_the_state_weights(depth):
+    # The last token's read-out in the op is M*_{W_T}(q_T): read() at weights(final state) must reproduce it.
+    from memzoo.kernels.titans import titans_linear, titans_mlp
+
+    torch.manual_seed(0)
+    mem = TitansMemory(d_model=16, n_heads=2, mem_depth=depth, chunk_size=4)
+    B, T, H, D = 2, 7, 2, 8
+    q, k, v = (F.normalize(torch.randn(B, T, H, D), dim=-1) for _ in range(3))
+    theta, log_eta, log_gamma = torch.rand(B, T, H) * 0.1, -torch.rand(B, T, H), -0.1 * torch.rand(B, T, H)
+    state = mem.init_state(B)
+    start = torch.zeros(B, dtype=torch.int64)
+    if depth == 1:
+        o, memory = titans_linear(q, k, v, theta, log_eta, log_gamma, state.memory, start, 4)
+    else:
+        o, memory = titans_mlp(q, k, v, theta, theta, log_eta, log_gamma, state.memory, start, 4)
+    weights = mem.weights(state._replace(memory=memory))
+    assert_close(mem.read(q[:, -1:], weights), o[:, -1:], 1e-5, "read-out")
+    with pytest.raises(ValueError, match="weights must hold"):
+        mem.read(q, weights + weights)

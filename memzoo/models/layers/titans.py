@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ...kernels import IMPLS
 from ...kernels.gated_delta.reference import l2norm
 from ...kernels.titans import Miras, titans_linear, titans_mlp
+from ...kernels.titans.reference import layer_norm
 from ..contract import Mixer
 from .gated_delta import GatedRMSNorm, apply_short_convs, short_convs
 
@@ -225,6 +226,30 @@ class TitansMemory(Mixer):
             # MLP forward/backward at the base, dual-form reads and the four outer-product accumulations.
             fwd = 2 * H * (6 * D * self.hidden + 2 * b * (D + self.hidden) + 4 * D * self.hidden)
         return 3 * fwd
+
+    def weights(self, state: TitansState) -> tuple[Tensor, ...]:
+        """The memory's current weights in ``state``: ``(W,)`` (linear) or ``(A1, A2)`` (MLP), fp32 ``[B, H, ...]``."""
+        w = state.memory
+        return (w[1],) if self.config.mem_depth == 1 else (w[1], w[4])
+
+    def read(self, q: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
+        """M*(q): evaluate the memory function at ``weights`` (from ``weights(state)``) without updating it.
+
+        Args:
+            q: ``[B, L, H, D]`` queries, already projected and normalised by the caller, in the weights' dtype.
+            weights: ``(W [B, H, D, D],)`` or ``(A1 [B, H, E, D], A2 [B, H, D, E])``.
+
+        Returns:
+            ``[B, L, H, D]``: ``q W`` (linear) or ``q + LN(gelu(q A2) A1)`` (MLP), the read-out of the forward pass.
+        """
+        if len(weights) != self.config.mem_depth:
+            raise ValueError(f"weights must hold {self.config.mem_depth} tensor(s) for mem_depth="
+                             f"{self.config.mem_depth}, got {len(weights)}")
+        if len(weights) == 1:
+            return torch.einsum("blhk,bhkv->blhv", q, weights[0])
+        a1, a2 = weights
+        hidden = F.gelu(torch.einsum("blhd,bhde->blhe", q, a2))
+        return q + layer_norm(torch.einsum("blhe,bhed->blhd", hidden, a1))
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """theta ``[B, T, H, n_lr]``, log eta ``[B, T, H]``, log(1 - alpha) ``[B, T, H]`` or ``[B, T, H, D]``; fp32."""

@@ -170,7 +170,7 @@ class TitansHybrid(Mixer):
     def _forward(self, x: Tensor, state: Any, *, cu_seqlens: Tensor | None) -> tuple[Tensor, Any]:
         if cu_seqlens is None:
             if state is None:
-                state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+                return self._dense(x, self.init_state(x.shape[0], device=x.device, dtype=x.dtype), fresh=True)
             return self._dense(x, state)
         bounds = cu_seqlens.tolist()
         fresh = self.init_state(1, device=x.device, dtype=x.dtype) if state is None else None
@@ -178,12 +178,13 @@ class TitansHybrid(Mixer):
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             s = fresh if state is None else index_state(state, torch.tensor([i], device=x.device))
             if b > a:
-                y, s = self._dense(x[:, a:b], s)
+                y, s = self._dense(x[:, a:b], s, fresh=state is None)
                 ys.append(y)
             states.append(s)
         return torch.cat(ys, 1), cat_rows(states)
 
-    def _dense(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def _dense(self, x: Tensor, state: Any, fresh: bool = False) -> tuple[Tensor, Any]:
+        """One batch of whole rows from ``state``; ``fresh``: the state is ``init_state`` (no offsets to read)."""
         raise NotImplementedError
 
 
@@ -232,7 +233,7 @@ class TitansMAG(_SlidingWindowHybrid):
         self.norm_y = RMSNorm(self.config.d_model, self.config.norm_eps)
         self.norm_m = RMSNorm(self.config.d_model, self.config.norm_eps)
 
-    def _dense(self, x: Tensor, state: TitansSWAState) -> tuple[Tensor, TitansSWAState]:
+    def _dense(self, x: Tensor, state: TitansSWAState, fresh: bool = False) -> tuple[Tensor, TitansSWAState]:
         m, memory = self.memory(x, state.memory)
         y, state = self.swa(x, state)
         # The paper's gate: both branches normalised with learned vector weights, then a non-linearity.
@@ -253,7 +254,7 @@ class TitansMAL(_SlidingWindowHybrid):
         super().__init__(config, **kwargs)
         self.norm = RMSNorm(self.config.d_model, self.config.norm_eps)
 
-    def _dense(self, x: Tensor, state: TitansSWAState) -> tuple[Tensor, TitansSWAState]:
+    def _dense(self, x: Tensor, state: TitansSWAState, fresh: bool = False) -> tuple[Tensor, TitansSWAState]:
         m, memory = self.memory(x, state.memory)
         y, state = self.swa(self.norm(x + m), state)
         return m + y, state._replace(memory=memory)

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...kernels.gated_delta.reference import l2norm
-from ...kernels.titans.reference import layer_norm
 from ..block import RMSNorm
 from ..state import index_state
 from .titans import TitansState
@@ -72,18 +70,13 @@ class TitansMAC(TitansHybrid):
         self.norm_y = RMSNorm(c.d_model, c.norm_eps)
         self.norm_m = RMSNorm(c.d_model, c.norm_eps)
 
-    def _read_weights(self, memory: TitansState) -> tuple[Tensor, ...]:
-        # TitansState.memory is (W_base, W, S) or (A1_base, A1, S1, A2_base, A2, S2); reads use the current weights.
-        w = memory.memory
-        return (w[1],) if self.memory.config.mem_depth == 1 else (w[1], w[4])
-
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> TitansMACState:
         memory = self.memory.init_state(batch_size, device=device, dtype=dtype)
         buf = torch.zeros(batch_size, self.config.segment - 1, self.attn.n_heads, self.attn.d_head,
                           device=device, dtype=dtype)
         seg_pos = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        return TitansMACState(memory, self._read_weights(memory), buf, buf.clone(), buf.clone(), buf.clone(), seg_pos)
+        return TitansMACState(memory, self.memory.weights(memory), buf, buf.clone(), buf.clone(), buf.clone(), seg_pos)
 
     def state_size(self, seq_len: int | None = None) -> int:
         slots = self.config.segment - 1 if seq_len is None else min(seq_len, self.config.segment - 1)
@@ -98,28 +91,53 @@ class TitansMAC(TitansHybrid):
         B, L, _ = x.shape
         H, D = self.memory.n_heads, self.memory.head_dim
         q = l2norm(self.h_q_proj(x).to(read[0].dtype).view(B, L, H, D))
-        if len(read) == 1:
-            r = torch.einsum("blhk,bhkv->blhv", q, read[0])
-        else:
-            a1, a2 = read
-            hidden = F.gelu(torch.einsum("blhd,bhde->blhe", q, a2))
-            r = q + layer_norm(torch.einsum("blhe,bhed->blhd", hidden, a1))
+        r = self.memory.read(q, read)
         return self.h_o_proj(r.to(x.dtype).reshape(B, L, H * D))
 
-    def _dense(self, x: Tensor, state: TitansMACState) -> tuple[Tensor, TitansMACState]:
+    def _step(self, x_t: Tensor, state: TitansMACState) -> tuple[Tensor, TitansMACState]:
+        """One token per row without a host sync: rows may sit at different segment offsets."""
+        B, C = x_t.shape[0], self.config.segment
+        x = x_t[:, None]  # [B, 1, D]
+        o = state.seg_pos  # [B]
+        h = self.retrieve(state.read, x)
+        kh, vh = self.attn.key_value(h, o[:, None])
+        kx, vx = self.attn.key_value(x, C + o[:, None])
+        q = self.attn.query(x, C + o[:, None])
+        bufs = (state.hk, state.hv, state.xk, state.xv)
+        k = torch.cat((bufs[0].to(kh.dtype), kh, bufs[2].to(kx.dtype), kx), 1)  # [B, 2C, H, Dh]
+        v = torch.cat((bufs[1].to(vh.dtype), vh, bufs[3].to(vx.dtype), vx), 1)
+        seen = torch.arange(C - 1, device=x.device)[None] < o[:, None]  # [B, C-1]
+        new = seen.new_ones(B, 1)
+        mask = torch.cat((seen, new, seen, new), 1)[:, None]  # [B, 1, 2C]
+        y = self.attn.attend(q, k, v, mask)
+        m, memory = self.memory(y, state.memory)
+        out = self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+        done = o + 1 == C  # [B]: this token completes its segment
+        if C > 1:
+            slot = o.clamp(max=C - 2)[:, None, None, None].expand(B, 1, *kh.shape[2:])
+            keep = (~done)[:, None, None, None]
+            bufs = tuple(torch.where(keep, b.scatter(1, slot, n.to(b.dtype)), torch.zeros_like(b))
+                         for b, n in zip(bufs, (kh, vh, kx, vx)))
+        rolled = self.memory.weights(memory)
+        read = tuple(torch.where(done.view(B, *[1] * (r.dim() - 1)), w, r) for w, r in zip(rolled, state.read))
+        return out[:, 0], TitansMACState(memory, read, *bufs, torch.where(done, 0, o + 1))
+
+    def _dense(self, x: Tensor, state: TitansMACState, fresh: bool = False) -> tuple[Tensor, TitansMACState]:
+        if fresh:
+            return self._dense_aligned(x, state, 0)
         offsets = state.seg_pos.tolist()
         if len(set(offsets)) > 1:
             # Rows at different offsets roll at different tokens: run them one by one (exact, rare: only after
             # packed prefills of unequal lengths).
-            rows = [self._dense_aligned(x[i:i + 1], index_state(state, torch.tensor([i], device=x.device)))
+            rows = [self._dense_aligned(x[i:i + 1], index_state(state, torch.tensor([i], device=x.device)), offsets[i])
                     for i in range(x.shape[0])]
             return torch.cat([y for y, _ in rows], 0), cat_rows([s for _, s in rows])
-        return self._dense_aligned(x, state)
+        return self._dense_aligned(x, state, offsets[0])
 
-    def _dense_aligned(self, x: Tensor, state: TitansMACState) -> tuple[Tensor, TitansMACState]:
+    def _dense_aligned(self, x: Tensor, state: TitansMACState, o: int | None = None) -> tuple[Tensor, TitansMACState]:
         B, T, _ = x.shape
         C = self.config.segment
-        o = int(state.seg_pos[0])
+        o = int(state.seg_pos[0]) if o is None else o
         memory, read = state.memory, state.read
         bufs = [state.hk, state.hv, state.xk, state.xv]
         outs, t = [], 0
@@ -141,7 +159,7 @@ class TitansMAC(TitansHybrid):
             outs.append(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
             if o + L == C:
                 # Segment complete: the next segment retrieves from the memory written with this one's y.
-                read, bufs, o = self._read_weights(memory), [torch.zeros_like(b) for b in bufs], 0
+                read, bufs, o = self.memory.weights(memory), [torch.zeros_like(b) for b in bufs], 0
             else:
                 new = (kh, vh, kx, vx)
                 bufs = [torch.cat((b[:, :o], n.to(b.dtype), b[:, o + L:]), 1) for b, n in zip(bufs, new)]
