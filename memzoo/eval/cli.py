@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-config", action="store_true", help="print the resolved config as JSON and exit")
     g = p.add_argument_group("models")
     g.add_argument("--model", help="comma-separated mixer names or '+'-joined layer patterns, "
-                                   "e.g. attention,gated_delta+attention; prefix 'hmt:' to wrap one in HMT")
+                                   "e.g. attention,gated_delta+attention; prefix 'hmt:' to wrap one in HMT, "
+                                   "'longmem:' to train a LongMem SideNet over it (frozen random backbone)")
     g.add_argument("--mixer-opts", type=json.loads, help='JSON {mixer: {option: value}}, e.g. \'{"attention": '
                                                           '{"n_heads": 1}}\'')
     g.add_argument("--n-layers", type=int)
@@ -124,7 +125,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         names = [m.strip() for m in args.model.split(",")] if args.model else ["+".join(base.pattern)]
         models = []
         for name in names:
-            pattern = tuple(p.strip() for p in name.removeprefix("hmt:").split("+"))
+            pattern = tuple(p.strip() for p in name.removeprefix("hmt:").removeprefix("longmem:").split("+"))
             mixers = {k: v for k, v in base.mixers.items() if k in pattern}
             mixers.update({k: v for k, v in opts.items() if k in pattern})
             models.append(ModelSpec.parse(name, mixers, n_layers=args.n_layers or base.n_layers,

@@ -15,7 +15,8 @@ from typing import Any
 
 from .tasks import TASKS
 
-__all__ = ["BenchConfig", "DataSpec", "ModelSpec", "TrainConfig", "from_fields", "log_lrs"]
+__all__ = ["BenchConfig", "DataSpec", "ModelSpec", "TrainConfig", "from_fields", "log_lrs", "HMT_BENCH_DEFAULTS",
+           "LONGMEM_BENCH_DEFAULTS"]
 
 
 def from_fields(cls: type, d: dict[str, Any], where: str) -> Any:
@@ -41,6 +42,8 @@ def log_lrs(low: float, high: float, n: int) -> tuple[float, ...]:
 
 # HMT sized for tasks of 32-512 tokens: 16-token segments, 4 sensory tokens, a 32-slot cache.
 HMT_BENCH_DEFAULTS: dict[str, Any] = {"segment_len": 16, "n_sensory": 4, "cache_size": 32, "recall_dim": 32}
+# LongMem sized for the same tasks: 32-token segments, a 4096-token bank per row, 8 chunks of 4 tokens per query.
+LONGMEM_BENCH_DEFAULTS: dict[str, Any] = {"segment_len": 32, "capacity": 4096, "chunk_size": 4, "n_chunks": 8}
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,14 @@ class ModelSpec:
     n_layers: int = 2
     # 0 = no MLP (the zoology sweeps); None = SwiGLU of the default width.
     d_ff: int | None = 0
-    # Display name; defaults to the pattern joined by "+" (wrapped as "hmt(...)" with HMT).
+    # Display name; defaults to the pattern joined by "+" (wrapped as "hmt(...)" / "longmem(...)").
     name: str = ""
     # HMTConfig options: wrap the LM in HMT segment recurrence (memzoo.models.wrappers.hmt); None = plain LM.
     hmt: dict[str, Any] | None = None
+    # LongMemConfig options plus an optional "backbone" (a memzoo export folder): train a LongMem SideNet over a
+    # frozen backbone (memzoo.models.wrappers.longmem).  Without "backbone" the frozen backbone is the freshly
+    # built, randomly initialised LM of this pattern: an ablation, not the paper's setting.
+    longmem: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         pattern = (self.pattern,) if isinstance(self.pattern, str) else tuple(self.pattern)
@@ -77,23 +84,59 @@ class ModelSpec:
             from memzoo.models.wrappers.hmt import HMTConfig
 
             HMTConfig(**self.hmt)
+        if self.longmem is not None:
+            if self.hmt is not None:
+                raise ValueError("a ModelSpec takes hmt or longmem, not both")
+            self.longmem_config()
         if not self.name:
             name = "+".join(pattern)
-            object.__setattr__(self, "name", f"hmt({name})" if self.hmt is not None else name)
+            wrapper = "hmt" if self.hmt is not None else "longmem" if self.longmem is not None else None
+            object.__setattr__(self, "name", f"{wrapper}({name})" if wrapper else name)
+
+    def longmem_config(self) -> Any:
+        """``longmem`` without ``backbone`` as a ``LongMemConfig`` (checks the options)."""
+        from memzoo.models.wrappers.longmem import LongMemConfig
+
+        if not isinstance(self.longmem, dict):
+            raise TypeError(f"longmem must be a dict of LongMemConfig fields, got {type(self.longmem).__name__}")
+        opts = {k: v for k, v in self.longmem.items() if k != "backbone"}
+        return from_fields(LongMemConfig, opts, "longmem")
 
     @classmethod
     def parse(cls, text: str, mixers: dict[str, dict[str, Any]] | None = None, **kw: Any) -> ModelSpec:
         """``"attention"``, a pattern ``"gated_delta+gated_delta+attention"``, or either behind
-        ``"hmt:"`` to wrap it in HMT with ``HMT_BENCH_DEFAULTS`` (sized for the synthetic tasks)."""
+        ``"hmt:"`` to wrap it in HMT with ``HMT_BENCH_DEFAULTS`` (sized for the synthetic tasks), or behind
+        ``"longmem:"`` to train a LongMem SideNet over it (frozen at random init) with ``LONGMEM_BENCH_DEFAULTS``."""
         if text.startswith("hmt:"):
             text = text[len("hmt:"):]
             kw.setdefault("hmt", dict(HMT_BENCH_DEFAULTS))
+        elif text.startswith("longmem:"):
+            text = text[len("longmem:"):]
+            kw.setdefault("longmem", dict(LONGMEM_BENCH_DEFAULTS))
         return cls(pattern=tuple(p.strip() for p in text.split("+")), mixers=mixers or {}, **kw)
 
     def build(self, vocab_size: int, d_model: int) -> Any:
-        """The model: ``build_model(model_config(...))``, wrapped in HMT when ``hmt`` is set."""
+        """The model: ``build_model(model_config(...))``, wrapped in HMT when ``hmt`` is set.
+
+        With ``longmem``: a ``LongMem`` over a frozen backbone, the ``backbone`` export when given (its
+        width and depth replace ``d_model`` / ``n_layers``), else this spec's LM at random init.
+        """
         from memzoo.models import build_model
 
+        if self.longmem is not None:
+            from memzoo.models.wrappers.longmem import LongMem
+
+            path = self.longmem.get("backbone")
+            if path is None:
+                backbone = build_model(self.model_config(vocab_size, d_model))
+            else:
+                from memzoo.train.checkpoint import from_pretrained
+
+                backbone = from_pretrained(path)
+                if backbone.config.vocab_size < vocab_size:
+                    raise ValueError(f"longmem backbone {path!r} has vocab_size {backbone.config.vocab_size} < the "
+                                     f"task's {vocab_size}")
+            return LongMem(backbone, self.longmem_config())
         model = build_model(self.model_config(vocab_size, d_model))
         if self.hmt is None:
             return model

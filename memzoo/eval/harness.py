@@ -160,7 +160,8 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
     """Train one model from scratch and score it on the test segments.
 
     Returns:
-        A JSON-ready record: the model and data identity, ``params``, ``state_floats`` per test
+        A JSON-ready record: the model and data identity, ``params`` (all, a frozen backbone included),
+        ``trainable_params`` (what the optimizer updated), ``state_floats`` per test
         length, per-slice ``metrics`` (after the last epoch run), the ``curve`` (one point per
         epoch), ``steps``, ``epochs_run``, ``stopped_early`` and ``wall_s``.
     """
@@ -174,7 +175,9 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
 
     torch.manual_seed(seed)
     model = spec.build(data.vocab_size, d_model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train.weight_decay)
+    # A wrapper over a frozen backbone (LongMem) trains only its own parameters.
+    params = list(model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     sizes = [d.inputs.shape[0] for d in train_sets]
     batch_size = data.batch_size or train.batch_size
@@ -207,7 +210,7 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if train.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
                 opt.step()
                 losses.append(loss.item())
                 step += 1
@@ -231,11 +234,11 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
 
     return {
         "model": spec.name, "pattern": list(spec.pattern), "mixers": spec.mixers, "n_layers": spec.n_layers,
-        "hmt": spec.hmt,
+        "hmt": spec.hmt, "longmem": spec.longmem,
         "d_ff": spec.d_ff, "d_model": d_model, "lr": lr, "seed": seed, "batch_size": batch_size,
         "train_segments": [asdict(c) for c in data.train], "test_segments": [asdict(c) for c in data.test],
         "train_seeds": train_seeds, "test_seeds": test_seeds,
-        "params": model.num_parameters(),
+        "params": model.num_parameters(), "trainable_params": sum(p.numel() for p in params),
         "state_floats": {str(T): _state_floats(model, T) for T in sorted({d.inputs.shape[1] for d in test_sets})},
         "metrics": metrics, "primary": primary, "curve": curve, "steps": step, "epochs_run": epoch + 1,
         "stopped_early": stopped_early, "wall_s": round(time.perf_counter() - t0, 3),

@@ -2,6 +2,7 @@
 
     out/checkpoints/checkpoint_{step}/   model, optimizer, scheduler, RNG, trainer_state (+ stream_state_{rank}.pt)
     out/final/                           model.safetensors + config.json + tokenizer files
+                                         (LongMem: SideNet only + longmem.json, see longmem_io.py)
 
 A checkpoint is written to ``checkpoints/.tmp_checkpoint_{step}`` and renamed once every rank has
 finished, so a folder named ``checkpoint_{step}`` is always complete and an interrupted save leaves
@@ -23,7 +24,7 @@ import torch
 from ..models.config import ModelConfig
 from ..models.state import state_leaves, tree_map
 
-__all__ = ["TrainState", "latest_checkpoint", "save_checkpoint", "export_model", "from_pretrained"]
+__all__ = ["TrainState", "latest_checkpoint", "save_checkpoint", "export_model", "from_pretrained", "state_objects"]
 
 _CKPT = re.compile(r"^checkpoint_(\d+)$")
 # Prefixes added by torch.compile (_orig_mod.) and DDP / DeepSpeed wrappers (module.).
@@ -91,7 +92,10 @@ def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, ke
     accelerator.save_state(str(tmp))
     if carried_state is not None:
         leaves = [t.detach().cpu() for t in state_leaves(carried_state)]
-        torch.save(leaves, tmp / f"stream_state_{accelerator.process_index}.pt")
+        objects = [_object_payload(o) for o in state_objects(carried_state)]
+        # A state holding plain objects of tensors (LongMem's KVMemoryBank) stores their attributes too.
+        payload = {"leaves": leaves, "objects": objects} if objects else leaves
+        torch.save(payload, tmp / f"stream_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         Path(tmp, "trainer_state.json").write_text(json.dumps(state.state_dict(), indent=2))
@@ -110,8 +114,46 @@ def load_carried_state(checkpoint: str | Path, rank: int, template: Any) -> Any:
     path = Path(checkpoint, f"stream_state_{rank}.pt")
     if not path.is_file():
         return None
-    leaves = iter(torch.load(path, map_location="cpu", weights_only=True))
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    objects: list[dict[str, Any]] = []
+    if isinstance(payload, dict):
+        payload, objects = payload["leaves"], payload["objects"]
+    targets = state_objects(template)
+    if len(targets) != len(objects):
+        raise ValueError(f"{path}: saved {len(objects)} state objects, the model's state has {len(targets)}")
+    for obj, saved in zip(targets, objects):
+        for name, value in saved.items():
+            current = getattr(obj, name, None)
+            if isinstance(value, torch.Tensor):
+                value = value.to(current.device if isinstance(current, torch.Tensor) else "cpu")
+            setattr(obj, name, value)
+    leaves = iter(payload)
     return tree_map(lambda t: next(leaves).to(t.device), template)
+
+
+def state_objects(tree: Any) -> list[Any]:
+    """Non-tensor objects with attributes inside a state pytree (e.g. a ``KVMemoryBank``), depth first."""
+    if tree is None or isinstance(tree, (torch.Tensor, str, bytes, int, float, bool)):
+        return []
+    if isinstance(tree, (tuple, list)):
+        return [o for t in tree for o in state_objects(t)]
+    if isinstance(tree, dict):
+        return [o for t in tree.values() for o in state_objects(t)]
+    return [tree] if hasattr(tree, "__dict__") else []
+
+
+def _object_payload(obj: Any) -> dict[str, Any]:
+    """The tensor and number attributes of a state object, as ``torch.load(weights_only=True)`` reads them."""
+    out: dict[str, Any] = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.detach().cpu()
+        elif isinstance(value, (bool, int, float, str)) or value is None:
+            out[name] = value
+        else:
+            raise TypeError(f"cannot checkpoint attribute {name!r} ({type(value).__name__}) of the carried "
+                            f"{type(obj).__name__}")
+    return out
 
 
 def _clean_key(key: str) -> str:
@@ -178,6 +220,11 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
 
     path = Path(path)
     directory = path.parent if path.suffix == ".safetensors" else path
+    if (directory / "longmem.json").is_file() and config is None:
+        # A LongMem SideNet export (memzoo.train.longmem_io): rebuilt over its recorded, hash-checked backbone.
+        from .longmem_io import load_longmem
+
+        return load_longmem(directory, device=device, dtype=dtype)
     weights = path if path.suffix == ".safetensors" else directory / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"from_pretrained: no model.safetensors at {str(path)!r}")

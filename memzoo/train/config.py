@@ -27,10 +27,12 @@ from typing import Any
 from ..models.config import ModelConfig
 from ..models.presets import get_preset as get_model_preset
 from ..models.wrappers.hmt import HMTConfig
+from ..models.wrappers.longmem import LongMemConfig
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "SchedConfig", "LoopConfig", "CheckpointConfig", "LogConfig",
-    "TrainConfig", "train_presets", "resolve_config", "validate_config", "split_multiple_of",
+    "LongMemTrainConfig", "TrainConfig", "train_presets", "resolve_config", "validate_config", "split_multiple_of",
+    "apply_longmem_backbone",
 ]
 
 PACK_MODES = ("block", "varlen", "stream")
@@ -123,6 +125,22 @@ class LogConfig:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class LongMemTrainConfig(LongMemConfig):
+    """``LongMemConfig`` plus the frozen backbone to wrap (``--longmem.backbone PATH --longmem.capacity 1024``).
+
+    ``backbone``: a memzoo export folder (``memzoo-train``'s ``final/``, loadable by ``memzoo.from_pretrained``).
+    Its ``config.json`` replaces the ``model`` section.  ``None`` wraps a randomly initialised ``model``
+    (smoke tests only: the SideNet then learns on top of an untrained backbone).
+    """
+
+    backbone: str | None = None
+
+    def longmem_config(self) -> LongMemConfig:
+        """The plain ``LongMemConfig`` (without ``backbone``) that ``LongMem`` takes."""
+        return LongMemConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LongMemConfig)})
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -134,6 +152,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     # Wrap the model in HMT (memzoo.models.wrappers.hmt); None trains the bare language model.
     hmt: HMTConfig | None = None
+    # Train a LongMem SideNet over a frozen backbone (memzoo.models.wrappers.longmem); None = no wrapper.
+    longmem: LongMemTrainConfig | None = None
     out_dir: str = "runs/default"
     # The training preset this config started from (recorded, not interpreted).
     preset: str | None = None
@@ -262,8 +282,10 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
         if k not in known:
             raise _unknown(key, known)
         hint = hints[k]
-        if hint == HMTConfig | None and isinstance(v, dict):
-            hint = HMTConfig
+        optional = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]) and isinstance(v, dict):
+            # HMTConfig | None, LongMemTrainConfig | None given as a mapping.
+            hint = optional[0]
         if hint is ModelConfig:
             kwargs[k] = _build_model(v, key)
         elif dataclasses.is_dataclass(hint):
@@ -412,6 +434,30 @@ def _hmt(stage: int) -> TrainConfig:
     )
 
 
+def _longmem_tiny() -> TrainConfig:
+    """LongMem's second stage on CPU: a SideNet over the frozen ``tiny`` attention backbone.
+
+    Stage 1 is ``memzoo-train --preset tiny`` (exports ``runs/tiny-attention/final``, the default
+    ``longmem.backbone``).  Rows are persistent document streams; trainer segments equal LongMem
+    segments (32 tokens), so bank resets at document starts fall on LongMem segment boundaries.
+    """
+    model = ModelConfig(vocab_size=320, d_model=128, n_layers=4, pattern=("attention",),
+                        mixers={"attention": {"n_heads": 2}})
+    segment_len = 32
+    longmem = LongMemTrainConfig(backbone="runs/tiny-attention/final", segment_len=segment_len, reduction=2,
+                                 capacity=1024, chunk_size=4, n_chunks=8)
+    return TrainConfig(
+        model=model,
+        data=DataConfig(seq_len=segment_len * 8, segment_len=segment_len, detach_every=1, pack="stream"),
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01),
+        sched=SchedConfig(warmup_steps=20, decay="cosine"),
+        train=LoopConfig(max_steps=300, micro_bs=4),
+        ckpt=CheckpointConfig(every=100, keep=2),
+        log=LogConfig(every=10, eval_every=100, eval_iters=10),
+        longmem=longmem, out_dir="runs/longmem-tiny", preset="longmem_tiny",
+    )
+
+
 def train_presets() -> dict[str, Callable[[], TrainConfig]]:
     """Name -> function returning a ``TrainConfig``; one tiny CPU and two GPU presets per registered mixer.
 
@@ -426,6 +472,7 @@ def train_presets() -> dict[str, Callable[[], TrainConfig]]:
         presets[f"gpu-350m-{mixer}"] = functools.partial(_gpu, mixer, "350m")
     presets["hmt_stage_1"] = functools.partial(_hmt, 1)
     presets["hmt_stage_2"] = functools.partial(_hmt, 2)
+    presets["longmem_tiny"] = _longmem_tiny
     presets["tiny"] = functools.partial(_tiny, "attention")
     presets["gpu-125m"] = functools.partial(_gpu, "attention", "125m")
     presets["gpu-350m"] = functools.partial(_gpu, "attention", "350m")
@@ -482,9 +529,34 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None,
         base = _merge(base, load_config_file(file))
     if overrides:
         base = _merge(base, _nest(overrides))
-    cfg = TrainConfig.from_dict(base)
+    cfg = apply_longmem_backbone(TrainConfig.from_dict(base))
     validate_config(cfg)
     return cfg
+
+
+def apply_longmem_backbone(cfg: TrainConfig, *, required: bool = False) -> TrainConfig:
+    """With ``longmem.backbone`` set, the ``model`` section becomes the backbone's ``config.json``.
+
+    A backbone folder that does not exist (yet) leaves the config as it is, unless ``required``
+    (the trainer), which raises a ``ConfigError`` naming the two-stage recipe.
+    """
+    if cfg.longmem is None or cfg.longmem.backbone is None:
+        return cfg
+    path = Path(cfg.longmem.backbone)
+    found = path / "config.json" if path.is_dir() else None
+    if found is None or not found.is_file():
+        if required:
+            raise ConfigError(
+                f"longmem.backbone {cfg.longmem.backbone!r} is not a memzoo export folder (model.safetensors + "
+                "config.json): pretrain and export a backbone first (memzoo-train --preset tiny writes "
+                "runs/tiny-attention/final), or pass --longmem.backbone none to wrap a randomly initialised "
+                "model (smoke tests only)")
+        return cfg
+    try:
+        model = ModelConfig.from_json(found.read_text())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"longmem.backbone: cannot read {str(found)!r}: {e}") from None
+    return dataclasses.replace(cfg, model=model)
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -543,3 +615,16 @@ def validate_config(cfg: TrainConfig) -> None:
         need(d.seq_len % seg == 0 and (d.segment_len is None or d.segment_len % seg == 0),
              f"data.seq_len={d.seq_len} and data.segment_len={d.segment_len} must be multiples of "
              f"hmt.segment_len={seg}, so that trainer segments and HMT segments line up")
+    if cfg.longmem is not None:
+        seg = cfg.longmem.segment_len
+        need(cfg.hmt is None, "set either hmt or longmem, not both")
+        need(d.pack == "stream",
+             f"longmem needs data.pack 'stream' (each row a persistent document stream whose bank carries over "
+             f"batches and resets at document starts), got {d.pack!r}")
+        need(d.segment_len is not None and d.segment_len % seg == 0,
+             f"longmem needs data.segment_len set to a multiple of longmem.segment_len={seg}, got "
+             f"{d.segment_len}: bank resets happen at trainer segment starts and must fall on LongMem segment "
+             "boundaries")
+        need(d.tokenizer == "byte" or d.tokenizer.startswith("bpe:"),
+             f"longmem: data.tokenizer {d.tokenizer!r} would train a new tokenizer; the frozen backbone needs its "
+             "own: use 'byte' or 'bpe:<backbone>/tokenizer.json'")

@@ -28,8 +28,17 @@ from torch import Tensor, nn
 from ..models import build_model
 from ..models.state import detach_state, state_leaves
 from ..models.wrappers.hmt import HMT
-from .checkpoint import TrainState, clean_stale, export_model, latest_checkpoint, load_carried_state, save_checkpoint
-from .config import ConfigError, SchedConfig, TrainConfig, validate_config
+from ..models.wrappers.longmem import LongMem
+from .checkpoint import (
+    TrainState,
+    clean_stale,
+    export_model,
+    latest_checkpoint,
+    load_carried_state,
+    save_checkpoint,
+    state_objects,
+)
+from .config import ConfigError, SchedConfig, TrainConfig, apply_longmem_backbone, validate_config
 from .data import (
     IGNORE_INDEX,
     Batch,
@@ -133,10 +142,12 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict[
 
     Matrices (linear weights, the tied embedding/head) decay; vectors (norm gains, biases) and
     parameters flagged ``p._no_weight_decay`` (SSM A / dt, decays) do not.  ``p._lr_scale`` multiplies
-    the learning rate of its parameter.
+    the learning rate of its parameter.  A model with ``trainable_parameters()`` (LongMem: the SideNet)
+    gives the optimizer exactly those.
     """
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for p in model.parameters():
+    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
+    for p in params:
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
@@ -173,7 +184,8 @@ def _check_model(cfg: TrainConfig, model: Any, tok: Any) -> None:
     if cfg.data.seq_len % model.split_multiple:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be a multiple of the model's "
                           f"split_multiple={model.split_multiple}")
-    if cfg.data.pack == "stream":
+    if cfg.data.pack == "stream" and not isinstance(model, LongMem):
+        # LongMem's carried state is its bank (bounded by longmem.capacity); the backbone restarts every segment.
         for name, m in zip(cfg.model.layer_types, model.mixers):
             try:
                 m.state_size(None)
@@ -206,6 +218,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from .tracking import JSONLTracker, flat_config, peak_flops, resolve_trackers, trim_metrics
 
+    # LongMem: the model section is the frozen backbone's config; a missing backbone folder fails here.
+    cfg = apply_longmem_backbone(cfg, required=True)
     validate_config(cfg)
     # Accelerate keeps its settings in process-wide singletons; a second train() in one process (tests,
     # notebooks) must not inherit the first one's precision or accumulation.  The process group
@@ -232,7 +246,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
 
     tok, train_tokens, val_tokens = _load_data(cfg, acc, out, resume is not None)
-    model = build_model(cfg.model)
+    longmem_info = None
+    if cfg.longmem is not None:
+        from .longmem_io import build_longmem
+
+        model, longmem_info = build_longmem(cfg.model, cfg.longmem, say)
+        say(f"LongMem over the frozen backbone {longmem_info['path'] or '(random init)'} "
+            f"(sha256 {longmem_info['sha256'][:12]}): training {model.added_parameters():,} SideNet parameters, "
+            f"{sum(p.numel() for p in model.backbone.parameters()):,} backbone parameters frozen")
+    else:
+        model = build_model(cfg.model)
     if cfg.hmt is not None:
         model = HMT(model, cfg.hmt)
         if cfg.hmt.init_from and resume is None:
@@ -248,7 +271,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_packer = make_packer(cfg.data.pack, val_tokens, **pack)
     segment_len = cfg.data.segment_len
     carry = cfg.data.pack == "stream"
-    fpt = model.flops_per_token(cfg.data.seq_len)
+    fpt = _flops_per_token(model, cfg.data.seq_len)
     n_params = model.num_parameters()
 
     fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
@@ -343,7 +366,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if aux_sum.item() != 0.0:
                 metrics["moe/aux_loss"] = totals[2].item()
             if carried is not None:
-                metrics["mem/state_bytes"] = sum(x.numel() * x.element_size() for x in state_leaves(carried))
+                metrics["mem/state_bytes"] = (sum(x.numel() * x.element_size() for x in state_leaves(carried))
+                                              + sum(getattr(o, "nbytes", 0) for o in state_objects(carried)))
             acc.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             if not cfg.log.progress:
@@ -370,7 +394,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if saved_at != state.step:
         save_checkpoint(acc, out, state, cfg.ckpt.keep, carried)
     final = None
-    if cfg.ckpt.export_safetensors:
+    if cfg.ckpt.export_safetensors and longmem_info is not None:
+        from .longmem_io import export_longmem
+
+        final = export_longmem(acc, model, out / "final", longmem_info, tok)
+    elif cfg.ckpt.export_safetensors:
         final = export_model(acc, model, cfg.model, out / "final", tok)
     acc.end_training()
     ckpt = latest_checkpoint(out)
@@ -380,6 +408,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"step": state.step, "train_loss": train_loss, "val_loss": last_val, "out_dir": str(out),
             "checkpoint": str(ckpt) if ckpt else None, "final": str(final) if final else None,
             "skipped_steps": state.skipped_steps, "tokens_seen": state.tokens_seen}
+
+
+def _flops_per_token(model: nn.Module, seq_len: int) -> int:
+    """Training FLOPs per token; LongMem (no analytic count of its own): a backbone forward (a third of
+    the backbone's training FLOPs at its segment length) plus a SideNet trained over ceil(L / r) of L blocks."""
+    if isinstance(model, LongMem):
+        backbone = model.backbone.flops_per_token(model.config.segment_len)
+        n_layers = len(model.backbone.blocks)
+        return int(backbone / 3 + backbone * len(model.side.blocks) / n_layers)
+    return model.flops_per_token(seq_len)
 
 
 def _saved_step(checkpoint: Path) -> int:
