@@ -271,7 +271,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_packer = make_packer(cfg.data.pack, val_tokens, **pack)
     segment_len = cfg.data.segment_len
     carry = cfg.data.pack == "stream"
-    fpt = _flops_per_token(model, cfg.data.seq_len)
+    fpt = model.flops_per_token(cfg.data.seq_len)
     n_params = model.num_parameters()
 
     fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
@@ -408,16 +408,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"step": state.step, "train_loss": train_loss, "val_loss": last_val, "out_dir": str(out),
             "checkpoint": str(ckpt) if ckpt else None, "final": str(final) if final else None,
             "skipped_steps": state.skipped_steps, "tokens_seen": state.tokens_seen}
-
-
-def _flops_per_token(model: nn.Module, seq_len: int) -> int:
-    """Training FLOPs per token; LongMem (no analytic count of its own): a backbone forward (a third of
-    the backbone's training FLOPs at its segment length) plus a SideNet trained over ceil(L / r) of L blocks."""
-    if isinstance(model, LongMem):
-        backbone = model.backbone.flops_per_token(model.config.segment_len)
-        n_layers = len(model.backbone.blocks)
-        return int(backbone / 3 + backbone * len(model.side.blocks) / n_layers)
-    return model.flops_per_token(seq_len)
 
 
 def _saved_step(checkpoint: Path) -> int:

@@ -584,3 +584,13 @@ def test_other_hf_architectures_raise():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2))
     with pytest.raises(NotImplementedError, match="gpt2"):
         LongMem(gpt2, segment_len=S)
+
+
+def test_flops_per_token_counts_side_training_and_the_search():
+    small, big = longmem(capacity=64), longmem(capacity=128)
+    fpt = small.flops_per_token()
+    assert fpt > 6 * small.added_parameters() + 2 * sum(p.numel() for p in small.backbone.blocks.parameters())
+    # Each extra stored chunk key costs one q.k per query head.
+    heads = small.side.memory_attention.n_heads
+    assert big.flops_per_token() - fpt == 2 * heads * small.d_head * (128 - 64) // small.config.chunk_size
+    assert longmem(capacity=64, use_memory=False).flops_per_token() < fpt

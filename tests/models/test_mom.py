@@ -251,3 +251,14 @@ def test_language_model_collects_balance_loss():
     assert set(out.aux_losses) == {"layers.0.balance", "layers.1.balance"}
     out.loss.backward()
     assert model.mixers[0].router.weight.grad.abs().sum() > 0
+
+
+def test_extra_flops_count_the_routed_and_shared_memories():
+    from memzoo.models.layers.gated_delta import chunked_memory_flops
+
+    layer = MixtureOfMemories(d_model=32, n_heads=2, num_memories=4, topk=2, chunk_size=16)
+    one = chunked_memory_flops(2, 16, 16, 16, 64, wy=True)
+    assert layer.extra_flops_per_token(64) == 3 * one
+    alone = MixtureOfMemories(d_model=32, n_heads=2, num_memories=4, topk=1, shared_mem=False, backend="gla",
+                              chunk_size=16)
+    assert alone.extra_flops_per_token(64) == chunked_memory_flops(2, 16, 16, 16, 64)

@@ -37,7 +37,7 @@ from ...kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated
 from ...kernels.gla import chunk_gla, chunk_simple_gla, fused_recurrent_gla
 from ...kernels.utils import flatten_batch, seq_boundaries
 from ..contract import Mixer
-from .gated_delta import GatedDeltaNet, GatedRMSNorm, HeadDims, needs_grad, short_convs
+from .gated_delta import GatedDeltaNet, GatedRMSNorm, HeadDims, chunked_memory_flops, needs_grad, short_convs
 from .mom_routing import balance_loss, memory_load, plan_segments, route, z_loss
 
 __all__ = ["MoMConfig", "MoMState", "MixtureOfMemories"]
@@ -150,6 +150,14 @@ class MixtureOfMemories(Mixer):
     def state_size(self, seq_len: int | None = None) -> int:
         """(M + shared) * H * K * V floats; the conv tails are not counted."""
         return self.config.n_slots * self.n_heads * self.head_k * self.head_v
+
+    def extra_flops_per_token(self, seq_len: int) -> int:
+        """Each token runs the chunked op in its k routed memories and the shared one (routing and the
+        gather/scatter are memory traffic, not counted)."""
+        c = self.config
+        per_memory = chunked_memory_flops(self.n_heads, self.head_k, self.head_v, c.chunk_size, seq_len,
+                                          wy=c.backend == "gated_deltanet")
+        return (c.topk + int(c.shared_mem)) * per_memory
 
     def num_activated_parameters(self) -> int:
         """All parameters but the projections of the M - k memories a token does not use."""

@@ -292,6 +292,25 @@ class LongMem(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self._bb.embed_weight.numel() if exclude_embeddings else n
 
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (for MFU): the frozen backbone's forward, the SideNet's forward + backward.
+
+        Backbone: 2 per block parameter plus q.k and p.v over the segment (forward only; its head is not
+        run).  SideNet: 6 per block parameter, 12 H d_head per visible key in each attention (the memory
+        layer adds its n_chunks * chunk_size retrieved keys), the head's forward and its backward to the
+        input (4 V D; the head is frozen) and the exact chunk search (2 H d_head per stored chunk key).
+        The per-token cost does not depend on ``seq_len``: every segment sees at most ``segment_len`` keys.
+        """
+        c = self.config
+        S, H_d = c.segment_len, self.side.memory_attention.n_heads * self.d_head
+        backbone = 2 * sum(p.numel() for layer in self._bb.layers for p in layer.parameters())
+        backbone += 4 * H_d * S * len(self._bb.layers)
+        side = 6 * sum(p.numel() for p in self.side.parameters())
+        side += 12 * H_d * S * len(self.side.blocks) + 12 * H_d * c.n_chunks * c.chunk_size
+        vocab, width = self._bb.lm_head.weight.shape
+        search = 2 * H_d * (c.capacity // c.chunk_size) if c.use_memory else 0
+        return backbone + side + 4 * vocab * width + search
+
     def memory_stats(self) -> dict[str, float]:
         """The memory layer's last call: mean gate sigma(g), memory mass, fraction of queries with memory."""
         return {k: float(v) for k, v in self.side.memory_attention.last_stats.items()}
