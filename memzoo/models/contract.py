@@ -61,6 +61,21 @@ def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
             raise ValueError("cu_seqlens must be non-decreasing")
 
 
+def resolve_config(owner: str, config_class: type, config: Any, kwargs: dict[str, Any]) -> Any:
+    """The config a module was built with: ``config`` itself, or ``config_class(**kwargs)``, never both.
+
+    Raises:
+        TypeError: both were given, or ``config`` is not a ``config_class``.
+    """
+    if config is None:
+        return config_class(**kwargs)
+    if kwargs:
+        raise TypeError(f"{owner}: pass either a config or keyword arguments, not both")
+    if not isinstance(config, config_class):
+        raise TypeError(f"{owner} expects a {config_class.__name__}, got {type(config).__name__}")
+    return config
+
+
 class Mixer(nn.Module):
     """Base class of every memzoo token mixer.  Subclasses implement ``_forward``,
     ``init_state`` and ``state_size``; they may override ``_step`` with a faster exact path and
@@ -77,15 +92,7 @@ class Mixer(nn.Module):
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()
-        if config is None:
-            config = self.config_class(**kwargs)
-        elif kwargs:
-            raise TypeError(f"{type(self).__name__}: pass either a config or keyword arguments, not both")
-        if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}"
-            )
-        self.config = config
+        self.config = config = resolve_config(type(self).__name__, self.config_class, config, kwargs)
         self.d_model: int = config.d_model
         self._aux_losses: dict[str, Tensor] = {}
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..contract import resolve_config
 from ..lm import IGNORE_INDEX, LMOutput, decode_loop
 from ..state import detach_state, index_state, state_batch_size, state_leaves, tree_map
 
@@ -120,12 +121,7 @@ class HMT(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: HMTConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if config is None:
-            config = HMTConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("HMT: pass either a config or keyword arguments, not both")
-        if not isinstance(config, HMTConfig):
-            raise TypeError(f"config must be an HMTConfig, got {type(config).__name__}")
+        config = resolve_config("HMT", HMTConfig, config, kwargs)
         for attr in ("embed", "hidden_size"):
             if not hasattr(backbone, attr):
                 raise TypeError(f"backbone must provide {attr!r} (the HMT backbone protocol)")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..block import Block, RMSNorm
+from ..contract import resolve_config
 from ..layers.attention import Attention
 from ..layers.memory_attention import MemoryAugmentedAttention
 from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, decode_loop
@@ -247,12 +248,7 @@ class LongMem(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: LongMemConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if config is None:
-            config = LongMemConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("LongMem: pass either a config or keyword arguments, not both")
-        if not isinstance(config, LongMemConfig):
-            raise TypeError(f"config must be a LongMemConfig, got {type(config).__name__}")
+        config = resolve_config("LongMem", LongMemConfig, config, kwargs)
         bb = _adapter(backbone, config.memory_layer)
         self.config = config
         self.memory_layer = bb.memory_layer
