@@ -18,13 +18,7 @@ V = 40
 BACKBONES = ["attention", "gla", "gated_delta"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny float64 models: extra intra-op threads only contend with the other test workers.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone(mixer="attention", d_model=16, n_layers=2):

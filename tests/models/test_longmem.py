@@ -23,12 +23,7 @@ from memzoo.models.wrappers.longmem import SideNet
 V, S = 64, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone(n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, pattern=("attention",), seed=0):

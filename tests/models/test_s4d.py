@@ -15,14 +15,7 @@ from memzoo.models.layers.ssm_init import legs_normal_part, s4d_init
 from memzoo.testing import assert_close
 from memzoo.train.loop import param_groups
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a loaded 2-core machine: intra-op threads only contend (100x slower measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 INITS = ["lin", "inv", "legs", "real"]
 DISCS = ["zoh", "bilinear"]

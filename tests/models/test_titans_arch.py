@@ -202,9 +202,8 @@ def recall_batch(g, B=16, n_pairs=4, vocab=16):
     ("titans_mac", {"segment": 8, "n_persistent": 4, "memory": {"chunk_size": 4, "mem_expansion": 2}}),
     ("titans", {"chunk_size": 4, "mem_expansion": 2}),
 ], ids=["mac", "lmm"])
-def test_tiny_recall_training_lowers_loss(mixer, opts):
+def test_tiny_recall_training_lowers_loss(mixer, opts, one_thread):
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     model = LanguageModel(ModelConfig(vocab_size=32, d_model=32, n_layers=2, pattern=(mixer,),
                                       mixers={mixer: opts}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -6,18 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from memzoo.train import TrainConfig, resolve_config
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several workers: one intra-op thread per process avoids spinning threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def small_config(out_dir: Path, preset: str = "tiny", **overrides: Any) -> TrainConfig:
