@@ -26,7 +26,7 @@ from .contract import Mixer, check_cu_seqlens
 from .registry import build_mixer
 from .state import state_batch_size
 
-__all__ = ["LanguageModel", "LMOutput", "decode_loop", "sample_next"]
+__all__ = ["LanguageModel", "LMOutput", "check_labels", "decode_loop", "sample_next"]
 
 IGNORE_INDEX = -100
 
@@ -39,6 +39,13 @@ class LMOutput:
     ce_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # "layers.{i}.{name}" -> weighted scalar
     hidden: Tensor | None = None  # [B, T', D] final-norm hidden states, with output_hidden=True
+
+
+def check_labels(labels: Any, B: int, T: int) -> None:
+    """``labels`` must be an integer tensor ``[B, T]`` aligned with the input (wrappers share this check)."""
+    if not isinstance(labels, Tensor) or labels.shape != (B, T) or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor shaped like the input [B, T] = {[B, T]}, "
+                         f"got {getattr(labels, 'shape', type(labels).__name__)}")
 
 
 class LanguageModel(nn.Module):
@@ -129,9 +136,7 @@ class LanguageModel(nn.Module):
             check_cu_seqlens(cu_seqlens, B, T)
         states = self._check_state(state, B if cu_seqlens is None else cu_seqlens.numel() - 1)
         if labels is not None:
-            if not isinstance(labels, Tensor) or labels.shape != (B, T) or labels.is_floating_point():
-                raise ValueError(f"labels must be an integer tensor shaped like the input [B, T] = {[B, T]}, "
-                                 f"got {getattr(labels, 'shape', type(labels).__name__)}")
+            check_labels(labels, B, T)
             if logits_to_keep > 0:
                 raise ValueError("labels and logits_to_keep > 0 cannot be combined")
         for m in self.mixers:

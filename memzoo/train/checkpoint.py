@@ -181,9 +181,7 @@ def export_model(accelerator: Any, model: torch.nn.Module, config: ModelConfig, 
         accelerator.wait_for_everyone()
         return None
     directory = Path(directory)
-    tmp = directory.with_name(f".tmp_{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_folder(directory)
     tensors = {_clean_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
     if config.tie_embeddings:
         # A wrapped backbone (HMT) stores its tied head as "backbone.lm_head.weight".
@@ -191,12 +189,27 @@ def export_model(accelerator: Any, model: torch.nn.Module, config: ModelConfig, 
             tensors.pop(key)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(config.to_json(indent=2))
+    return publish_folder(tmp, directory, accelerator, tokenizer)
+
+
+def staging_folder(directory: Path) -> Path:
+    """An empty ``.tmp_<name>`` sibling of ``directory`` to write an export into before ``publish_folder``."""
+    tmp = directory.with_name(f".tmp_{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_folder(tmp: Path, directory: Path, accelerator: Any = None, tokenizer: Any = None) -> Path:
+    """Add the tokenizer, replace ``directory`` by the finished ``tmp`` in one rename, release the other ranks
+    (``accelerator=None``: a single-process write, nobody waits)."""
     if tokenizer is not None:
         tokenizer.save(tmp)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
-    accelerator.wait_for_everyone()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return directory
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from torch import nn
 
 from ..models.config import ModelConfig
 from ..models.wrappers.longmem import LongMem, LongMemConfig
+from .checkpoint import publish_folder, staging_folder
 
 __all__ = ["weights_hash", "build_longmem", "export_longmem", "load_longmem", "save_backbone", "LONGMEM_FILE"]
 
@@ -92,9 +91,7 @@ def save_backbone(backbone: nn.Module, directory: str | Path,
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    tmp = directory.with_name(f".tmp_{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_folder(directory)
     config = backbone.config
     state = backbone.state_dict() if state is None else state
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -102,10 +99,7 @@ def save_backbone(backbone: nn.Module, directory: str | Path,
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(config.to_json(indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+    return publish_folder(tmp, directory)
 
 
 def export_longmem(accelerator: Any, model: nn.Module, directory: str | Path, info: dict[str, Any],
@@ -136,9 +130,7 @@ def export_longmem(accelerator: Any, model: nn.Module, directory: str | Path, in
     backbone_path = info["path"]
     if backbone_path is None:
         backbone_path = str(save_backbone(lm.backbone, directory.parent / "random_backbone", backbone_state))
-    tmp = directory.with_name(f".tmp_{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_folder(directory)
     tensors = {k[len("side."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("side.")}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "memzoo": _FORMAT})
     meta = {
@@ -153,13 +145,7 @@ def export_longmem(accelerator: Any, model: nn.Module, directory: str | Path, in
     }
     (tmp / LONGMEM_FILE).write_text(json.dumps(meta, indent=2))
     (tmp / "config.json").write_text(lm.backbone.config.to_json(indent=2))
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    accelerator.wait_for_everyone()
-    return directory
+    return publish_folder(tmp, directory, accelerator, tokenizer)
 
 
 def load_longmem(path: str | Path, *, backbone: str | Path | nn.Module | None = None,

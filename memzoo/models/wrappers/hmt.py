@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contract import resolve_config
-from ..lm import IGNORE_INDEX, LMOutput, decode_loop
+from ..lm import IGNORE_INDEX, LMOutput, check_labels, decode_loop
 from ..state import detach_state, index_state, state_batch_size, state_leaves, tree_map
 
 __all__ = ["HMT", "HMTConfig", "HMTState", "recall"]
@@ -231,10 +231,8 @@ class HMT(nn.Module):
             raise ValueError("HMT does not take cu_seqlens: pack documents as rows and reset with reset_state")
         self._check_ids(input_ids, "input_ids")
         B, T = input_ids.shape
-        if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (B, T)
-                                   or labels.is_floating_point()):
-            raise ValueError(f"labels must be an integer tensor shaped like input_ids {(B, T)}, "
-                             f"got {getattr(labels, 'shape', type(labels).__name__)}")
+        if labels is not None:
+            check_labels(labels, B, T)
         state = self._check_state(state, input_ids)
         segments = input_ids.split(self.config.segment_len, dim=1)
         summaries = self.summaries(segments) if self.config.use_recall else [None] * len(segments)

@@ -36,7 +36,7 @@ from ..block import Block, RMSNorm
 from ..contract import resolve_config
 from ..layers.attention import Attention
 from ..layers.memory_attention import MemoryAugmentedAttention
-from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, decode_loop
+from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, check_labels, decode_loop
 
 __all__ = ["LongMem", "LongMemConfig", "LongMemState", "SideNet"]
 
@@ -372,10 +372,8 @@ class LongMem(nn.Module):
                              "reset rows with reset_state")
         self._check_ids(input_ids, "input_ids")
         B, T = input_ids.shape
-        if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (B, T)
-                                   or labels.is_floating_point()):
-            raise ValueError(f"labels must be an integer tensor shaped like input_ids {(B, T)}, "
-                             f"got {getattr(labels, 'shape', type(labels).__name__)}")
+        if labels is not None:
+            check_labels(labels, B, T)
         state = self._check_state(state, input_ids)
         S = self.config.segment_len
         n_open = state.open_ids.shape[1]
