@@ -26,7 +26,7 @@ from .contract import Mixer, check_cu_seqlens
 from .registry import build_mixer
 from .state import state_batch_size
 
-__all__ = ["LanguageModel", "LMOutput", "check_labels", "decode_loop", "sample_next"]
+__all__ = ["LanguageModel", "LMOutput", "check_labels", "check_token_ids", "decode_loop", "sample_next"]
 
 IGNORE_INDEX = -100
 
@@ -39,6 +39,25 @@ class LMOutput:
     ce_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # "layers.{i}.{name}" -> weighted scalar
     hidden: Tensor | None = None  # [B, T', D] final-norm hidden states, with output_hidden=True
+
+
+def check_token_ids(ids: Any, name: str, vocab_size: int | None = None, rank: int = 2) -> None:
+    """``ids`` must be an integer tensor ``[B, T]`` (T >= 1; ``rank=1``: ``[B]``) with values in [0, vocab_size).
+
+    The value check runs on CPU tensors outside compilation only: on CUDA it would stall the stream (and
+    break a compiled graph), and the embedding's device assert covers it there.
+    """
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() != rank or (rank == 2 and ids.shape[1] == 0):
+        raise ValueError(f"{name} must have shape {'[B, T] with T >= 1' if rank == 2 else '[B]'}, "
+                         f"got {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if vocab_size is not None and ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must be in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]")
 
 
 def check_labels(labels: Any, B: int, T: int) -> None:
@@ -237,19 +256,7 @@ class LanguageModel(nn.Module):
         return sum(m.state_size(seq_len) for m in self.mixers)
 
     def _check_ids(self, ids: Any, name: str, rank: int = 2) -> None:
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dim() != rank or (rank == 2 and ids.shape[1] == 0):
-            raise ValueError(f"{name} must have shape {'[B, T]' if rank == 2 else '[B]'}, got {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
-        # A value check on CUDA would stall the stream (and break a compiled graph); the embedding's
-        # device assert covers it there.
-        if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                vocab = self.config.vocab_size
-                raise ValueError(f"{name} must be in [0, vocab_size={vocab}), got values in [{lo}, {hi}]")
+        check_token_ids(ids, name, self.config.vocab_size, rank)
 
     def _check_state(self, state: tuple[Any, ...] | None, batch_size: int) -> tuple[Any, ...]:
         if state is None:

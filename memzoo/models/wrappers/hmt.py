@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contract import resolve_config
-from ..lm import IGNORE_INDEX, LMOutput, check_labels, decode_loop
+from ..lm import IGNORE_INDEX, LMOutput, check_labels, check_token_ids, decode_loop
 from ..state import detach_state, index_state, state_batch_size, state_leaves, tree_map
 
 __all__ = ["HMT", "HMTConfig", "HMTState", "recall"]
@@ -229,7 +229,7 @@ class HMT(nn.Module):
         """
         if cu_seqlens is not None:
             raise ValueError("HMT does not take cu_seqlens: pack documents as rows and reset with reset_state")
-        self._check_ids(input_ids, "input_ids")
+        check_token_ids(input_ids, "input_ids")
         B, T = input_ids.shape
         if labels is not None:
             check_labels(labels, B, T)
@@ -349,7 +349,7 @@ class HMT(nn.Module):
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        self._check_ids(input_ids, "input_ids")
+        check_token_ids(input_ids, "input_ids")
         if max_new_tokens == 0:
             return input_ids
         S, j = self.config.segment_len, self.config.summary_len
@@ -409,14 +409,6 @@ class HMT(nn.Module):
             raise ValueError(f"stage-1 weights do not match this HMT: missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)}")
         self.load_state_dict({**source, **{k: own[k] for k in fresh | tied}}, strict=True)
-
-    def _check_ids(self, ids: Any, name: str) -> None:
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"{name} must have shape [B, T] with T >= 1, got {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
 
     def _check_state(self, state: HMTState | None, ids: Tensor) -> HMTState:
         B = ids.shape[0]

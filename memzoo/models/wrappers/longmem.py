@@ -36,7 +36,7 @@ from ..block import Block, RMSNorm
 from ..contract import resolve_config
 from ..layers.attention import Attention
 from ..layers.memory_attention import MemoryAugmentedAttention
-from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, check_labels, decode_loop
+from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, check_labels, check_token_ids, decode_loop
 
 __all__ = ["LongMem", "LongMemConfig", "LongMemState", "SideNet"]
 
@@ -370,7 +370,7 @@ class LongMem(nn.Module):
         if cu_seqlens is not None:
             raise ValueError("LongMem does not take cu_seqlens: give each document stream its own row and "
                              "reset rows with reset_state")
-        self._check_ids(input_ids, "input_ids")
+        check_token_ids(input_ids, "input_ids", self._bb.vocab_size)
         B, T = input_ids.shape
         if labels is not None:
             check_labels(labels, B, T)
@@ -462,17 +462,6 @@ class LongMem(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def _check_ids(self, ids: Any, name: str) -> None:
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"{name} must have shape [B, T] with T >= 1, got {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
-        if ids.device.type == "cpu" and ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self._bb.vocab_size:
-                raise ValueError(f"{name} must be in [0, vocab_size={self._bb.vocab_size}), got values in [{lo}, {hi}]")
 
     def _check_state(self, state: LongMemState | None, ids: Tensor | None) -> LongMemState:
         if state is None:
