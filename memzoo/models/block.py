@@ -51,8 +51,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, norm_eps) if d_ff else None
         self.mlp = SwiGLU(d, d_ff) if d_ff else None
 
-    def forward(self, x: Tensor, state: Any = None, *, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Any]:
-        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens)
+    def forward(self, x: Tensor, state: Any = None, *, cu_seqlens: Tensor | None = None,
+                **mixer_kwargs: Any) -> tuple[Tensor, Any]:
+        """``mixer_kwargs`` go to the mixer (e.g. ``bank=`` for a ``MemoryAugmentedAttention``)."""
+        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens, **mixer_kwargs)
         return self._mlp(x + y), state
 
     def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:

@@ -57,7 +57,7 @@ class LongMemConfig:
     n_chunks: int = 16
     # Bank storage dtype ("bfloat16", "float16" or "float32"); None = the model's dtype (fp32 for fp64).
     bank_dtype: str | None = None
-    # False: the memory layer never retrieves (gate forced to 0): the memory-free baseline.
+    # False: no retrieval (gate forced to 0) and no bank writes: the memory-free baseline.
     use_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -127,12 +127,7 @@ class SideNet(nn.Module):
         r, L = self.reduction, self.n_layers
         h = hidden[0]
         for i, block in enumerate(self.blocks):
-            if i == self.memory_index:
-                y, _ = block.mixer(block.mixer_norm(h), None, bank=bank)
-                out = h + y
-                out = out if block.mlp is None else out + block.mlp(block.mlp_norm(out))
-            else:
-                out, _ = block(h)
+            out, _ = block(h, bank=bank) if i == self.memory_index else block(h)
             h = out + (hidden[min(r * (i + 1), L)] - hidden[r * i])
         return self.norm(h)
 
@@ -384,9 +379,9 @@ class LongMem(nn.Module):
             segment = ids[:, start:start + S]
             states, k, v = self._backbone_pass(segment)
             hidden.append(self.side(states, bank))
-            if segment.shape[1] == S:
+            if bank is not None and segment.shape[1] == S:
                 # Written after the memory layer read the bank: a segment never retrieves itself.
-                state.bank.append(k, v)
+                bank.append(k, v)
         h = torch.cat(hidden, dim=1)[:, n_open:]
         logits = self._bb.lm_head(h)
         tail = ids.shape[1] % S
