@@ -54,11 +54,11 @@ def test_prefill_then_decode_equals_forward(name, opts, prefill):
 
 
 @pytest.mark.parametrize("name,opts", [c for c in CASES if "mac" in c.id])
-def test_mac_decodes_rows_at_different_segment_offsets(name, opts):
+@pytest.mark.parametrize("lengths", [(3, 6), (4, 1), (5, 8)], ids=str)
+def test_mac_decodes_rows_at_different_segment_offsets(name, opts, lengths):
     # A packed prefill of unequal lengths leaves the rows at different offsets; the sync-free step must still
     # roll each row's read weights and buffers at its own segment boundary.
-    layer, x = make(name, opts), seq(B=2, T=16, seed=5)
-    lengths = (3, 6)
+    layer, x = make(name, opts), seq(B=2, T=17, seed=5)
     packed = torch.cat([x[i, :n] for i, n in enumerate(lengths)])[None]
     _, state = layer(packed, cu_seqlens=torch.tensor([0, lengths[0], sum(lengths)]))
     steps = []
