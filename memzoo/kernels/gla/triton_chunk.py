@@ -25,7 +25,9 @@ from ..utils import chunk_table, flatten_batch
 
 __all__ = ["chunk_gla_triton"]
 
-RCP_LN2 = 1.4426950408889634
+# A global read inside a kernel must be a tl.constexpr: the interpreter reads any Python global, a GPU compile
+# rejects a plain float (NameError at the first use).
+RCP_LN2 = tl.constexpr(1.4426950408889634)
 # Padded rows load g = 0, so an exponent that is <= 0 on valid rows can be positive there: such exponents are
 # masked before exp2 (masked lanes are zero anyway, but inf * 0 would make NaN).
 # A scalar condition joins a vector mask as ``o_k < tl.where(cond, K, 0)``: the interpreter rejects the mask that
