@@ -6,7 +6,8 @@ CPU (``--cpu``): our chunked PyTorch reference vs our step reference and fla's n
     python benchmarks/kernels.py --cpu --cpu-shape 2,2048,4,64
 
 Ratios are peer_ms / ours_ms: above 1.0 means memzoo is faster.  Results go to
-``benchmarks/results/kernels-<device>-<date>.json`` with device, date, commit and versions.
+``benchmarks/results/kernels-<device>-<date>.json`` with device, date, commit and versions.  On the GPU, ``x/floor``
+is the measured fwd+bwd time over the H100 roofline floor of ``benchmarks/roofline.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, time_ms, write_result  # noqa: E402
+from roofline import vs_floor  # noqa: E402
 
 GPU_SHAPES = [(4, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128), (8, 2048, 32, 64)]
 OPS = ("gated_delta", "gla")
@@ -125,9 +127,12 @@ def run_gpu(ops: list[str], shapes: list[tuple[int, ...]]) -> list[dict]:
             x = make_inputs(op, B, T, H, D, "cuda", torch.bfloat16)
             row = {"op": op, "shape": f"{B},{T},{H},{D}"}
             row["ours_fwd"], row["ours_fwdbwd"] = measure(ours, x, cuda=True, reps=1)
+            # measured / H100 roofline floor (benchmarks/roofline.py), fwd+bwd
+            row["ours/floor"] = vs_floor(row["ours_fwdbwd"], op, B=B, T=T, H=H, D=D)
             for name, fn in peers.items():
                 row[f"{name}_fwd"], row[f"{name}_fwdbwd"] = measure(fn, x, cuda=True, reps=1)
                 row[f"{name}/ours"] = row[f"{name}_fwdbwd"] / row["ours_fwdbwd"]
+            row["sdpa/floor"] = vs_floor(row["sdpa_fwdbwd"], "attention", B=B, T=T, H=H, D=D)
             print(f"  {op} {row['shape']}: ours fwd+bwd {row['ours_fwdbwd']:.3f} ms", flush=True)
             rows.append(row)
     return rows

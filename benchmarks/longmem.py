@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, time_ms, write_result  # noqa: E402
+from roofline import vs_floor  # noqa: E402
 
 from memzoo.kernels.retrieval import chunk_topk  # noqa: E402
 
@@ -116,6 +117,9 @@ def time_shape(tokens, T, args, cuda, device, dtype, reps) -> list[tuple[dict, C
             row["max_score_diff"] = (out[0] - want[0]).abs().max().item()
             row["ms"] = time_ms(fn, cuda=cuda, warmup=0 if not cuda else 1, reps=reps)
             row["ms_per_1k_queries"] = row["ms"] * 1024 / T
+            if cuda:
+                # measured / H100 roofline floor of the exact search (benchmarks/roofline.py)
+                row["vs_floor"] = vs_floor(row["ms"], "retrieval", "fwd", B=B, T=T, H=H, D=d, n_chunks=n_chunks, k=k)
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
             torch.cuda.empty_cache()
@@ -176,7 +180,8 @@ def main() -> None:
     main_rows, sweep_rows = [r for r, _ in main_entries], [r for r, _ in sweep_entries]
     add_ratios(main_rows)
     add_ratios(sweep_rows)
-    cols = ["path", "bank_tokens", "chunks", "queries", "ms", "ms_per_1k_queries", "peak_mib", "time_vs_full_topk",
+    cols = ["path", "bank_tokens", "chunks", "queries", "ms", "ms_per_1k_queries", "vs_floor", "peak_mib",
+            "time_vs_full_topk",
             "mem_vs_full_topk", "idx_match", "max_score_diff", "error"]
     print(f"main: B=1 H={args.heads} d={args.d_head} chunk={args.chunk_size} top={args.top_chunks} chunks, "
           f"q fp32, keys {str(dtype).removeprefix('torch.')}")

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, time_ms, write_result  # noqa: E402
+from roofline import vs_floor  # noqa: E402
 
 from memzoo.models import MixtureOfMemories  # noqa: E402
 
@@ -71,6 +72,8 @@ def gpu_rows(Ts: list[int], reps: int) -> tuple[list[dict], str]:
         x = torch.randn(1, T, 1024, device=device, dtype=dtype, requires_grad=True)
         row = {"T": T, "ours_fwdbwd_ms": time_ms(fwd_bwd(ours, x), cuda=True),
                "ours_decode_ms_per_token": time_ms(decode(ours, x, 32), cuda=True) / 32}
+        # measured / H100 roofline floor of the layer (benchmarks/roofline.py)
+        row["ours/floor"] = vs_floor(row["ours_fwdbwd_ms"], "mom", B=1, T=T)
         if peer is not None:
             try:
                 row["fla_fwdbwd_ms"] = time_ms(fwd_bwd(peer, x), cuda=True)
@@ -121,7 +124,8 @@ def main() -> None:
     else:
         rows, status = gpu_rows([int(t) for t in args.T.split(",")], args.reps)
         print(f"fla MomAttention: {status}")
-        print_table(rows, ["T", "ours_fwdbwd_ms", "fla_fwdbwd_ms", "fwdbwd_ratio", "ours_decode_ms_per_token"])
+        print_table(rows, ["T", "ours_fwdbwd_ms", "ours/floor", "fla_fwdbwd_ms", "fwdbwd_ratio",
+                           "ours_decode_ms_per_token"])
         payload = {"mode": "gpu", "shape": PAPER, "peer": f"fla MomAttention ({status})", "rows": rows}
     if not args.no_save:
         print(f"wrote {write_result('mom-cpu' if cpu else 'mom', payload)}")

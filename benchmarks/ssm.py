@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, time_ms, write_result  # noqa: E402
+from roofline import vs_floor  # noqa: E402
 
 from memzoo.models.layers.lssl import LSSL  # noqa: E402
 from memzoo.models.layers.s4d import S4D  # noqa: E402
@@ -110,9 +111,12 @@ def main() -> None:
         for r in group:
             if base and r.get("fwdbwd_ms"):
                 r["time_vs_first"] = r["fwdbwd_ms"] / base
+            if cuda:
+                # measured / H100 roofline floor of the layer (benchmarks/roofline.py)
+                r["vs_floor"] = vs_floor(r.get("fwdbwd_ms"), "s4d", B=B, L=L, H=H, N=N)
         rows += group
     mem = "peak_mib" if cuda else "saved_mib"
-    print_table(rows, ["path", "shape", "fwdbwd_ms", mem, "time_vs_first", "error"])
+    print_table(rows, ["path", "shape", "fwdbwd_ms", mem, "time_vs_first", "vs_floor", "error"])
     payload = {"benchmark": "s4d layer forward+backward", "shape_order": "B x L x H x N",
                "memory": "CUDA peak above the inputs" if cuda else "bytes saved for backward", "rows": rows}
     if not args.no_write:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, time_ms, write_result  # noqa: E402
+from roofline import vs_floor  # noqa: E402
 
 from memzoo.kernels.gated_delta import chunk_gated_delta_rule  # noqa: E402
 from memzoo.kernels.titans import (  # noqa: E402
@@ -143,10 +144,13 @@ def gpu(reps):
             o, h = chunk_gated_delta_rule(q, k, v, log_gamma, theta, output_final_state=True)
             return o, (h,)
 
-        for name, fn, st in (("titans linear (triton)", ours, lin), ("titans mlp (chunked torch)", ours_mlp, mlp),
-                             ("gated delta (triton)", gdn, lin)):
+        for name, fn, st, op in (("titans linear (triton)", ours, lin, "titans_linear"),
+                                 ("titans mlp (chunked torch)", ours_mlp, mlp, "titans_mlp"),
+                                 ("gated delta (triton)", gdn, lin, "gated_delta")):
             row = bench_case(name, fn, xs, st, True, reps)
             row["T"] = T
+            # measured / H100 roofline floor (benchmarks/roofline.py), fwd+bwd
+            row["vs_floor"] = vs_floor(row["fwdbwd_ms"], op, B=B, T=T, H=H, D=D)
             rows.append(row)
         naive = fla_naive(B, T, H, D, "cuda")
         if naive is not None:
@@ -168,7 +172,7 @@ def main(argv=None):
         result = cpu(tuple(int(x) for x in args.cpu_shape.split(",")), args.reps)
     else:
         result = gpu(args.reps)
-    print_table(result["rows"], ["op", "T", "fwd_ms", "fwdbwd_ms", "peak_mb", "speedup_vs_token_loop_fwd",
+    print_table(result["rows"], ["op", "T", "fwd_ms", "fwdbwd_ms", "vs_floor", "peak_mb", "speedup_vs_token_loop_fwd",
                                  "speedup_vs_fla_naive_fwd", "error"])
     if not args.no_save:
         print(write_result("titans-" + result["mode"], result))
