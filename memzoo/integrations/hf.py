@@ -8,8 +8,9 @@
 
 ``MemzooForCausalLM`` holds memzoo's ``LanguageModel`` as ``self.model``, so HF weights are the
 memzoo weights with a ``model.`` prefix and conversion is a renaming.  Generation carries
-memzoo's own per-layer state as ``past_key_values`` (a ``MemzooState``, not a ``transformers.Cache``
-subclass): the model opts out of the default ``DynamicCache`` and its own
+memzoo's own per-layer state in the cache slot (a ``MemzooState``, not a ``transformers.Cache``
+subclass; the slot is ``past_key_values`` in transformers 4.x and early 5.x, ``cache`` since, and both names
+are accepted): the model opts out of the default ``DynamicCache`` and its own
 ``prepare_inputs_for_generation`` feeds only the tokens the state has not consumed yet.  That uses
 three small, long-stable hooks instead of HF's cache internals; see docs/hf.md for the reasons.
 Needs the ``hf`` extra (transformers, safetensors); nothing else in memzoo imports this module.
@@ -40,8 +41,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..models.block import RMSNorm
 from ..models.config import ModelConfig
 from ..models.lm import LanguageModel
-from ..models.registry import MIXERS, build_mixer
 from ..models.state import index_state
+from .hf_replace import REPLACED_CONFIG_KEY, MemzooAttentionAdapter, load_replaced, replace_attention
 
 try:
     # transformers >= 5: init functions that skip parameters already loaded from a checkpoint.
@@ -51,11 +52,14 @@ except ImportError:
 
 __all__ = [
     "MemzooConfig", "MemzooState", "MemzooPreTrainedModel", "MemzooForCausalLM", "MemzooCausalLMOutput",
-    "MemzooAttentionAdapter", "replace_attention", "memzoo_to_hf", "hf_to_memzoo", "main",
+    "MemzooAttentionAdapter", "replace_attention", "load_replaced", "REPLACED_CONFIG_KEY", "memzoo_to_hf",
+    "hf_to_memzoo", "main",
 ]
 
 MODEL_TYPE = "memzoo"
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# The output field (and generate's keyword) that carries the cache: renamed from past_key_values to cache in 5.x.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Files of a model folder that conversion rewrites; every other file (tokenizer) is copied as is.
 _MODEL_FILES = {"model.safetensors", "config.json", "generation_config.json"}
 
@@ -220,7 +224,7 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
                 inputs_embeds: Tensor | None = None, past_key_values: MemzooState | None = None,
                 use_cache: bool | None = None, labels: Tensor | None = None, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, logits_to_keep: int = 0, cu_seqlens: Tensor | None = None,
-                **kwargs: Any) -> MemzooCausalLMOutput | tuple:
+                cache: MemzooState | None = None, **kwargs: Any) -> MemzooCausalLMOutput | tuple:
         """HF's causal-LM forward on memzoo's ``LanguageModel.forward``.
 
         Args:
@@ -228,6 +232,7 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
             attention_mask: only all-ones masks are accepted: memzoo models have no padding (pack
                 variable-length batches with ``cu_seqlens`` instead).
             past_key_values: ``None`` or the ``MemzooState`` of a previous output; continues those sequences.
+                ``cache`` is the same argument under its newer transformers name (pass at most one).
             use_cache: return the new state as ``past_key_values`` (default ``config.use_cache``).
             labels: ``[B, T]`` aligned with ``input_ids``, shifted inside; ``-100`` is ignored.
             output_hidden_states: return ``(final-norm hidden states,)`` (memzoo keeps no per-layer list).
@@ -241,6 +246,10 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
         """
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise TypeError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if past_key_values is not None and cache is not None:
+            raise TypeError("past_key_values and cache are the same argument (renamed in transformers 5.x): "
+                            "pass one of them")
+        past_key_values = cache if cache is not None else past_key_values
         if past_key_values is not None and not isinstance(past_key_values, MemzooState):
             raise TypeError("past_key_values must be None or the MemzooState of a previous output, got "
                             f"{type(past_key_values).__name__} (memzoo models do not use transformers caches)")
@@ -265,20 +274,23 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
             hidden = (out.hidden,) if output_hidden else None
         n_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         past = MemzooState(new_state, seen + n_new) if use_cache else None
-        output = MemzooCausalLMOutput(loss=loss, logits=out_logits, past_key_values=past, hidden_states=hidden,
-                                      ce_loss=ce_loss, aux_losses=aux)
+        output = MemzooCausalLMOutput(loss=loss, logits=out_logits, hidden_states=hidden, ce_loss=ce_loss,
+                                      aux_losses=aux, **{CACHE_FIELD: past})
         return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: MemzooState | None = None,
                                       attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                                      use_cache: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+                                      use_cache: bool | None = None, cache: MemzooState | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
         """Feed the prompt (or ``inputs_embeds``) once, then only the tokens the state has not seen.
 
         The slice comes from ``MemzooState.seen``, not from the arguments HF passes to say which
-        tokens are new (``cache_position`` before 4.56, ``next_sequence_length`` in 5.x), so the
-        same code works across those versions.  Only the last position's logits are computed:
-        ``generate`` reads no others.
+        tokens are new (``cache_position`` in 4.x, ``next_sequence_length`` in 5.x), so the
+        same code works across those versions.  The state arrives as ``past_key_values`` or
+        ``cache`` (its newer name) and goes back under the name this transformers uses.  Only the
+        last position's logits are computed: ``generate`` reads no others.
         """
+        past_key_values = cache if cache is not None else past_key_values
         if past_key_values is None:
             if inputs_embeds is not None:
                 model_inputs: dict[str, Any] = {"input_ids": None, "inputs_embeds": inputs_embeds}
@@ -289,94 +301,13 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
                 raise ValueError(f"past_key_values has seen {past_key_values.seen} tokens, but input_ids has only "
                                  f"{input_ids.shape[1]}: pass the full sequence so far")
             model_inputs = {"input_ids": input_ids[:, past_key_values.seen:]}
-        model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask,
+        model_inputs.update({CACHE_FIELD: past_key_values}, attention_mask=attention_mask,
                             use_cache=use_cache, logits_to_keep=kwargs.get("logits_to_keep") or 1)
         return model_inputs
 
     def _reorder_cache(self, past_key_values: MemzooState, beam_idx: Tensor) -> MemzooState:
         # Beam search: every state leaf is batch first, so one index_select per leaf follows the beams.
         return MemzooState(index_state(past_key_values.layers, beam_idx), past_key_values.seen)
-
-
-class MemzooAttentionAdapter(nn.Module):
-    """A memzoo mixer with the call signature of an HF decoder's self-attention module.
-
-    Accepts the keywords Llama- and GPT-2-family decoder layers pass (``attention_mask``,
-    ``position_embeddings``, ``past_key_values``, ...) and returns ``(output, None)`` like their
-    attention modules.  The mixer is causal by construction, so the causal mask is not needed;
-    padding masks are not supported; positional embeddings are the mixer's own (``attention`` uses
-    RoPE, the memory mixers need none).  It fills no HF cache: a call that receives one raises.
-    """
-
-    def __init__(self, mixer: nn.Module, replaced: str) -> None:
-        super().__init__()
-        self.mixer = mixer
-        self.replaced = replaced
-
-    def forward(self, hidden_states: Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
-        if past_key_values is not None:
-            raise ValueError(
-                f"past_key_values: this {self.replaced} was replaced by a memzoo mixer, which cannot fill a "
-                "transformers cache; run with use_cache=False (generate then recomputes the prefix every step)"
-            )
-        y, _ = self.mixer(hidden_states)
-        return y, None
-
-    def extra_repr(self) -> str:
-        return f"replaced={self.replaced}"
-
-
-# Child names of the self-attention module in HF decoder layers: Llama/Mistral/Qwen2/Gemma/Phi use
-# ``self_attn``, GPT-2 uses ``attn`` (its cross-attention is ``crossattention`` and stays).
-_ATTENTION_CHILD_NAMES = ("self_attn", "attn")
-
-
-def replace_attention(model: nn.Module, mixer: str = "gated_delta", **cfg: Any) -> list[str]:
-    """Swap every self-attention module of an HF decoder for a fresh memzoo mixer, in place.
-
-    Everything else (embeddings, norms, MLPs, head) is kept.  The mixers are built at the model's
-    ``hidden_size`` with options ``cfg`` and placed on the replaced module's device and dtype.
-    ``config.use_cache`` and ``generation_config.use_cache`` are set to False: ``generate`` then
-    recomputes the whole prefix for every new token (exact, quadratic in length).
-
-    Args:
-        model: a transformers decoder (Llama-family or GPT-2-family tested).
-        mixer: a registered memzoo mixer name (``memzoo.MIXERS``).
-        cfg: the mixer's config options (``n_heads=4``, ...); ``d_model`` comes from the model.
-
-    Returns:
-        The qualified names of the replaced modules.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if mixer not in MIXERS:
-        raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "hidden_size"):
-        raise ValueError("model must be a transformers model whose config has hidden_size")
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    targets = []
-    for parent_name, parent in model.named_modules():
-        for child_name in _ATTENTION_CHILD_NAMES:
-            child = getattr(parent, child_name, None)
-            if isinstance(child, nn.Module) and "Attention" in type(child).__name__:
-                targets.append((parent_name, parent, child_name, child))
-    if not targets:
-        raise ValueError(f"model: found no self-attention modules named {_ATTENTION_CHILD_NAMES} "
-                         f"in {type(model).__name__}")
-    replaced = []
-    for parent_name, parent, child_name, child in targets:
-        ref = next(child.parameters(), None)
-        layer = build_mixer(mixer, config.hidden_size, cfg)
-        if ref is not None:
-            layer = layer.to(device=ref.device, dtype=ref.dtype)
-        setattr(parent, child_name, MemzooAttentionAdapter(layer, type(child).__name__))
-        replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    config.use_cache = False
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.use_cache = False
-    return replaced
 
 
 def memzoo_to_hf(src: str | Path, dst: str | Path, **config_kwargs: Any) -> Path:

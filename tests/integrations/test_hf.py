@@ -1,8 +1,7 @@
 """The Hugging Face integration on tiny random models (no downloads): Auto classes, save/load, generate,
-replace_attention on Llama and GPT-2, conversion both ways, and the pinned generation path."""
+conversion both ways, and the pinned generation path (replace_attention: test_hf_replace.py)."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -13,15 +12,12 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
-    LlamaForCausalLM,
 )
 
 import memzoo  # noqa: E402
 from memzoo.integrations import hf  # noqa: E402
-from memzoo.integrations.hf import MemzooConfig, MemzooForCausalLM, MemzooState, replace_attention  # noqa: E402
+from memzoo.integrations.hf import MemzooConfig, MemzooForCausalLM, MemzooState  # noqa: E402
 from memzoo.models import MIXERS, LanguageModel, ModelConfig  # noqa: E402
 
 V = 48
@@ -102,16 +98,16 @@ def test_forward_matches_memzoo_labels_and_logits_to_keep():
     lm = model.to_memzoo()
     out, ref = model(x, labels=x), lm(x, labels=x)
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
-    assert torch.equal(out.ce_loss, ref.ce_loss) and isinstance(out.past_key_values, MemzooState)
-    assert out.past_key_values.seen == x.shape[1]
+    assert torch.equal(out.ce_loss, ref.ce_loss) and isinstance(out[hf.CACHE_FIELD], MemzooState)
+    assert out[hf.CACHE_FIELD].seen == x.shape[1]
     out.loss.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         last = model(x, logits_to_keep=2, use_cache=False)
-        assert last.past_key_values is None and torch.equal(last.logits, lm(x, logits_to_keep=2).logits)
+        assert hf.CACHE_FIELD not in last and torch.equal(last.logits, lm(x, logits_to_keep=2).logits)
         # A continuation through past_key_values equals the full pass.
         a = model(x[:, :4])
-        b = model(x[:, 4:], past_key_values=a.past_key_values)
+        b = model(x[:, 4:], past_key_values=a[hf.CACHE_FIELD])
         torch.testing.assert_close(torch.cat((a.logits, b.logits), 1), model(x).logits, rtol=1e-5, atol=1e-5)
         tup = model(x, return_dict=False)
         assert isinstance(tup, tuple) and torch.equal(tup[0], ref.logits)
@@ -166,19 +162,22 @@ def test_pinned_generation_path(monkeypatch):
 
     The contract memzoo relies on: no default cache object; one prefill call with the whole
     prompt and no state; then one call per new token with exactly that token and the state
-    returned by the previous call.  A failure here means docs/hf.md's route needs revisiting.
+    returned by the previous call, under the cache keyword of this transformers version
+    (``hf.CACHE_FIELD``: ``past_key_values``, renamed ``cache`` in 5.x).  A failure here means
+    docs/hf.md's route needs revisiting.
     """
     assert MemzooForCausalLM._supports_default_dynamic_cache() is False
     model, prompt = tiny_hf(), ids(T=5)
     calls = []
     forward = MemzooForCausalLM.forward
 
-    def recording_forward(self, input_ids=None, past_key_values=None, **kwargs):
-        calls.append(dict(ids=None if input_ids is None else input_ids.tolist(), past=past_key_values,
-                          keys=sorted(k for k, v in kwargs.items() if v is not None),
+    def recording_forward(self, input_ids=None, **kwargs):
+        state = kwargs.get(hf.CACHE_FIELD)
+        calls.append(dict(ids=None if input_ids is None else input_ids.tolist(), past=state,
+                          keys=sorted(k for k, v in kwargs.items() if v is not None and k != hf.CACHE_FIELD),
                           logits_to_keep=kwargs.get("logits_to_keep"), use_cache=kwargs.get("use_cache")))
-        out = forward(self, input_ids=input_ids, past_key_values=past_key_values, **kwargs)
-        calls[-1]["returned"] = out.past_key_values
+        out = forward(self, input_ids=input_ids, **kwargs)
+        calls[-1]["returned"] = out[hf.CACHE_FIELD]
         return out
 
     monkeypatch.setattr(MemzooForCausalLM, "forward", recording_forward)
@@ -189,79 +188,23 @@ def test_pinned_generation_path(monkeypatch):
         assert call["keys"] == ["logits_to_keep", "return_dict", "use_cache"], call["keys"]
         assert call["logits_to_keep"] == 1 and call["use_cache"] is True
         if i:
+            # Every step after the prompt gets exactly one token and the previous step's state.
             assert call["past"] is calls[i - 1]["returned"] and call["past"].seen == 5 + i - 1
             assert call["ids"] == out[:, 5 + i - 1:5 + i].tolist()
     assert torch.equal(out, model.to_memzoo().generate(prompt, 4))
 
 
-def _train_steps(model, x, steps=6):
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(x, labels=x, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def _llama():
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
-
-
-def _gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=0, eos_token_id=1, pad_token_id=1))
-
-
-@pytest.mark.parametrize("build, expected", [
-    (_llama, ["model.layers.0.self_attn", "model.layers.1.self_attn"]),
-    (_gpt2, ["transformer.h.0.attn", "transformer.h.1.attn"]),
-], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("mixer", ["gated_delta", "attention"])
-def test_replace_attention_trains(build, expected, mixer):
-    torch.manual_seed(0)
-    model = build()
-    kept = {k: v.clone() for k, v in model.state_dict().items() if "attn" not in k}
-    assert replace_attention(model, mixer=mixer, n_heads=2) == expected
-    assert all(type(m.mixer) is MIXERS[mixer] for m in model.modules() if isinstance(m, hf.MemzooAttentionAdapter))
-    state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in kept.items())
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mixer." in n}
-    x = ids(T=16)
-    losses = _train_steps(model.train(), x)
-    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.2, losses
-    # The new mixers are trained too, not just the kept layers around them.
-    after = dict(model.named_parameters())
-    assert before and sum(not torch.equal(after[n], p) for n, p in before.items()) >= len(before) // 2
-
-
-@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
-def test_replaced_model_generates_by_recompute(build):
-    torch.manual_seed(0)
-    model = build().eval()
-    replace_attention(model, mixer="gated_delta", n_heads=2)
-    prompt = ids(T=5)
-    out = model.generate(prompt, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(prompt))
-    seq = prompt
+def test_both_cache_keywords_continue_the_state():
+    model, x = tiny_hf(), ids()
     with torch.no_grad():
-        for _ in range(5):
-            seq = torch.cat((seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)), 1)
-    assert torch.equal(out, seq)
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model(prompt, use_cache=True)
-
-
-def test_replace_attention_bad_input():
-    with pytest.raises(ValueError, match="mixer"):
-        replace_attention(_llama(), mixer="no_such_mixer")
-    with pytest.raises(ValueError, match="self-attention"):
-        replace_attention(tiny_hf(pattern=("gla",)), mixer="gla")
-    with pytest.raises(TypeError, match="model"):
-        replace_attention("llama")
+        a = model(x[:, :4])
+        state = a[hf.CACHE_FIELD]
+        assert isinstance(state, MemzooState) and state.seen == 4
+        for key in ("past_key_values", "cache"):
+            b = model(x[:, 4:], **{key: state})
+            torch.testing.assert_close(torch.cat((a.logits, b.logits), 1), model(x).logits, rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError, match="same argument"):
+            model(x[:, 4:], past_key_values=state, cache=state)
 
 
 def test_conversion_round_trip(tmp_path):
