@@ -21,7 +21,18 @@ Rules every subclass keeps (the contract test suite checks them for every regist
   ``pop_aux_losses()`` and adds their sum to its loss.  Standalone users call
   ``layer.pop_aux_losses()`` themselves.
 * Bad inputs raise ``ValueError``/``TypeError`` naming the argument before any kernel runs; the
-  checks live here in ``forward``/``step`` so subclasses implement only ``_forward``.
+  checks live here in ``forward``/``step`` so subclasses implement only ``_forward``:
+
+  - ``x`` needs at least one sequence and one token: a batch of zero rows (B = 0) is refused with a
+    ``ValueError`` rather than returning empty outputs (several layers' FFT and reshape paths have no
+    meaning for it, and an empty decode batch is better dropped by the caller).
+  - ``x`` must have the dtype of the layer's weights (a ``TypeError`` names both), unless
+    ``torch.autocast`` is active for its device: then the layer computes in the autocast dtype.
+  - A state must have the structure ``init_state`` gives: the same (named) tuple types, tensors of
+    the same rank, trailing sizes and kind (integer / floating); a dimension that is empty in a
+    fresh state (a growing KV cache) may have any size.  A state of another mixer or another layer
+    size is refused with a ``ValueError`` naming the offending field, e.g. ``state.memory.conv_q``.
+  - ``step(x_t, None)`` is ``step(x_t, init_state(B))``.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from torch import Tensor, nn
 
 from .state import detach_state, state_batch_size, state_leaves, tree_map
 
-__all__ = ["Mixer", "check_cu_seqlens"]
+__all__ = ["Mixer", "check_cu_seqlens", "state_spec", "check_state_like"]
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
@@ -59,6 +70,80 @@ def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
             )
         if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def state_spec(tree: Any) -> Any:
+    """The structure of a state pytree without its batch size: what ``check_state_like`` compares against.
+
+    A tensor becomes ``(rank, sizes after the batch dim, kind)`` with kind ``"float"``, ``"int"`` or ``"bool"``;
+    (named) tuples and lists keep their type and children; ``None`` stays ``None``.
+    """
+    if tree is None:
+        return None
+    if isinstance(tree, Tensor):
+        kind = "bool" if tree.dtype == torch.bool else "float" if tree.is_floating_point() else "int"
+        return ("tensor", tree.dim(), tuple(tree.shape[1:]), kind)
+    if isinstance(tree, (tuple, list)):
+        return (type(tree), tuple(state_spec(t) for t in tree))
+    if isinstance(tree, dict):
+        return (dict, {k: state_spec(v) for k, v in tree.items()})
+    return ("other", type(tree))
+
+
+def _describe(spec: Any) -> str:
+    if spec is None:
+        return "None"
+    if spec[0] == "tensor":
+        _, rank, sizes, kind = spec
+        dims = ", ".join(["B", *("*" if n == 0 else str(n) for n in sizes)])
+        return f"a {kind} tensor [{dims}]" if rank else f"a {kind} scalar tensor"
+    name = (spec[1] if spec[0] == "other" else spec[0]).__name__
+    return f"{'an' if name[0] in 'AEIOU' else 'a'} {name}"
+
+
+def check_state_like(state: Any, spec: Any, owner: str, name: str = "state") -> None:
+    """Raise a ``ValueError`` naming the first field of ``state`` that does not fit ``spec`` (see ``state_spec``).
+
+    Sizes that are 0 in ``spec`` (a fresh, empty cache) may take any value; every other size, each tensor's rank
+    and kind (integer / floating / bool), the (named) tuple types and the number of fields must match.
+    """
+    if spec is None:
+        if state is not None:
+            raise ValueError(f"{name} must be None for this {owner} (as init_state gives), got {type(state).__name__}")
+        return
+    tag = spec[0]
+    if tag == "tensor":
+        _, rank, sizes, kind = spec
+        if not isinstance(state, Tensor):
+            raise ValueError(f"{name} must be {_describe(spec)} for this {owner} (as init_state gives), "
+                             f"got {type(state).__name__}; is the state from another mixer?")
+        got = state_spec(state)
+        fits = got[1] == rank and got[3] == kind and all(e in (0, g) for e, g in zip(sizes, got[2]))
+        if not fits:
+            raise ValueError(f"{name} must be {_describe(spec)} for this {owner} (as init_state gives), got a "
+                             f"{got[3]} tensor {tuple(state.shape)} {state.dtype}; is the state from another mixer "
+                             "or a layer of another size?")
+        return
+    if tag == "other":
+        if not isinstance(state, spec[1]):
+            raise ValueError(f"{name} must be {_describe(spec)} for this {owner}, got {type(state).__name__}")
+        return
+    if type(state) is not tag:
+        raise ValueError(f"{name} must be {_describe(spec)} for this {owner} (as init_state and forward return), "
+                         f"got {type(state).__name__}; is the state from another mixer?")
+    children = spec[1]
+    if tag is dict:
+        if set(state) != set(children):
+            raise ValueError(f"{name} must have the keys {sorted(children)} for this {owner}, got {sorted(state)}")
+        for k, v in children.items():
+            check_state_like(state[k], v, owner, f"{name}[{k!r}]")
+        return
+    if len(state) != len(children):
+        raise ValueError(f"{name} must hold {len(children)} entries for this {owner} (as init_state gives), "
+                         f"got {len(state)}; is the state from another mixer or configuration?")
+    fields = getattr(tag, "_fields", None)
+    for i, (t, c) in enumerate(zip(state, children)):
+        check_state_like(t, c, owner, f"{name}.{fields[i]}" if fields else f"{name}[{i}]")
 
 
 def resolve_config(owner: str, config_class: type, config: Any, kwargs: dict[str, Any]) -> Any:
@@ -113,13 +198,18 @@ class Mixer(nn.Module):
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
             batch = cu_seqlens.numel() - 1
-        self._check_state(state, batch)
+        self.check_state(state, batch)
         return self._forward(x, state, cu_seqlens=cu_seqlens)
 
     def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """Decode one token: ``x_t`` ``[B, D]`` -> ``(y_t [B, D], state)``; exact, equal to ``forward``."""
+        """Decode one token: ``x_t`` ``[B, D]`` -> ``(y_t [B, D], state)``; exact, equal to ``forward``.
+
+        ``state=None`` starts fresh sequences, exactly like ``init_state(B)``.
+        """
         self._check_x(x_t, "x_t", rank=2)
-        self._check_state(state, x_t.shape[0])
+        self.check_state(state, x_t.shape[0])
+        if state is None:
+            state = self.init_state(x_t.shape[0], device=x_t.device, dtype=x_t.dtype)
         return self._step(x_t, state)
 
     def _forward(self, x: Tensor, state: Any, *, cu_seqlens: Tensor | None) -> tuple[Tensor, Any]:
@@ -193,18 +283,53 @@ class Mixer(nn.Module):
             raise ValueError(f"{name} must have last dimension d_model={self.d_model}, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one sequence (B >= 1), got {tuple(x.shape)}")
         if rank == 3 and x.shape[1] == 0:
             raise ValueError(f"{name} must hold at least one token, got {tuple(x.shape)}")
+        self._check_dtype(x, name)
 
-    def _check_state(self, state: Any, batch_size: int) -> None:
+    def _check_dtype(self, x: Tensor, name: str) -> None:
+        # Under autocast the layer's matmuls run in the autocast dtype whatever the input's dtype.
+        if torch.is_autocast_enabled(x.device.type):
+            return
+        first = next(self.parameters(), None)
+        if first is None or first.dtype == x.dtype:
+            return
+        dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
+        if x.dtype not in dtypes:
+            expected = " or ".join(sorted(str(d) for d in dtypes))
+            raise TypeError(
+                f"{name} must have the dtype of {type(self).__name__}'s weights ({expected}), got {x.dtype}: cast "
+                f"the input ({name}.to(...)) or the layer (layer.to(...)), or run under torch.autocast"
+            )
+
+    def state_spec(self) -> Any:
+        """The structure every state of this layer has (see ``state_spec``), from ``init_state(1)``, cached."""
+        spec = self.__dict__.get("_state_spec_cache")
+        if spec is None:
+            with torch.no_grad():
+                spec = state_spec(self.init_state(1))
+            self.__dict__["_state_spec_cache"] = spec
+        return spec
+
+    def check_state(self, state: Any, batch_size: int, name: str = "state") -> None:
+        """Raise a ``ValueError`` naming ``name`` if ``state`` is not a state of this layer for ``batch_size`` rows.
+
+        ``None`` (fresh sequences) always passes.
+        """
         if state is None:
             return
+        if "_state_spec_cache" in self.__dict__ or not torch.compiler.is_compiling():
+            check_state_like(state, self.state_spec(), type(self).__name__, name)
         try:
             batch = state_batch_size(state)
         except ValueError as e:
-            raise ValueError(f"state is malformed: {e}") from None
+            raise ValueError(f"{name} is malformed: {e}") from None
         if batch is not None and batch != batch_size:
             raise ValueError(
-                f"state has batch size {batch}, but the input has {batch_size} sequences "
+                f"{name} has batch size {batch}, but the input has {batch_size} sequences "
                 "(with cu_seqlens, one state row per packed sequence)"
             )
+
+    _check_state = check_state

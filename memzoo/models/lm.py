@@ -26,7 +26,8 @@ from .contract import Mixer, check_cu_seqlens
 from .registry import build_mixer
 from .state import state_batch_size
 
-__all__ = ["LanguageModel", "LMOutput", "check_labels", "check_token_ids", "decode_loop", "sample_next"]
+__all__ = ["LanguageModel", "LMOutput", "check_labels", "check_logits_to_keep", "check_max_new_tokens",
+           "check_token_ids", "decode_loop", "sample_next"]
 
 IGNORE_INDEX = -100
 
@@ -49,8 +50,8 @@ def check_token_ids(ids: Any, name: str, vocab_size: int | None = None, rank: in
     """
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dim() != rank or (rank == 2 and ids.shape[1] == 0):
-        raise ValueError(f"{name} must have shape {'[B, T] with T >= 1' if rank == 2 else '[B]'}, "
+    if ids.dim() != rank or (rank == 2 and ids.shape[1] == 0) or (ids.dim() and ids.shape[0] == 0):
+        raise ValueError(f"{name} must have shape {'[B, T] with B, T >= 1' if rank == 2 else '[B] with B >= 1'}, "
                          f"got {tuple(ids.shape)}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
@@ -60,11 +61,24 @@ def check_token_ids(ids: Any, name: str, vocab_size: int | None = None, rank: in
             raise ValueError(f"{name} must be in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]")
 
 
-def check_labels(labels: Any, B: int, T: int) -> None:
-    """``labels`` must be an integer tensor ``[B, T]`` aligned with the input (wrappers share this check)."""
-    if not isinstance(labels, Tensor) or labels.shape != (B, T) or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor shaped like the input [B, T] = {[B, T]}, "
-                         f"got {getattr(labels, 'shape', type(labels).__name__)}")
+def check_labels(labels: Any, B: int, T: int, vocab_size: int | None = None) -> None:
+    """``labels`` must be an integer tensor ``[B, T]`` aligned with the input (wrappers share this check), with
+    values in [0, vocab_size) or ``-100`` (ignored); the value check runs on CPU tensors only, as for token ids."""
+    if (not isinstance(labels, Tensor) or labels.shape != (B, T) or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
+        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor shaped like the input [B, T] = {[B, T]}, got {got}")
+    if vocab_size is not None and labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, vocab_size={vocab_size}) or {IGNORE_INDEX} (ignored), got "
+                             f"{int(labels[bad][0])} at {tuple(bad.nonzero()[0].tolist())}")
+
+
+def check_logits_to_keep(logits_to_keep: Any) -> None:
+    """``logits_to_keep`` must be an int >= 0 (0: every position)."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps every position), got {logits_to_keep!r}")
 
 
 class LanguageModel(nn.Module):
@@ -154,8 +168,9 @@ class LanguageModel(nn.Module):
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, B, T)
         states = self._check_state(state, B if cu_seqlens is None else cu_seqlens.numel() - 1)
+        check_logits_to_keep(logits_to_keep)
         if labels is not None:
-            check_labels(labels, B, T)
+            check_labels(labels, B, T, self.config.vocab_size)
             if logits_to_keep > 0:
                 raise ValueError("labels and logits_to_keep > 0 cannot be combined")
         for m in self.mixers:
@@ -208,8 +223,8 @@ class LanguageModel(nn.Module):
         Returns:
             ``[B, T + n]`` token ids, ``n <= max_new_tokens``.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
+        self._check_ids(input_ids, "input_ids")
         if max_new_tokens == 0:
             return input_ids
         out = self(input_ids, state=state, logits_to_keep=1)
@@ -266,7 +281,15 @@ class LanguageModel(nn.Module):
         batch = state_batch_size(state)
         if batch is not None and batch != batch_size:
             raise ValueError(f"state has batch size {batch}, but the input has {batch_size} sequences")
+        for i, (m, s) in enumerate(zip(self.mixers, state)):
+            m.check_state(s, batch_size, f"state[{i}]")
         return tuple(state)
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> None:
+    """``max_new_tokens`` must be an int >= 0 (every model's ``generate``)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
 
 
 def decode_loop(input_ids: Tensor, logits: Tensor, advance: Callable[[Tensor], Tensor], max_new_tokens: int, *,

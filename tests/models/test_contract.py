@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memzoo.models import MIXERS, build_mixer, detach_state, index_state
+from memzoo.models.contract import state_spec
 from memzoo.models.state import state_batch_size, state_leaves
 from memzoo.testing import assert_close, assert_states_close
 
@@ -226,3 +227,93 @@ class TestContract:
             layer(x[:1], cu_seqlens=torch.tensor([0, 5, 12]))
         with pytest.raises(TypeError, match="cu_seqlens"):
             layer(x[:1], cu_seqlens=torch.tensor([0.0, 13.0]))
+
+    def test_step_none_equals_init_state(self, name, opts):
+        layer, x = make(name, opts), seq(T=3)
+        y0, s0 = layer.step(x[:, 0], None)
+        y1, s1 = layer.step(x[:, 0], layer.init_state(x.shape[0], device=x.device, dtype=x.dtype))
+        assert_close(y0, y1, TOL, "step output from None")
+        assert_states_close(s0, s1, TOL, "step state from None")
+        # And the state it returns continues like any other.
+        y0, _ = layer.step(x[:, 1], s0)
+        y1, _ = layer.step(x[:, 1], s1)
+        assert_close(y0, y1, TOL, "second step")
+
+    def test_single_token_forward_equals_step(self, name, opts):
+        layer, x = make(name, opts), seq(T=1)
+        y, state = layer(x)
+        y_t, state_t = layer.step(x[:, 0], None)
+        assert y.shape == x.shape
+        assert_close(y[:, 0], y_t, TOL, "T=1 forward vs step")
+        assert_states_close(state, state_t, TOL, "T=1 state")
+
+    def test_empty_batch_rejected(self, name, opts):
+        # Documented choice (memzoo/models/contract.py): B = 0 is refused, never silently mixed.
+        layer, x = make(name, opts), seq()
+        with pytest.raises(ValueError, match=r"x must hold at least one sequence \(B >= 1\)"):
+            layer(x[:0])
+        with pytest.raises(ValueError, match=r"x_t must hold at least one sequence \(B >= 1\)"):
+            layer.step(x[:0, 0], None)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.float16], ids=str)
+    def test_input_dtype_must_match_weights(self, name, opts, dtype):
+        layer, x = make(name, opts), seq()
+        with pytest.raises(TypeError, match=rf"x must have the dtype of \w+'s weights \(torch.float32\), got {dtype}"):
+            layer(x.to(dtype))
+        with pytest.raises(TypeError, match=rf"x_t must have the dtype of .*got {dtype}"):
+            layer.step(x[:, 0].to(dtype), None)
+
+    def test_foreign_states_rejected(self, name, opts, foreign_states):
+        layer, x = make(name, opts), seq()
+        for other, state in foreign_states.items():
+            if other == name:
+                continue
+            with pytest.raises(ValueError, match=r"^state(\.\w+)* must be .* for this"):
+                layer(x, state)
+            with pytest.raises(ValueError, match=r"^state(\.\w+)* must be .* for this"):
+                layer.step(x[:, 0], state)
+
+    def test_state_of_another_width_rejected(self, name, opts):
+        layer, x = make(name, opts), seq()
+        state = build_mixer(name, 2 * D, opts).init_state(x.shape[0])
+        if state_spec(state) == layer.state_spec():
+            # A fixed d_head makes the state independent of d_model: it is a valid state of this layer.
+            layer(x, state)
+            return
+        with pytest.raises(ValueError, match=r"^state[\w.\[\]]+ must be a float tensor \[B, .* for this"):
+            layer(x, state)
+
+
+@pytest.fixture(scope="module")
+def foreign_states():
+    """A fresh state (B = 2) of every registered mixer at its defaults."""
+    torch.manual_seed(0)
+    return {name: build_mixer(name, D).init_state(2) for name in MIXERS}
+
+
+def test_titans_mal_state_refused_by_titans_mag():
+    # Same fields and shapes, different layers: the state types tell them apart.
+    mag, mal, x = make("titans_mag", {}), make("titans_mal", {}), seq()
+    _, state = mal(x)
+    with pytest.raises(ValueError, match="state must be a TitansMAGState for this TitansMAG.*got TitansMALState"):
+        mag(x, state)
+
+
+def test_variant_state_refused_by_other_variant():
+    # A gated_delta state without short conv has no tails: the layer with convs names the first field it lacks.
+    plain, no_conv, x = make("gated_delta", {}), make("gated_delta", {"use_short_conv": False}), seq()
+    with pytest.raises(ValueError, match=r"state\.conv_q must be a float tensor \[B, 3, 32\].*got NoneType"):
+        plain(x, no_conv(x)[1])
+    with pytest.raises(ValueError, match=r"state\.conv_q must be None"):
+        no_conv(x, plain(x)[1])
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_autocast_input_accepted(name):
+    # Under autocast a bf16 input to fp32 weights is the documented way to mix precisions.
+    layer, x = make(name, {}), seq()
+    y32, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x.bfloat16())
+    assert torch.isfinite(y.float()).all()
+    assert_close(y.float(), y32, 1e-1, "autocast output")

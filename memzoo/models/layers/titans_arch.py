@@ -130,6 +130,18 @@ class TitansSWAState(NamedTuple):
     pos: Tensor  # [B] int64 position of the next token
 
 
+class TitansMAGState(TitansSWAState):
+    """TitansMAG's state: a type of its own so that a TitansMAL state (same fields) is refused by name."""
+
+    __slots__ = ()
+
+
+class TitansMALState(TitansSWAState):
+    """TitansMAL's state (see ``TitansMAGState``)."""
+
+    __slots__ = ()
+
+
 def cat_rows(states: list[Any]) -> Any:
     """Concatenate the batch rows of same-structured states (None leaves stay None)."""
     first = states[0]
@@ -189,11 +201,13 @@ class TitansHybrid(Mixer):
 
 
 class _SlidingWindowHybrid(TitansHybrid):
+    state_class: type[TitansSWAState] = TitansSWAState
+
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> TitansSWAState:
         slots, H, Dh = self.config.window - 1, self.attn.n_heads, self.attn.d_head
         kv = torch.zeros(batch_size, slots, H, Dh, device=device, dtype=dtype)
-        return TitansSWAState(
+        return self.state_class(
             self.primed_memory(batch_size, device, dtype), kv, kv.clone(),
             torch.full((batch_size, slots), -1, dtype=torch.int64, device=device),
             torch.zeros(batch_size, dtype=torch.int64, device=device),
@@ -227,6 +241,7 @@ class TitansMAG(_SlidingWindowHybrid):
     """Titans memory as a gate: SWA* and the neural memory in parallel over P || x, combined by a normalised gate."""
 
     config_class = TitansMAGConfig
+    state_class = TitansMAGState
 
     def __init__(self, config: TitansMAGConfig | None = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -249,6 +264,7 @@ class TitansMAL(_SlidingWindowHybrid):
     """
 
     config_class = TitansMALConfig
+    state_class = TitansMALState
 
     def __init__(self, config: TitansMALConfig | None = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contract import resolve_config
-from ..lm import IGNORE_INDEX, LMOutput, check_labels, check_token_ids, decode_loop
+from ..lm import IGNORE_INDEX, LMOutput, check_labels, check_max_new_tokens, check_token_ids, decode_loop
 from ..state import detach_state, index_state, state_batch_size, state_leaves, tree_map
 
 __all__ = ["HMT", "HMTConfig", "HMTState", "recall"]
@@ -142,6 +142,11 @@ class HMT(nn.Module):
             nn.init.normal_(self.w_k.weight, std=std)
 
     @property
+    def vocab_size(self) -> int | None:
+        """Rows of the backbone's embedding table: token ids must lie in [0, vocab_size)."""
+        return getattr(self.backbone.embed, "num_embeddings", None)
+
+    @property
     def hidden_size(self) -> int:
         return self.backbone.hidden_size
 
@@ -229,10 +234,10 @@ class HMT(nn.Module):
         """
         if cu_seqlens is not None:
             raise ValueError("HMT does not take cu_seqlens: pack documents as rows and reset with reset_state")
-        check_token_ids(input_ids, "input_ids")
+        check_token_ids(input_ids, "input_ids", self.vocab_size)
         B, T = input_ids.shape
         if labels is not None:
-            check_labels(labels, B, T)
+            check_labels(labels, B, T, self.vocab_size)
         state = self._check_state(state, input_ids)
         segments = input_ids.split(self.config.segment_len, dim=1)
         summaries = self.summaries(segments) if self.config.use_recall else [None] * len(segments)
@@ -347,9 +352,8 @@ class HMT(nn.Module):
         Returns:
             ``[B, T + n]`` token ids, ``n <= max_new_tokens``.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        check_token_ids(input_ids, "input_ids")
+        check_max_new_tokens(max_new_tokens)
+        check_token_ids(input_ids, "input_ids", self.vocab_size)
         if max_new_tokens == 0:
             return input_ids
         S, j = self.config.segment_len, self.config.summary_len

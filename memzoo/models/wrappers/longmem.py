@@ -36,7 +36,7 @@ from ..block import Block, RMSNorm
 from ..contract import resolve_config
 from ..layers.attention import Attention
 from ..layers.memory_attention import MemoryAugmentedAttention
-from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, check_labels, check_token_ids, decode_loop
+from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, check_labels, check_max_new_tokens, check_token_ids, decode_loop
 
 __all__ = ["LongMem", "LongMemConfig", "LongMemState", "SideNet"]
 
@@ -368,7 +368,7 @@ class LongMem(nn.Module):
         check_token_ids(input_ids, "input_ids", self._bb.vocab_size)
         B, T = input_ids.shape
         if labels is not None:
-            check_labels(labels, B, T)
+            check_labels(labels, B, T, self._bb.vocab_size)
         state = self._check_state(state, input_ids)
         S = self.config.segment_len
         n_open = state.open_ids.shape[1]
@@ -405,8 +405,8 @@ class LongMem(nn.Module):
         Returns:
             ``[B, T + n]`` token ids, ``n <= max_new_tokens``.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
+        check_token_ids(input_ids, "input_ids", self._bb.vocab_size)
         if max_new_tokens == 0:
             return input_ids
         out = self(input_ids, state=state)
