@@ -15,11 +15,26 @@ from ..models.contract import check_cu_seqlens
 
 __all__ = [
     "DEBUG_ENV_VAR", "debug_checks", "check_recurrence_inputs", "check_log_gate", "chunk_table",
-    "flatten_batch", "seq_boundaries",
+    "flatten_batch", "seq_boundaries", "DOT_PRECISION_ENV_VAR", "DOT_PRECISIONS", "resolve_dot_precision",
 ]
 
 # Value checks that would synchronise a CUDA device (e.g. "all log-gates <= 0") run only when this is "1".
 DEBUG_ENV_VAR = "MEMZOO_DEBUG"
+
+
+# Input precision of fp32 ``tl.dot``s in the Triton kernels: "tf32" (tensor cores, the default) or "ieee" (exact
+# fp32 on the FMA units, ~15x slower on an H100; for exactness tests). bf16/fp16 inputs always run on tensor cores.
+DOT_PRECISION_ENV_VAR = "MEMZOO_DOT_PRECISION"
+DOT_PRECISIONS = ("tf32", "ieee")
+
+
+def resolve_dot_precision(precision: str | None) -> str:
+    """``precision`` if given, else ``$MEMZOO_DOT_PRECISION``, else ``"tf32"``; one of ``DOT_PRECISIONS``."""
+    if precision is None:
+        precision = os.environ.get(DOT_PRECISION_ENV_VAR, "tf32")
+    if precision not in DOT_PRECISIONS:
+        raise ValueError(f"precision (or ${DOT_PRECISION_ENV_VAR}) must be one of {DOT_PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def debug_checks() -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -30,13 +31,18 @@ from ..models.state import detach_state, state_leaves
 from ..models.wrappers.hmt import HMT
 from ..models.wrappers.longmem import LongMem
 from .checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointWarning,
     TrainState,
     clean_stale,
     export_model,
     latest_checkpoint,
     load_carried_state,
+    resumable_checkpoint,
     save_checkpoint,
     state_objects,
+    verify_checkpoint,
 )
 from .config import ConfigError, SchedConfig, TrainConfig, apply_longmem_backbone, validate_config
 from .data import (
@@ -201,11 +207,19 @@ def _resume_from(cfg: TrainConfig, out: Path) -> Path | None:
             raise ConfigError(f"out_dir {str(out)!r} already holds checkpoints; pass --resume auto to continue "
                               "that run, or choose another --out_dir")
         return None
-    if resume == "auto":
-        return latest_checkpoint(out)
-    path = Path(resume)
-    if not (path.is_dir() and (path / "trainer_state.json").is_file()):
-        raise ConfigError(f"ckpt.resume {resume!r} is not a complete memzoo checkpoint folder")
+    try:
+        if resume == "auto":
+            return resumable_checkpoint(out)
+        path = Path(resume)
+        if not (path.is_dir() and (path / "trainer_state.json").is_file()):
+            raise ConfigError(f"ckpt.resume {resume!r} is not a complete memzoo checkpoint folder")
+        if not (path / MANIFEST).is_file():
+            warnings.warn(f"ckpt.resume {resume!r} has no {MANIFEST} (an older memzoo wrote it): resuming from it "
+                          "unverified", CheckpointWarning, stacklevel=2)
+            return path
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     return path
 
 

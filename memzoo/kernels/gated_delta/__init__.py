@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import resolve_impl
-from ..utils import check_log_gate, check_recurrence_inputs
+from ..utils import check_log_gate, check_recurrence_inputs, resolve_dot_precision
 from .reference import chunk_gated_delta_rule_ref, gated_delta_rule_step_ref
 
 __all__ = [
@@ -45,7 +45,7 @@ def _no_tokens(q, v, initial_state, output_final_state, n_seq):
 def chunk_gated_delta_rule(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
     initial_state: Tensor | None = None, output_final_state: bool = False, cu_seqlens: Tensor | None = None,
-    use_qk_l2norm: bool = False, *, impl: str = "auto", chunk_size: int = 64,
+    use_qk_l2norm: bool = False, *, impl: str = "auto", chunk_size: int = 64, precision: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked gated delta rule (the training path: differentiable on every input).
 
@@ -58,12 +58,16 @@ def chunk_gated_delta_rule(
         cu_seqlens: ``[N + 1]`` int offsets of packed sequences (then B == 1); empty sequences are allowed.
         use_qk_l2norm: L2-normalise q and k over K inside the op (eps 1e-6).
         impl: ``"auto"`` | ``"triton"`` | ``"ref"``.
-        chunk_size: chunk length; the Triton path needs a power of two >= 16.
+        chunk_size: chunk length; the Triton path needs a power of two in [16, 64].
+        precision: input precision of fp32 dots on the Triton path, ``"tf32"`` (tensor cores) or ``"ieee"``
+            (exact fp32); None reads ``$MEMZOO_DOT_PRECISION``, default ``"tf32"``. bf16/fp16 inputs always run on
+            tensor cores; the reference ignores it.
 
     Returns:
         o ``[B, T, H, V]`` in q's dtype; the fp32 final state ``[N, H, K, V]``, or None.
     """
     n_seq = _check(q, k, v, g, beta, initial_state, cu_seqlens)
+    precision = resolve_dot_precision(precision)
     path = resolve_impl(impl, q)
     if q.shape[1] == 0:
         return _no_tokens(q, v, initial_state, output_final_state, n_seq)
@@ -74,7 +78,7 @@ def chunk_gated_delta_rule(
     from .triton_chunk import chunk_gated_delta_rule_triton
 
     return chunk_gated_delta_rule_triton(
-        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, chunk_size
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, chunk_size, precision
     )
 
 

@@ -1,5 +1,6 @@
-"""Chunked gated delta rule on GPU: Triton kernels for the forward (WY transform, state pass, outputs) and for the
-reverse state pass of the backward; the chunk-parallel part of the backward is one batched vector-Jacobian product.
+"""Chunked gated delta rule on GPU: the op, its backward (a Triton reverse state pass plus one batched
+vector-Jacobian product for the chunk-parallel part) and the autograd wiring; the forward kernels (blockwise WY
+solve, w/u, state pass, outputs; tensor-core dots) live in ``triton_chunk_fwd.py``.
 
 Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv 2412.06464); chunking after
 "Parallelizing Linear Transformers with the Delta Rule over Sequence Length" (arXiv 2406.06484).
@@ -22,8 +23,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton_utils import autotune_or_fixed
-from ..utils import chunk_table, flatten_batch, seq_boundaries
+from ..utils import chunk_table, flatten_batch, resolve_dot_precision, seq_boundaries
 from .reference import l2norm, wy_transform
+from .triton_chunk_fwd import MAX_CHUNK, forward_output
+from .triton_chunk_fwd import forward_states as _forward_states
 
 __all__ = ["chunk_gated_delta_rule_triton"]
 
@@ -33,151 +36,12 @@ _STATE_CONFIGS = [
 _STATE_DEFAULT = triton.Config({"BV": 32}, num_warps=4, num_stages=2)
 
 
-@autotune_or_fixed(
-    [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (2, 4, 8)],
-    key=["H", "K", "V", "BT"],
-    default=triton.Config({"BV": 32}, num_warps=4),
-)
-@triton.jit
-def _wy_fwd_kernel(
-    k, v, g, beta, g_cum, w, u, cu_seqlens, table,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    # Steps 1-2 for one (chunk, head): G = cumsum(g), A = (I + L)^-1 by forward substitution, w, u.
-    i_r, i_h = tl.program_id(0), tl.program_id(1)
-    i_r64 = tl.cast(i_r, tl.int64)
-    i_n = tl.load(table + 2 * i_r64).to(tl.int64)
-    if i_n < 0:
-        return
-    i_c = tl.load(table + 2 * i_r64 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    o_t = bos + i_c * BT + tl.arange(0, BT)
-    m_t = o_t < eos
-    o_i = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    b_g = tl.load(g + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    b_G = tl.cumsum(b_g, 0)  # [BT]
-    tl.store(g_cum + o_t * H + i_h, b_G, mask=m_t)
-    p_k = k + (o_t[:, None] * H + i_h) * K + o_k[None, :]
-    b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # [BT, BK]
-    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision="ieee")  # [BT, BT]
-    # Only the strictly lower triangle is used: mask the exponent before exp so G_i - G_j > 0 never overflows.
-    m_low = o_i[:, None] > o_i[None, :]
-    b_diff = tl.where(m_low, b_G[:, None] - b_G[None, :], float("-inf"))
-    b_L = b_beta[:, None] * b_kk * tl.exp(b_diff)  # [BT, BT]
-    b_A = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)  # [BT, BT]
-    for i in range(1, BT):
-        # Row i of A = (I + L)^-1: e_i - sum_{j < i} L_ij A_j (rows j < i are final, L_ij = 0 for j >= i).
-        b_l = tl.sum(tl.where(o_i[:, None] == i, b_L, 0.0), 0)  # [BT]
-        b_row = -tl.sum(b_l[:, None] * b_A, 0)  # [BT]
-        b_A = tl.where(o_i[:, None] == i, b_row[None, :] + b_A, b_A)
-    b_kb = b_k * (b_beta * tl.exp(b_G))[:, None]  # [BT, BK]
-    b_w = tl.dot(b_A, b_kb, input_precision="ieee")  # [BT, BK]
-    tl.store(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], b_w, mask=m_t[:, None] & m_k[None, :])
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_u = tl.dot(b_A, b_v * b_beta[:, None], input_precision="ieee")  # [BT, BV]
-        tl.store(u + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_u, mask=m_tv)
-
-
-@autotune_or_fixed(_STATE_CONFIGS, key=["H", "K", "V", "BT"], default=_STATE_DEFAULT)
-@triton.jit
-def _state_fwd_kernel(
-    k, w, u, g_cum, h0, h_start, ht, cu_seqlens, chunk_offsets,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr,
-):
-    # Step 4 along one sequence: S' = exp(G_last) S + (k exp(G_last - G))^T (u - w S); h_start gets S before
-    # every chunk (row chunk_offsets[n] + c), ht the state after the last token.
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n64 = tl.cast(i_n, tl.int64)
-    bos = tl.load(cu_seqlens + i_n64).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n64 + 1).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    row0 = tl.load(chunk_offsets + i_n64).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_state = (i_n64 * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-    if USE_INITIAL_STATE:
-        b_h = tl.load(h0 + o_state, mask=m_kv, other=0.0).to(tl.float32)  # [BK, BV]
-    else:
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)  # [BK, BV]
-    for i_c in range(0, n_chunks):
-        i_c64 = tl.cast(i_c, tl.int64)
-        tl.store(h_start + ((row0 + i_c64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_kv)
-        o_t = bos + i_c64 * BT + tl.arange(0, BT)
-        m_t = o_t < eos
-        i_last = tl.minimum(bos + i_c64 * BT + BT, eos) - 1
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
-        b_k = tl.load(k + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_u = tl.load(u + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_G = tl.load(g_cum + o_t * H + i_h, mask=m_t, other=0.0)  # [BT]
-        b_gl = tl.load(g_cum + i_last * H + i_h)
-        b_d = b_u - tl.dot(b_w, b_h, input_precision="ieee")  # [BT, BV]
-        # Padded rows have k = 0; where() keeps exp of their (meaningless) G out of the product.
-        b_kt = b_k * tl.where(m_t, tl.exp(b_gl - b_G), 0.0)[:, None]  # [BT, BK]
-        b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_kt), b_d, input_precision="ieee")
-    tl.store(ht + o_state, b_h, mask=m_kv)
-
-
-@autotune_or_fixed(
-    [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (2, 4)],
-    key=["H", "K", "V", "BT"],
-    default=triton.Config({"BV": 32}, num_warps=4),
-)
-@triton.jit
-def _output_fwd_kernel(
-    q, k, w, u, g_cum, h_start, o, cu_seqlens, table, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    # Step 5 for one (V tile, chunk, head): o = scale [exp(G) (q S) + (q k^T * exp(G_i - G_j)) (u - w S)].
-    i_v, i_r, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_r64 = tl.cast(i_r, tl.int64)
-    i_n = tl.load(table + 2 * i_r64).to(tl.int64)
-    if i_n < 0:
-        return
-    i_c = tl.load(table + 2 * i_r64 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    o_t = bos + i_c * BT + tl.arange(0, BT)
-    m_t = o_t < eos
-    o_i = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_tk = m_t[:, None] & m_k[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_q = tl.load(q + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-    b_k = tl.load(k + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-    b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
-    b_u = tl.load(u + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)  # [BT, BV]
-    b_G = tl.load(g_cum + o_t * H + i_h, mask=m_t, other=0.0)  # [BT]
-    b_h = tl.load(h_start + (i_r64 * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV]
-    b_d = b_u - tl.dot(b_w, b_h, input_precision="ieee")  # [BT, BV]
-    b_diff = tl.where(o_i[:, None] >= o_i[None, :], b_G[:, None] - b_G[None, :], float("-inf"))
-    b_attn = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * tl.exp(b_diff)  # [BT, BT]
-    b_o = tl.dot(b_q * tl.exp(b_G)[:, None], b_h, input_precision="ieee")  # [BT, BV]
-    b_o += tl.dot(b_attn, b_d, input_precision="ieee")
-    tl.store(o + (o_t[:, None] * H + i_h) * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-
-
-@autotune_or_fixed(_STATE_CONFIGS, key=["H", "K", "V", "BT"], default=_STATE_DEFAULT)
+@autotune_or_fixed(_STATE_CONFIGS, key=["H", "K", "V", "BT", "DOT_PRECISION"], default=_STATE_DEFAULT)
 @triton.jit
 def _state_bwd_kernel(
     w, k_tail, q_gate, g_last, do, dv_local, dht, dh_end, dh0, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_FINAL_STATE_GRADIENT: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Reverse pass: dS (the gradient of the state at a chunk's end) walks the chunks backwards,
     #   dD = dv_local + k_tail dS,    dS <- exp(G_last) dS + q_gate^T dO - w^T dD;
@@ -210,36 +74,15 @@ def _state_bwd_kernel(
         b_qg = tl.load(q_gate + p_k, mask=m_k[None, :], other=0.0)  # [BT, BK]
         b_do = tl.load(do + p_v, mask=m_v[None, :], other=0.0)  # [BT, BV]
         b_dd = tl.load(dv_local + p_v, mask=m_v[None, :], other=0.0)  # [BT, BV]
-        b_dd += tl.dot(b_kt, b_dh, input_precision="ieee")
+        b_dd = tl.dot(b_kt, b_dh, b_dd, input_precision=DOT_PRECISION)
         b_gl = tl.load(g_last + i_rh)
-        b_dh = b_dh * tl.exp(b_gl) + tl.dot(tl.trans(b_qg), b_do, input_precision="ieee")
-        b_dh -= tl.dot(tl.trans(b_w), b_dd, input_precision="ieee")
+        b_dh = tl.dot(tl.trans(b_qg), b_do, b_dh * tl.exp(b_gl), input_precision=DOT_PRECISION)
+        b_dh = tl.dot(tl.trans(-b_w), b_dd, b_dh, input_precision=DOT_PRECISION)
     if USE_INITIAL_STATE:
         tl.store(dh0 + o_state, b_dh, mask=m_kv)
 
 
-def _forward_states(q, k, v, g, beta, h0, cu, table, chunk_offsets, chunk_size):
-    """Steps 1, 2 and 4 on packed inputs ``[T, H, ...]``: (G, w, u fp32 token-major, h_start ``[R, H, K, V]``,
-    ht ``[N, H, K, V]``), both states fp32."""
-    T, H, K = k.shape
-    V = v.shape[-1]
-    n_seq, rows = cu.numel() - 1, table.shape[0]
-    BK = max(16, triton.next_power_of_2(K))
-    g_cum = torch.empty(T, H, dtype=torch.float32, device=k.device)
-    w = torch.empty(T, H, K, dtype=torch.float32, device=k.device)
-    u = torch.empty(T, H, V, dtype=torch.float32, device=k.device)
-    _wy_fwd_kernel[(rows, H)](k, v, g, beta, g_cum, w, u, cu, table, H=H, K=K, V=V, BT=chunk_size, BK=BK)
-    h_start = torch.empty(rows, H, K, V, dtype=torch.float32, device=k.device)
-    ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=k.device)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seq, H)
-    _state_fwd_kernel[grid](
-        k, w, u, g_cum, h0, h_start, ht, cu, chunk_offsets,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, USE_INITIAL_STATE=h0 is not None,
-    )
-    return g_cum, w, u, h_start, ht
-
-
-def _state_backward(w, k_tail, q_gate, g_last, do, dv_local, dht, want_dh0, cu, chunk_offsets, n_seq):
+def _state_backward(w, k_tail, q_gate, g_last, do, dv_local, dht, want_dh0, cu, chunk_offsets, n_seq, precision):
     """Launch the reverse state pass; returns (dh_end ``[R, H, K, V]``, dh0 ``[N, H, K, V]`` or None), fp32."""
     w, k_tail, q_gate, g_last, do, dv_local = (x.contiguous() for x in (w, k_tail, q_gate, g_last, do, dv_local))
     R, H, BT, K = w.shape
@@ -250,7 +93,7 @@ def _state_backward(w, k_tail, q_gate, g_last, do, dv_local, dht, want_dh0, cu, 
     _state_bwd_kernel[grid](
         w, k_tail, q_gate, g_last, do, dv_local, dht, dh_end, dh0, cu, chunk_offsets,
         H=H, K=K, V=V, BT=BT, BK=max(16, triton.next_power_of_2(K)),
-        USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=want_dh0,
+        USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=want_dh0, DOT_PRECISION=precision,
     )
     return dh_end, dh0
 
@@ -307,30 +150,23 @@ def _chunk_tail(q, k, G, decay, w, u, g_last, k_tail, h_start, scale):
     return (o, h_end), (q_gate, attn)
 
 
-def _chunk_forward(q, k, v, g, beta, h0, cu, scale, chunk_size):
+def _chunk_forward(q, k, v, g, beta, h0, cu, scale, chunk_size, precision):
     """Packed inputs ``[T, H, ...]`` -> (o ``[T, H, V]`` in q's dtype, ht fp32 ``[N, H, K, V]``)."""
     layout = _ChunkLayout(cu, q.shape[0], chunk_size)
-    g_cum, w, u, h_start, ht = _forward_states(q, k, v, g, beta, h0, cu, layout.table, layout.chunk_offsets,
-                                               chunk_size)
-    T, H, K = q.shape
-    V = v.shape[-1]
-    o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), layout.rows, H)
-    _output_fwd_kernel[grid](
-        q, k, w, u, g_cum, h_start, o, cu, layout.table, scale,
-        H=H, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-    )
+    g_cum, _, _, _, v_new, h, ht = _forward_states(k, v, g, beta, h0, cu, layout.table, layout.chunk_offsets,
+                                                   chunk_size, precision)
+    o = forward_output(q, k, v_new, h, g_cum, cu, layout.table, scale, chunk_size, precision, q.dtype)
     return o, ht
 
 
-def _chunk_backward(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size):
+def _chunk_backward(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size, precision):
     """Gradients of every input: recompute the start states, run the reverse state pass for the gradients of the
     end states, then chain the batched vector-Jacobian products of steps 3-5 and of steps 1-2."""
     layout = _ChunkLayout(cu, q.shape[0], chunk_size)
     qc, kc, vc, gc, bc = (layout.gather(x.float()) for x in (q, k, v, g, beta))
-    *_, h_start, _ = _forward_states(q, k, v, g, beta, h0, cu, layout.table, layout.chunk_offsets, chunk_size)
+    h_start = _forward_states(k, v, g, beta, h0, cu, layout.table, layout.chunk_offsets, chunk_size, precision)[5]
     # Rows past the last chunk are never written by the kernel: zero them so they cannot leak.
-    h_start = torch.where(layout.row_valid[:, None, None, None], h_start, 0.0)
+    h_start = torch.where(layout.row_valid[:, None, None, None], h_start.float(), 0.0)
     prep, prep_vjp = torch.func.vjp(_prep, kc, vc, gc, bc)
     G, decay, w, u, g_last, k_tail = prep
     tail_fn = lambda q_, k_, *p: _chunk_tail(q_, k_, *p, h_start, scale)
@@ -339,7 +175,7 @@ def _chunk_backward(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size):
     dv_local = attn.transpose(-1, -2) @ do_c
     dh_end, dh0 = _state_backward(
         w, k_tail, q_gate, g_last, do_c, dv_local, dht.contiguous(), h0 is not None, cu, layout.chunk_offsets,
-        layout.n_seq,
+        layout.n_seq, precision,
     )
     dh_end = torch.where(layout.row_valid[:, None, None, None], dh_end, 0.0)
     dqc, dkc_tail, *dprep = tail_vjp((do_c, dh_end))
@@ -352,13 +188,13 @@ def _chunk_backward(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size):
 @torch.library.custom_op("memzoo::gated_delta_chunk_fwd", mutates_args=())
 def _chunk_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor | None, cu: Tensor, scale: float,
-    chunk_size: int,
+    chunk_size: int, precision: str,
 ) -> tuple[Tensor, Tensor]:
-    return _chunk_forward(q, k, v, g, beta, h0, cu, scale, chunk_size)
+    return _chunk_forward(q, k, v, g, beta, h0, cu, scale, chunk_size, precision)
 
 
 @_chunk_fwd_op.register_fake
-def _(q, k, v, g, beta, h0, cu, scale, chunk_size):
+def _(q, k, v, g, beta, h0, cu, scale, chunk_size, precision):
     T, H, K = q.shape
     return v.new_empty(T, H, v.shape[-1], dtype=q.dtype), q.new_empty(cu.shape[0] - 1, H, K, v.shape[-1],
                                                                        dtype=torch.float32)
@@ -367,22 +203,22 @@ def _(q, k, v, g, beta, h0, cu, scale, chunk_size):
 @torch.library.custom_op("memzoo::gated_delta_chunk_bwd", mutates_args=())
 def _chunk_bwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor | None, cu: Tensor, do: Tensor,
-    dht: Tensor, scale: float, chunk_size: int,
+    dht: Tensor, scale: float, chunk_size: int, precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _chunk_backward(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size)
+    return _chunk_backward(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size, precision)
 
 
 @_chunk_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size):
+def _(q, k, v, g, beta, h0, cu, do, dht, scale, chunk_size, precision):
     dh0 = h0.new_empty(h0.shape) if h0 is not None else q.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(beta), dh0)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, h0, cu, scale, chunk_size = inputs
+    q, k, v, g, beta, h0, cu, scale, chunk_size, precision = inputs
     ctx.save_for_backward(q, k, v, g, beta, h0, cu)
-    ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.scale, ctx.chunk_size, ctx.precision = scale, chunk_size, precision
 
 
 def _backward(ctx, do, dht):
@@ -391,8 +227,9 @@ def _backward(ctx, do, dht):
         do = torch.zeros(q.shape[:2] + v.shape[-1:], dtype=q.dtype, device=q.device)
     if dht is None:
         dht = torch.zeros(cu.shape[0] - 1, q.shape[1], q.shape[2], v.shape[-1], device=q.device)
-    dq, dk, dv, dg, dbeta, dh0 = _chunk_bwd_op(q, k, v, g, beta, h0, cu, do, dht, ctx.scale, ctx.chunk_size)
-    return dq, dk, dv, dg, dbeta, (dh0 if h0 is not None else None), None, None, None
+    dq, dk, dv, dg, dbeta, dh0 = _chunk_bwd_op(q, k, v, g, beta, h0, cu, do, dht, ctx.scale, ctx.chunk_size,
+                                               ctx.precision)
+    return dq, dk, dv, dg, dbeta, (dh0 if h0 is not None else None), None, None, None, None
 
 
 _chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -401,23 +238,26 @@ _chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def chunk_gated_delta_rule_triton(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
     initial_state: Tensor | None = None, output_final_state: bool = False, cu_seqlens: Tensor | None = None,
-    use_qk_l2norm: bool = False, chunk_size: int = 64,
+    use_qk_l2norm: bool = False, chunk_size: int = 64, precision: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The Triton path of ``chunk_gated_delta_rule`` (inputs already validated by the dispatcher)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 on the Triton path, got {chunk_size}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1) or chunk_size > MAX_CHUNK:
+        raise ValueError(f"chunk_size must be a power of two >= 16 and <= {MAX_CHUNK} on the Triton path (the "
+                         f"blockwise solve merges up to four 16x16 blocks), got {chunk_size}")
+    precision = resolve_dot_precision(precision)
     if K > 256:
         raise ValueError(f"the Triton path keeps a [K, BV] state tile in registers: K must be <= 256, got {K}")
     if scale is None:
         scale = K ** -0.5
     out_dtype = q.dtype
     if use_qk_l2norm:
-        # Normalised in fp32 and kept there (autograd carries the l2norm backward), as the reference does.
-        q, k = l2norm(q.float()), l2norm(k.float())
+        # Normalised in fp32 (autograd carries the l2norm backward), then back to the input dtype so every
+        # kernel sees one dtype.
+        q, k = l2norm(q.float()).to(out_dtype), l2norm(k.float()).to(out_dtype)
     (q, cu), (k, _), (v, _), (g, _), (beta, _) = (flatten_batch(x, cu_seqlens) for x in (q, k, v, g, beta))
     h0 = None if initial_state is None else initial_state.contiguous()
     q, k, v, g, beta = (x[0].contiguous() for x in (q, k, v, g, beta))
-    o, ht = _chunk_fwd_op(q, k, v, g, beta, h0, cu, float(scale), chunk_size)
+    o, ht = _chunk_fwd_op(q, k, v, g, beta, h0, cu, float(scale), chunk_size, precision)
     return o.reshape(B, T, H, V).to(out_dtype), (ht if output_final_state else None)
