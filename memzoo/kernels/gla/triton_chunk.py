@@ -15,6 +15,8 @@ pass for dh / dh0, dA, dv, the intra-chunk dq / dk and the inter-chunk dq / dk /
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,8 +34,13 @@ RCP_LN2 = tl.constexpr(1.4426950408889634)
 # masked before exp2 (masked lanes are zero anyway, but inf * 0 would make NaN).
 # A scalar condition joins a vector mask as ``o_k < tl.where(cond, K, 0)``: the interpreter rejects the mask that
 # ``vector & scalar`` produces.
-# fp32 dot operands stay IEEE (no silent tf32); fp16/bf16 operands are unaffected.
-_PREC = tl.constexpr("ieee")
+# Input precision of the dots whose operands are fp32 (fp32 inputs, and the fp32 A / dA tiles): "tf32" runs them
+# on tensor cores; "ieee" (exact fp32, for exactness checks) runs them on the FMA units, ~15x slower, and its
+# [64, 64] tiles spill registers at the default configs.  Read once at import, the switch of the issue-20 kernels.
+DOT_PRECISION_ENV_VAR = "MEMZOO_DOT_PRECISION"
+_PREC = tl.constexpr(os.environ.get(DOT_PRECISION_ENV_VAR, "tf32"))
+if _PREC.value not in ("tf32", "ieee"):
+    raise ValueError(f"${DOT_PRECISION_ENV_VAR} must be 'tf32' or 'ieee', got {_PREC.value!r}")
 
 
 @triton.jit
@@ -190,9 +197,11 @@ def _fwd_o_kernel(q, v, gc, h, A, o, cu_seqlens, table, chunk_offsets, scale, H:
 
 
 @autotune_or_fixed(
-    configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (32, 64) for w in (2, 4) for s in (2, 3)],
+    configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (32, 64) for w in (2, 4, 8)
+             for s in (2, 3)],
     key=["H", "K", "V", "BT", "BK", "USE_DHT", "USE_DH0"],
-    default=triton.Config({"BV": 32}, num_warps=4, num_stages=2),
+    # 8 warps: with 4, fp32 inputs at K = 128 need more than 255 registers per thread on sm_90 and spill
+    default=triton.Config({"BV": 32}, num_warps=8, num_stages=2),
 )
 @triton.jit
 def _bwd_dh_kernel(q, do, gc, dht, dh, dh0, cu_seqlens, chunk_offsets, scale, H: tl.constexpr, K: tl.constexpr,
@@ -397,20 +406,21 @@ def _bwd_inter_kernel(q, k, v, gc, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu
         b_dq += tl.dot(b_do.to(b_v.dtype), tl.trans(b_h.to(b_v.dtype)), input_precision=_PREC)
         b_dk += tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=_PREC)
         b_dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
-    b_q = tl.load(q + p_tk, mask=m_tk, other=0).to(tl.float32)
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0).to(tl.float32)
+    # The epilogue finishes dq, then dk, then dg, so that few [BT, BK] tiles are live at once (all of them together
+    # exceed 255 registers per thread and spill).
     b_g = tl.load(gc + p_tk, mask=m_tk, other=0)
     b_gl = tl.load(gc + (last * H + i_h) * K + o_k, mask=m_k, other=0)  # [BK]
     b_dq = tl.where(m_tk, scale * b_dq * tl.exp2(b_g), 0) + tl.load(dq_intra + p_tk, mask=m_tk, other=0)
-    b_dk_inter = tl.where(m_tk, b_dk * tl.exp2(b_gl[None, :] - b_g), 0)
-    b_dk = b_dk_inter + tl.load(dk_intra + p_tk, mask=m_tk, other=0)
-    # d/d b_last of <dh', h'>: h' = exp2(b_last) h + sum_j k_j exp2(b_last - b_j) v_j^T
-    b_dgl = b_dgl * tl.exp2(b_gl) + tl.sum(b_k * b_dk_inter, 0)
-    b_db = b_q * b_dq - b_k * b_dk + tl.where((o_t == last)[:, None], b_dgl[None, :], 0)  # [BT, BK]
-    b_dg = tl.cumsum(b_db, 0, reverse=True)
     tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    b_db = tl.load(q + p_tk, mask=m_tk, other=0).to(tl.float32) * b_dq  # [BT, BK]
+    b_dk = tl.where(m_tk, b_dk * tl.exp2(b_gl[None, :] - b_g), 0)  # the inter-chunk part
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0).to(tl.float32)
+    # d/d b_last of <dh', h'>: h' = exp2(b_last) h + sum_j k_j exp2(b_last - b_j) v_j^T
+    b_dgl = b_dgl * tl.exp2(b_gl) + tl.sum(b_k * b_dk, 0)
+    b_dk += tl.load(dk_intra + p_tk, mask=m_tk, other=0)
     tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m_tk)
+    b_db = b_db - b_k * b_dk + tl.where((o_t == last)[:, None], b_dgl[None, :], 0)
+    tl.store(dg + p_tk, tl.cumsum(b_db, 0, reverse=True).to(dg.dtype.element_ty), mask=m_tk)
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
@@ -502,12 +512,12 @@ def _backward(q, k, v, g, scale, h0, cu, BT, do, dht):
     dq_intra = torch.empty(total, H, K, device=q.device, dtype=torch.float32)
     dk_intra = torch.empty(total, H, K, device=q.device, dtype=torch.float32)
     _bwd_intra_kernel[(triton.cdiv(K, BK) * NC, rows, H)](q, k, gc, dA, dq_intra, dk_intra, cu, table, H=H, K=K,
-                                                           BT=BT, BC=BC, BK=BK, NC=NC, num_warps=2)
+                                                           BT=BT, BC=BC, BK=BK, NC=NC, num_warps=4)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = torch.empty_like(g)
     _bwd_inter_kernel[(triton.cdiv(K, BK), rows, H)](q, k, v, gc, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu,
                                                      table, offsets, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                                     num_warps=4)
+                                                     num_warps=8)
     return dq, dk, dv, dg, dh0
 
 
