@@ -184,7 +184,8 @@ def _gated_delta_cases():
                 with torch.no_grad():
                     fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                                      use_qk_l2norm=True, impl="triton")
-            yield "gated_delta", f"{name} K{d} V{d}", run, _in_ci(name, d)
+            # CI: bf16 K64 only while the chunk kernels spill (issue 20): their K128 compiles take minutes each
+            yield "gated_delta", f"{name} K{d} V{d}", run, name == "bf16" and d == 64
 
 
 def _titans_cases():
@@ -201,7 +202,7 @@ def _titans_cases():
                     y, st = titans_linear(q, k, v, theta, log_eta, log_gamma, state, torch.zeros(1, dtype=torch.long),
                                           chunk, impl="triton")
                     _backward(y, *st)
-                # the layer's default chunk only in CI: the current kernels spill and take minutes to compile
+                # CI: the layer's default chunk, bf16 K64, only while the kernels spill (issue 20): minutes each
                 yield "titans", f"{name} K{d} V{d} chunk{chunk}", run, name == "bf16" and d == 64 and chunk == 16
 
 
@@ -315,7 +316,7 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _resource_usage(cubin: bytes, name: str) -> dict[str, int]:
+def _resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -359,7 +360,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     try:
         src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
-        usage = _resource_usage(kernel.asm["cubin"], kernel.name)
+        usage = _resource_usage(kernel.asm["cubin"])
         ptx = kernel.asm["ptx"]
         n_dots, tc_dots = _dots(kernel.asm["ttgir"])
         warps = kernel.metadata.num_warps
