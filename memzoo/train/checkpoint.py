@@ -6,16 +6,22 @@
 
 A checkpoint is written to ``checkpoints/.tmp_checkpoint_{step}`` and renamed once every rank has
 finished, so a folder named ``checkpoint_{step}`` is always complete and an interrupted save leaves
-only a temporary folder that ``latest_checkpoint`` never returns.  ``from_pretrained`` needs only
+only a temporary folder that ``latest_checkpoint`` never returns.  The last file written into it is
+``manifest.json``: the name, size and sha256 of every other file.  ``verify_checkpoint`` checks a folder
+against it, so a checkpoint damaged after the save (a truncated copy, a full disk, bit rot) is named
+with the file at fault, and ``resumable_checkpoint`` (``--resume auto``) falls back to the newest
+checkpoint that verifies.  ``from_pretrained`` needs only
 torch and safetensors: no Accelerate, no transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,11 @@ import torch
 from ..models.config import ModelConfig
 from ..models.state import state_leaves, tree_map
 
-__all__ = ["TrainState", "latest_checkpoint", "save_checkpoint", "export_model", "from_pretrained", "state_objects"]
+__all__ = ["TrainState", "CheckpointError", "CheckpointWarning", "latest_checkpoint", "resumable_checkpoint",
+           "save_checkpoint", "verify_checkpoint", "write_manifest", "export_model", "from_pretrained",
+           "state_objects"]
+
+MANIFEST = "manifest.json"
 
 _CKPT = re.compile(r"^checkpoint_(\d+)$")
 # Prefixes added by torch.compile (_orig_mod.) and DDP / DeepSpeed wrappers (module.).
@@ -58,6 +68,101 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
         return None
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
     return max(found)[1] if found else None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete or corrupt; the message names the folder and the file."""
+
+
+class CheckpointWarning(UserWarning):
+    """``--resume auto`` skipped a checkpoint that does not verify."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Record the name, size and sha256 of every file under ``folder`` in ``folder/manifest.json``.
+
+    Written to a temporary name and renamed, so a manifest is either absent or complete; call it after
+    every other file of the checkpoint is written.
+    """
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"):
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Check every file of checkpoint ``folder`` against its ``manifest.json`` (presence, size, sha256).
+
+    Raises:
+        CheckpointError: naming the checkpoint and the first file that is missing, truncated or corrupt (or the
+            manifest itself when it is missing or unreadable).
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"checkpoint {str(folder)!r} has no {MANIFEST}: the save did not finish, or an older "
+                              "memzoo wrote it, so its files cannot be verified")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = [(str(name), int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {str(folder)!r}: {MANIFEST} is unreadable ({type(e).__name__}: {e}); "
+                              "the checkpoint cannot be verified") from None
+    if "trainer_state.json" not in files:
+        raise CheckpointError(f"checkpoint {str(folder)!r}: {MANIFEST} does not list trainer_state.json")
+    for name, size, digest in entries:
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(folder)!r}: file {name} is missing (listed in {MANIFEST})")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint {str(folder)!r}: file {name} has {actual} bytes, {MANIFEST} says "
+                                  f"{size} (truncated or overwritten)")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"checkpoint {str(folder)!r}: file {name} is corrupt (its sha256 differs from "
+                                  f"{MANIFEST})")
+
+
+def resumable_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint under ``out_dir/checkpoints`` that verifies (``--resume auto``), or ``None`` if none exist.
+
+    Each newer checkpoint that does not verify is skipped with a ``CheckpointWarning`` naming it and the file.
+
+    Raises:
+        CheckpointError: checkpoints exist but none verifies (nothing is resumed silently from scratch).
+    """
+    root = Path(out_dir, "checkpoints")
+    if not root.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()),
+                   reverse=True)
+    problems = []
+    for _, path in found:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warnings.warn(f"--resume auto: skipping {e}", CheckpointWarning, stacklevel=2)
+            continue
+        return path
+    if problems:
+        raise CheckpointError("--resume auto: no checkpoint verifies; " + "; ".join(problems)
+                              + ". Pass --resume PATH to resume from one of them anyway (an explicit PATH "
+                              f"without {MANIFEST} is accepted unverified).")
+    return None
 
 
 def _remove(path: Path) -> None:
@@ -99,6 +204,8 @@ def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, ke
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         Path(tmp, "trainer_state.json").write_text(json.dumps(state.state_dict(), indent=2))
+        # Last: the manifest covers every rank's files, which all exist after the barrier above.
+        write_manifest(tmp)
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
