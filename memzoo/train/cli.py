@@ -84,6 +84,8 @@ def _prepare_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--text-field", default="text")
+    p.add_argument("--decode-errors", default="replace", choices=("replace", "strict"),
+                   help="bytes that are not UTF-8: replace them (one warning with their count) or fail naming the file")
     return p
 
 
@@ -94,7 +96,8 @@ def prepare_main(argv: Sequence[str] | None = None, prog: str = "memzoo-prepare"
     if not 0 < a.val_fraction < 1:
         print(f"{prog}: error: --val-fraction must be in (0, 1), got {a.val_fraction}", file=sys.stderr)
         return 2
-    meta = prepare(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, text_field=a.text_field)
+    meta = prepare(a.source, a.tokenizer, a.out, val_fraction=a.val_fraction, text_field=a.text_field,
+                   decode_errors=a.decode_errors)
     print(f"{a.out}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
           f"({meta['dtype']}, {meta['tokenizer']['type']} vocab {meta['tokenizer']['vocab_size']})")
     return 0

@@ -62,6 +62,9 @@ class DataConfig:
     val_fraction: float = 0.05
     # Column holding the text in jsonl / parquet / hub datasets.
     text_field: str = "text"
+    # Text that is not UTF-8: "replace" (bad bytes -> U+FFFD, one warning with their count) | "strict" (an error
+    # naming the file and byte offset).
+    decode_errors: str = "replace"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -591,6 +594,8 @@ def validate_config(cfg: TrainConfig) -> None:
     need(not bad, f"log.report_to: unknown tracker(s) {bad}; choose from none, all, {', '.join(TRACKERS)}")
     need(d.pack in PACK_MODES, f"data.pack must be one of {PACK_MODES}, got {d.pack!r}")
     need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
+    need(d.decode_errors in ("replace", "strict"),
+         f"data.decode_errors must be 'replace' or 'strict', got {d.decode_errors!r}")
     need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     need(d.detach_every >= 1, f"data.detach_every must be >= 1, got {d.detach_every}")
     need(d.tokenizer == "byte" or d.tokenizer.startswith(("bpe:", "train:")),

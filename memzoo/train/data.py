@@ -20,7 +20,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sysconfig
+import warnings
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -33,8 +35,18 @@ from torch import Tensor
 __all__ = [
     "ByteTokenizer", "BPETokenizer", "Batch", "make_tokenizer", "load_tokenizer", "iter_documents",
     "tokenize_documents", "split_tokens", "prepare", "load_prepared", "make_packer", "BlockPacker",
-    "VarlenPacker", "StreamPacker",
+    "VarlenPacker", "StreamPacker", "DataWarning", "DECODE_ERRORS",
 ]
+
+# What a document that is not valid UTF-8 gets: its bad bytes replaced by U+FFFD (one warning per source, with a
+# count), or an error naming the file and the byte offset.
+DECODE_ERRORS = ("replace", "strict")
+# surrogateescape maps each undecodable byte to one code point in this range: counting them counts the bad bytes.
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+class DataWarning(UserWarning):
+    """A data source that trains, but not as written: replaced bytes, skipped empty files."""
 
 IGNORE_INDEX = -100
 
@@ -159,27 +171,112 @@ def _stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
-def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
-    """The documents of ``source`` (see ``DataConfig.source``) as strings, in a fixed order."""
+class _Decoder:
+    """UTF-8 decoding of a source's files: strict errors name the file and byte offset; replaced bytes are counted
+    for one warning per source."""
+
+    def __init__(self, source: str, errors: str) -> None:
+        if errors not in DECODE_ERRORS:
+            raise ValueError(f"errors must be one of {DECODE_ERRORS}, got {errors!r}")
+        self.source, self.errors = source, errors
+        self.bad_bytes, self.bad_files, self.first = 0, set(), None
+        self.empty: list[str] = []
+
+    def decode(self, data: bytes, path: str, offset: int = 0) -> str:
+        """``data`` (found at byte ``offset`` of ``path``) as text."""
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            where = offset + e.start
+            if self.errors == "strict":
+                raise ValueError(f"{path}: not valid UTF-8 at byte offset {where} ({e.reason}, byte "
+                                 f"0x{data[e.start]:02x}); fix the file (for .txt/.jsonl: or set "
+                                 "data.decode_errors='replace')") from None
+            self.bad_bytes += len(_ESCAPED.findall(data.decode("utf-8", "surrogateescape")))
+            self.bad_files.add(path)
+            if self.first is None:
+                self.first = (path, where)
+            return data.decode("utf-8", errors="replace")
+
+    def read(self, path: str | Path) -> str | None:
+        """The text of ``path``, or ``None`` (and a note for the warning) when it is empty."""
+        data = Path(path).read_bytes()
+        if not data.strip():
+            self.empty.append(str(path))
+            return None
+        return self.decode(data, str(path))
+
+    def finish(self, documents: int) -> None:
+        """Warn once about replaced bytes and skipped empty files; fail if nothing but empty files was found."""
+        if self.bad_bytes:
+            path, where = self.first
+            warnings.warn(f"data.source {self.source!r}: {self.bad_bytes} byte(s) in {len(self.bad_files)} file(s) "
+                          f"are not valid UTF-8 and were replaced by U+FFFD (first in {path} at byte offset {where}); "
+                          "set data.decode_errors='strict' to fail instead", DataWarning, stacklevel=3)
+        if self.empty and not documents:
+            raise ValueError(f"data.source {self.source!r}: every file is empty: {', '.join(self.empty)}")
+        if self.empty:
+            warnings.warn(f"data.source {self.source!r}: skipped {len(self.empty)} empty file(s): "
+                          f"{', '.join(self.empty[:5])}{' ...' if len(self.empty) > 5 else ''}", DataWarning,
+                          stacklevel=3)
+
+
+def iter_documents(source: str, text_field: str = "text", errors: str = "replace") -> Iterator[str]:
+    """The documents of ``source`` (see ``DataConfig.source``) as strings, in a fixed order.
+
+    Args:
+        errors: ``"replace"``: bytes that are not UTF-8 become U+FFFD, with one ``DataWarning`` per source giving
+            their count and the first file and byte offset; ``"strict"``: a ``ValueError`` naming the file and the
+            byte offset.  Empty files are skipped with a warning (an error when every file is empty).
+    """
+    decoder = _Decoder(source, errors)
     if source == "pydoc":
         from pydoc_data.topics import topics
 
         yield from (topics[k] for k in sorted(topics))
     elif source == "stdlib-code":
         for path in _stdlib_files():
-            yield path.read_text(encoding="utf-8", errors="replace")
+            text = decoder.read(path)
+            if text is not None:
+                yield text
     elif source.startswith("file:"):
         files = sorted(glob.glob(os.path.expanduser(source[5:]), recursive=True))
         if not files:
             raise FileNotFoundError(f"data.source {source!r} matches no files")
         tabular = [f for f in files if f.endswith((".jsonl", ".json", ".parquet"))]
+        n = 0
         for f in (f for f in files if f not in tabular):
-            yield Path(f).read_text(encoding="utf-8", errors="replace")
-        if tabular:
+            text = decoder.read(f)
+            if text is not None:
+                n += 1
+                yield text
+        for f in (f for f in tabular if f.endswith(".jsonl")):
+            for text in _jsonl_column(f, text_field, decoder):
+                n += 1
+                yield text
+        rest = [f for f in tabular if not f.endswith(".jsonl")]
+        for f in rest:
+            if Path(f).stat().st_size == 0:
+                decoder.empty.append(f)
+            elif f.endswith(".json"):
+                # The Arrow JSON reader's decoding errors name neither the file nor the offset: check first.
+                decoder.errors, errors_was = "strict", decoder.errors
+                decoder.decode(Path(f).read_bytes(), f)
+                decoder.errors = errors_was
+        rest = [f for f in rest if f not in decoder.empty]
+        if rest:
             from datasets import load_dataset
 
-            kind = "parquet" if tabular[0].endswith(".parquet") else "json"
-            yield from _text_column(load_dataset(kind, data_files=tabular, split="train"), text_field, source)
+            kind = "parquet" if rest[0].endswith(".parquet") else "json"
+            try:
+                ds = load_dataset(kind, data_files=rest, split="train")
+            except Exception as e:
+                raise ValueError(f"data.source {source!r}: reading {', '.join(rest)} failed: "
+                                 f"{type(e).__name__}: {e}") from e
+            for text in _text_column(ds, text_field, source):
+                n += 1
+                yield text
+        decoder.finish(n)
     elif source.startswith("hf:"):
         from datasets import load_dataset
 
@@ -187,6 +284,33 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
         yield from _text_column(load_dataset(name, split=split or "train"), text_field, source)
     else:
         raise ValueError(f"data.source {source!r} is not a document source")
+    if source == "stdlib-code":
+        decoder.finish(1)
+
+
+def _jsonl_column(path: str, field: str, decoder: _Decoder) -> Iterator[str]:
+    """The ``field`` of every line of a JSON-lines file; errors name the file, the line and the byte offset."""
+    data = Path(path).read_bytes()
+    if not data.strip():
+        decoder.empty.append(path)
+        return
+    offset = 0
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():
+            line = decoder.decode(raw, path, offset)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                at = offset + len(line[:e.pos].encode("utf-8", "surrogateescape"))
+                raise ValueError(f"{path}: line {lineno} (byte offset {at}) is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or field not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{path}: line {lineno} has no field {field!r} (got {keys}); set data.text_field")
+            if not isinstance(row[field], str):
+                raise ValueError(f"{path}: line {lineno}: field {field!r} must be a string, got "
+                                 f"{type(row[field]).__name__}")
+            yield row[field]
+        offset += len(raw) + 1
 
 
 def _text_column(ds: Any, field: str, source: str) -> Iterator[str]:
@@ -234,7 +358,7 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, eos_id: int) -> tuple[
 
 
 def prepare(source: str, tokenizer: str, out_dir: str | Path, *, val_fraction: float = 0.05,
-            text_field: str = "text") -> dict[str, Any]:
+            text_field: str = "text", decode_errors: str = "replace") -> dict[str, Any]:
     """Tokenize ``source`` into ``out_dir/{train,val}.bin`` + ``meta.json`` (+ tokenizer files).
 
     Returns:
@@ -242,8 +366,9 @@ def prepare(source: str, tokenizer: str, out_dir: str | Path, *, val_fraction: f
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(tokenizer, iter_documents(source, text_field) if tokenizer.startswith("train:") else None)
-    tokens = tokenize_documents(tok, iter_documents(source, text_field))
+    docs = iter_documents(source, text_field, decode_errors) if tokenizer.startswith("train:") else None
+    tok = make_tokenizer(tokenizer, docs)
+    tokens = tokenize_documents(tok, iter_documents(source, text_field, decode_errors))
     train, val = split_tokens(tokens, val_fraction, tok.eos_id)
     for name, arr in (("train", train), ("val", val)):
         tmp = out / f".{name}.bin.tmp"

@@ -174,11 +174,11 @@ def _load_data(cfg: TrainConfig, acc: Any, out: Path, resuming: bool) -> tuple[A
         if d.tokenizer.startswith("train:") and saved.is_file() and (resuming or not acc.is_main_process):
             tok = BPETokenizer.load(saved)
         else:
-            docs = iter_documents(d.source, d.text_field) if d.tokenizer.startswith("train:") else None
+            docs = iter_documents(d.source, d.text_field, d.decode_errors) if d.tokenizer.startswith("train:") else None
             tok = make_tokenizer(d.tokenizer, docs)
             if acc.is_main_process and d.tokenizer.startswith("train:"):
                 tok.save(out)
-    tokens = tokenize_documents(tok, iter_documents(d.source, d.text_field))
+    tokens = tokenize_documents(tok, iter_documents(d.source, d.text_field, d.decode_errors))
     train, val = split_tokens(tokens, d.val_fraction, tok.eos_id)
     return tok, Tokens(train), Tokens(val)
 
