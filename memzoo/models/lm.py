@@ -12,6 +12,7 @@ plus the sum of the auxiliary losses the mixers recorded during this pass.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.utils import debug_checks
 from .block import Block, RMSNorm
 from .config import ModelConfig
 from .contract import Mixer, check_cu_seqlens
 from .registry import build_mixer
-from .state import state_batch_size
+from .state import state_batch_size, state_leaves
 
-__all__ = ["LanguageModel", "LMOutput", "check_labels", "check_logits_to_keep", "check_max_new_tokens",
-           "check_token_ids", "decode_loop", "sample_next"]
+__all__ = ["LanguageModel", "LMOutput", "NonFiniteWarning", "check_labels", "check_logits_to_keep",
+           "check_max_new_tokens", "check_token_ids", "decode_loop", "sample_next"]
 
 IGNORE_INDEX = -100
 
@@ -79,6 +81,45 @@ def check_logits_to_keep(logits_to_keep: Any) -> None:
     """``logits_to_keep`` must be an int >= 0 (0: every position)."""
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
         raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps every position), got {logits_to_keep!r}")
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """``MEMZOO_DEBUG=1``: where the first non-finite value of a forward pass entered."""
+
+
+class _NonFiniteTrace:
+    """Debug mode: check each stage's output and warn once, at the first stage whose input was finite and whose
+    output is not (the stage that let it in).  Each check syncs with the device, hence debug mode only."""
+
+    def __init__(self) -> None:
+        self.reported = False
+
+    def check(self, t: Tensor, where: str) -> None:
+        if self.reported or not t.is_floating_point():
+            return
+        bad = ~torch.isfinite(t)
+        if not bool(bad.any()):
+            return
+        self.reported = True
+        if t.dim() >= 2:
+            rows = bad.flatten(2).any(-1) if t.dim() > 2 else bad  # [B, T]
+            b, pos = rows.nonzero()[0].tolist()
+            value = t[b, pos][bad[b, pos]][0].item() if t.dim() > 2 else t[b, pos].item()
+            at = f"batch row {b}, position {pos} (the first non-finite position in that output)"
+        else:
+            value, at = t[bad][0].item(), f"index {tuple(bad.nonzero()[0].tolist())}"
+        warnings.warn(f"MEMZOO_DEBUG: the first non-finite value ({value}) enters at {where}: {at}. Its input was "
+                      "finite. A chunked or FFT/attention mixer also turns earlier positions of the same chunk or call "
+                      "non-finite (docs/ARCHITECTURE.md, non-finite values)", NonFiniteWarning, stacklevel=3)
+
+    def check_state(self, state: Any, where: str) -> None:
+        for leaf in state_leaves(state):
+            if self.reported:
+                return
+            if leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+                self.reported = True
+                warnings.warn(f"MEMZOO_DEBUG: the incoming {where} already holds non-finite values (from an earlier "
+                              "call)", NonFiniteWarning, stacklevel=3)
 
 
 class LanguageModel(nn.Module):
@@ -176,14 +217,23 @@ class LanguageModel(nn.Module):
         for m in self.mixers:
             m.pop_aux_losses()
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        trace = _NonFiniteTrace() if debug_checks() else None
+        if trace:
+            trace.check(x, "the token embeddings (embed.weight)" if inputs_embeds is None else "inputs_embeds")
         new_states = []
-        for block, s in zip(self.blocks, states):
+        for i, (block, s) in enumerate(zip(self.blocks, states)):
+            if trace:
+                trace.check_state(s, f"state[{i}]")
             x, s = block(x, s, cu_seqlens=cu_seqlens)
+            if trace:
+                trace.check(x, f"layer {i} (the block around {type(block.mixer).__name__})")
             new_states.append(s)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
+        if trace:
+            trace.check(logits, "the output head (final norm + lm_head)")
         aux = {f"layers.{i}.{k}": v for i, m in enumerate(self.mixers) for k, v in m.pop_aux_losses().items()}
         out = LMOutput(logits=logits, state=tuple(new_states), aux_losses=aux, hidden=hidden if output_hidden else None)
         if labels is not None:

@@ -347,6 +347,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.step()
         skipped = (not finite and t.skip_nan_inf) or acc.optimizer_step_was_skipped
         state.skipped_steps += int(skipped)
+        if skipped:
+            why = (f"non-finite gradient norm {grad_norm.item()}" if not finite and t.precision != "fp16"
+                   else "the fp16 grad scaler found an overflow")
+            say(f"step {state.step + 1}: {why}; optimizer update skipped ({state.skipped_steps} skipped so far)")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
