@@ -4,15 +4,19 @@ Each row is ``(id, call, exception type, pattern)``: ``call(env)`` must raise ex
 and the message must match ``pattern``, which always contains the argument's name and what was expected.
 The per-mixer edges (state=None in step, B=0, T=1, dtype, states of other mixers and sizes) run for every
 registered mixer and variant in tests/models/test_contract.py; this table covers the models around them
-(LanguageModel, HMT, LongMem), the mixers' entry points with the arguments not shared by that suite, and the
-trainer's command line.  The Hugging Face classes are tested in tests/integrations.
+(LanguageModel, HMT, LongMem), the mixers' entry points with the arguments not shared by that suite, and both
+command lines (memzoo-train's options, memzoo-bench's usage errors, exit status 2, turned into a ``ValueError``).
+The Hugging Face classes are tested in tests/integrations.
 """
 
+import contextlib
+import io
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from memzoo.eval.cli import main as bench_main
 from memzoo.models import LanguageModel, ModelConfig, build_mixer
 from memzoo.models.wrappers import HMT, HMTConfig, LongMem, LongMemConfig
 from memzoo.train.cli import parse_train_args
@@ -224,6 +228,15 @@ def _retype_first_float(state):
     return visit(state)
 
 
+def _resume_check(path):
+    from pathlib import Path
+
+    from memzoo.train.loop import _resume_from
+
+    cfg, _ = parse_train_args(["--ckpt.resume", path])
+    _resume_from(cfg, Path("/nonexistent/out"))
+
+
 def _cli_cases():
     return [
         ("train-cli-positional", lambda e: parse_train_args(["model.safetensors"]), ConfigError,
@@ -234,10 +247,75 @@ def _cli_cases():
          r"no_such_preset"),
         ("train-cli-unknown-mixer", lambda e: parse_train_args(["--model.pattern", "transformer"]), ConfigError,
          r"transformer"),
+        ("train-cli-decode-errors", lambda e: parse_train_args(["--data.decode_errors", "ignore"]), ConfigError,
+         r"data.decode_errors must be 'replace' or 'strict', got 'ignore'"),
+        ("train-cli-resume-not-a-checkpoint", lambda e: _resume_check("/nonexistent/ckpt"), ConfigError,
+         r"ckpt.resume '/nonexistent/ckpt' is not a complete memzoo checkpoint folder"),
     ]
 
 
-CASES = _lm_cases() + _hmt_cases() + _longmem_cases() + _mixer_cases() + _cli_cases()
+def bench(*argv: str) -> None:
+    """Run memzoo-bench's ``main``; exit status 2 (a usage error) becomes a ``ValueError`` with its stderr line."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = bench_main(list(argv))
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+    if rc == 2:
+        raise ValueError(err.getvalue().strip().splitlines()[-1])
+    raise AssertionError(f"memzoo-bench {' '.join(argv)} exited with {rc}, not a usage error")
+
+
+def _bench_cases():
+    return [
+        ("bench-unknown-task", lambda e: bench("nope"), ValueError, r"argument task: invalid choice: 'nope'"),
+        ("bench-unknown-preset", lambda e: bench("mqar", "--preset", "nope", "--dump-config"), ValueError,
+         r"unknown preset 'nope' for task 'mqar'"),
+        ("bench-unknown-mixer", lambda e: bench("mqar", "--model", "transformer", "--dump-config"), ValueError,
+         r"unknown mixer\(s\) \['transformer'\]"),
+        ("bench-d-model-text", lambda e: bench("mqar", "--d-model", "abc", "--dump-config"), ValueError,
+         r"argument --d-model: expected comma-separated integers, got 'abc'"),
+        ("bench-d-model-negative", lambda e: bench("mqar", "--d-model", "-8", "--dump-config"), ValueError,
+         r"d_models must be positive"),
+        ("bench-mixer-opts-list", lambda e: bench("mqar", "--mixer-opts", "[1]", "--dump-config"), ValueError,
+         r"--mixer-opts must be a JSON object"),
+        ("bench-mixer-opts-unknown", lambda e: bench("mqar", "--model", "attention", "--mixer-opts",
+                                                     '{"attention": {"heads": 3}}', "--dump-config"), ValueError,
+         r"bad options for mixer 'attention'.*'heads'"),
+        ("bench-seeds-text", lambda e: bench("mqar", "--seeds", "x", "--dump-config"), ValueError,
+         r"--seeds must be N or a comma-separated list of integers, got 'x'"),
+        ("bench-seeds-zero", lambda e: bench("mqar", "--seeds", "0", "--dump-config"), ValueError,
+         r"--seeds must be >= 1, got 0"),
+        ("bench-lr-negative", lambda e: bench("mqar", "--lr", "-1", "--dump-config"), ValueError,
+         r"lrs must be positive"),
+        ("bench-kv-zero", lambda e: bench("mqar", "--kv", "0", "--dump-config"), ValueError, r"num_kv_pairs"),
+        ("bench-kv-too-long", lambda e: bench("mqar", "--seq-len", "8", "--kv", "4", "--dump-config"), ValueError,
+         r"--kv 4 does not fit --seq-len 8"),
+        ("bench-epochs-zero", lambda e: bench("mqar", "--epochs", "0", "--dump-config"), ValueError,
+         r"--epochs must be >= 1, got 0"),
+        ("bench-n-layers-zero", lambda e: bench("mqar", "--n-layers", "0", "--dump-config"), ValueError,
+         r"--n-layers must be >= 1, got 0"),
+        ("bench-batch-size-negative", lambda e: bench("mqar", "--batch-size", "-1", "--dump-config"), ValueError,
+         r"--batch-size must be >= 1, got -1"),
+        ("bench-train-len-negative", lambda e: bench("niah", "--train-len", "-5", "--dump-config"), ValueError,
+         r"--train-len must be >= 1"),
+        ("bench-lr-sweep-zero", lambda e: bench("mqar", "--lr-sweep", "0", "--dump-config"), ValueError,
+         r"--lr-sweep must be >= 1"),
+        ("bench-vocab-too-small", lambda e: bench("mqar", "--vocab", "3", "--dump-config"), ValueError,
+         r"vocab_size \(3\) must exceed"),
+        ("bench-config-missing", lambda e: bench("mqar", "--config", "/nonexistent/cfg.json"), ValueError,
+         r"--config '/nonexistent/cfg.json': no such file"),
+        ("bench-config-and-preset", lambda e: bench("mqar", "--config", __file__, "--preset", "ci"), ValueError,
+         r"--config and --preset are mutually exclusive"),
+        ("bench-device-unknown", lambda e: bench("mqar", "--preset", "ci", "--device", "tpu"), ValueError,
+         r"--device 'tpu' is not a torch device"),
+        ("bench-text-niah-no-checkpoint", lambda e: bench("text_niah", "--checkpoint", "/nonexistent"), ValueError,
+         r"checkpoint: no model.safetensors in '/nonexistent'"),
+    ]
+
+
+CASES = _lm_cases() + _hmt_cases() + _longmem_cases() + _mixer_cases() + _cli_cases() + _bench_cases()
 
 
 def test_case_ids_unique():

@@ -93,7 +93,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    parts = _ints(text)
+    try:
+        parts = _ints(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"--seeds must be N or a comma-separated list of integers, got {text!r}") from None
     if "," not in text and len(parts) == 1:
         if parts[0] < 1:
             raise ValueError(f"--seeds must be >= 1, got {parts[0]}")
@@ -107,6 +110,14 @@ def _replace_all(segments: tuple[Any, ...], **changes: Any) -> tuple[Any, ...]:
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
     """The preset (or ``--config`` file) with the command-line overrides applied."""
+    # A count of 0 is an error, not "use the preset's value" (the overrides below test truthiness).
+    for flag in ("n_layers", "epochs", "batch_size", "max_steps", "train_len", "train_examples", "test_examples",
+                 "vocab", "lr_sweep", "samples", "max_new_tokens"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.config is not None and not args.config.is_file():
+        raise ValueError(f"--config {str(args.config)!r}: no such file")
     if args.config is not None:
         if args.preset:
             raise ValueError("--config and --preset are mutually exclusive")
@@ -214,6 +225,10 @@ def _device(name: str | None) -> str:
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device: {e}") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available")
     return name
