@@ -37,9 +37,13 @@ def env():
     lm_mem = LongMem(LanguageModel(ModelConfig(vocab_size=V, d_model=D, n_layers=2, pattern=("attention",),
                                                mixers={"attention": {"n_heads": 2}}, d_ff=32)),
                      LongMemConfig(segment_len=8, capacity=16, chunk_size=4, n_chunks=2)).eval()
+    lm_mem_other = LongMem(LanguageModel(ModelConfig(vocab_size=V, d_model=D, n_layers=2, pattern=("attention",),
+                                                     mixers={"attention": {"n_heads": 2}}, d_ff=32)),
+                           LongMemConfig(segment_len=8, capacity=32, chunk_size=4, n_chunks=2)).eval()
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
     mixers = {name: build_mixer(name, D).eval() for name in ("attention", "gated_delta", "s4d", "titans_mac")}
-    return SimpleNamespace(lm=lm, other=other, hmt=hmt, hmt_other=hmt_other, longmem=lm_mem, ids=ids,
+    return SimpleNamespace(lm=lm, other=other, hmt=hmt, hmt_other=hmt_other, longmem=lm_mem,
+                           longmem_other=lm_mem_other, ids=ids,
                            x=torch.randn(2, 5, D), mixers=mixers)
 
 
@@ -162,6 +166,8 @@ def _longmem_cases():
          r"LongMem does not take cu_seqlens"),
         ("longmem-state-lm", lambda e: e.longmem(e.ids, state=e.lm.init_state(2)), TypeError,
          r"state must be a LongMemState"),
+        ("longmem-state-other-capacity", lambda e: e.longmem(e.ids, state=e.longmem_other.init_state(2)),
+         ValueError, r"state.bank does not fit this LongMem: keys \(2, \d+, 32, \d+\), expected \(2, \d+, 16"),
         ("longmem-state-batch", lambda e: e.longmem(e.ids, state=e.longmem.init_state(3)), ValueError,
          r"state has batch size 3, but the input has 2"),
         ("longmem-generate-prompt-range-zero-new", lambda e: e.longmem.generate(e.ids + V, 0), ValueError,
@@ -330,3 +336,17 @@ def test_bad_input(env, call, exc, pattern):
     # A clear error, not an internal one re-typed: no AttributeError/IndexError/RuntimeError underneath.
     assert not isinstance(info.value, (AttributeError, IndexError, RuntimeError, KeyError))
 
+
+
+@pytest.mark.parametrize("wrapper", ["hmt", "longmem"])
+def test_wrappers_at_the_edges(env, wrapper):
+    """Accepted with a correct result: T = 1 equals the first position of a longer call, and state=None equals
+    init_state (the wrappers have no step; generate feeds them one token at a time)."""
+    model, ids = getattr(env, wrapper), env.ids
+    with torch.no_grad():
+        full = model(ids)
+        one = model(ids[:, :1])
+        fresh = model(ids, state=model.init_state(2))
+    assert one.logits.shape == (2, 1, V)
+    torch.testing.assert_close(one.logits, full.logits[:, :1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fresh.logits, full.logits, rtol=0, atol=0)
