@@ -206,8 +206,8 @@ def test_triton_refuses_what_it_cannot_run():
         titans_linear(*xs, state, torch.zeros(1, dtype=torch.int64), 12, impl="triton")
 
 
-def _triton_linear(*args):
-    return titans_linear(*args[:-1], cu_seqlens=args[-1], impl="triton")
+def _triton_linear(*args, precision="ieee"):
+    return titans_linear(*args[:-1], cu_seqlens=args[-1], impl="triton", precision=precision)
 
 
 def _ref_linear(*args):
@@ -222,6 +222,34 @@ def test_triton_equals_reference(dtype, tol, T, V, starts):
     xs, state = linear_inputs(T=T, K=32, V=V, dtype=torch.float32, seed=3)
     xs = [x.to(dtype) if i < 3 else x for i, x in enumerate(xs)]
     compare_with_grads(_triton_linear, _ref_linear, xs, state, tol, torch.tensor(starts), 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,precision,tol", [(torch.float32, "tf32", 5e-3), (torch.bfloat16, "tf32", 2e-2)],
+                         ids=["tf32", "bf16"])
+def test_triton_tf32_and_bf16_bounds(gpu_like_dots, dtype, precision, tol):
+    # gpu_like_dots: the interpreter rounds TF32 operands and multiplies bf16 ones as the GPU does; the reference
+    # runs in float64.
+    pytest.importorskip("triton")
+    xs, state = linear_inputs(T=37, K=32, V=32, dtype=torch.float64, seed=3)
+    xs64, state64 = xs, state
+    xs = [x.to(dtype) if i < 3 else x.float() for i, x in enumerate(xs)]
+    state = tuple(x.float() for x in state)
+
+    def tri(*args):
+        return _triton_linear(*args, precision=precision)
+
+    leaves = [x.clone().requires_grad_() for x in [*xs, *state]]
+    leaves64 = [x.clone().requires_grad_() for x in [*xs64, *state64]]
+    y, st = tri(*leaves[:6], tuple(leaves[6:]), torch.tensor([0, 5]), 16, None)
+    y64, st64 = _ref_linear(*leaves64[:6], tuple(leaves64[6:]), torch.tensor([0, 5]), 16, None)
+    assert_close(y.double(), y64, tol, "output")
+    for i, (a, b) in enumerate(zip(st, st64)):
+        assert_close(a.double(), b, tol, f"state {i}")
+    ga = torch.autograd.grad(objective(y.double(), [s.double() for s in st]), leaves)
+    gb = torch.autograd.grad(objective(y64, st64), leaves64)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert_close(a.double(), b, tol, f"gradient {i}")
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import resolve_impl
-from ..utils import check_log_gate, check_recurrence_inputs
+from ..utils import check_log_gate, check_recurrence_inputs, resolve_dot_precision
 from .reference import (
     MIRAS_L2,
     Miras,
@@ -64,7 +64,7 @@ def _check_states(initial_state, shapes: list[tuple[int, ...]]) -> None:
 def titans_linear(
     q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor,
     initial_state: tuple[Tensor, Tensor, Tensor], start_pos: Tensor, chunk_size: int = 16,
-    cu_seqlens: Tensor | None = None, *, impl: str = "auto", miras: Miras = MIRAS_L2,
+    cu_seqlens: Tensor | None = None, *, impl: str = "auto", miras: Miras = MIRAS_L2, precision: str | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """Linear Titans memory ``W [K, V]`` with momentum and decay, exact chunked test-time learning.
 
@@ -78,6 +78,8 @@ def titans_linear(
         cu_seqlens: ``[N + 1]`` int offsets of packed sequences (B == 1); empty sequences allowed.
         impl: ``"auto"`` | ``"triton"`` | ``"ref"``.
         miras: error map and retention (``Miras``); anything but plain l2/l2 runs the chunked reference.
+        precision: input precision of fp32 dots on the Triton path, ``"tf32"`` or ``"ieee"``; None reads
+            ``$MEMZOO_DOT_PRECISION``, default ``"tf32"`` (bf16/fp16 inputs always run on tensor cores).
 
     Returns:
         y ``[B, T, H, V]`` in q's dtype and the final (W_base, W, S) in fp32 (fp64 for fp64 inputs).
@@ -85,6 +87,7 @@ def titans_linear(
     n_seq = _check_common(q, k, v, theta, log_eta, log_gamma, start_pos, chunk_size, cu_seqlens)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     _check_states(initial_state, [(n_seq, H, K, V)] * 3)
+    precision = resolve_dot_precision(precision)
     if not isinstance(miras, Miras):
         raise TypeError(f"miras must be a Miras, got {type(miras).__name__}")
     if impl == "triton" and not miras.is_titans:
@@ -98,7 +101,7 @@ def titans_linear(
         from .triton_chunk import titans_linear_triton
 
         return titans_linear_triton(q, k, v, theta, log_eta, log_gamma, initial_state, start_pos, chunk_size,
-                                    cu_seqlens)
+                                    cu_seqlens, precision)
     y, state = titans_linear_chunk_ref(q, k, v, theta, log_eta, log_gamma, initial_state, start_pos, chunk_size,
                                        cu_seqlens, miras=miras)
     return y.to(q.dtype), state

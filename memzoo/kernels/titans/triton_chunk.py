@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..utils import flatten_batch
+from ..utils import flatten_batch, resolve_dot_precision
 
 __all__ = ["titans_linear_triton"]
 
@@ -32,7 +32,7 @@ __all__ = ["titans_linear_triton"]
 def _titans_linear_fwd_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, w0, s0, start_pos, cu, y, wb_out, w_out, s_out, h_w, h_s, chunk_off,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    STORE_STATES: tl.constexpr,
+    STORE_STATES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -44,10 +44,12 @@ def _titans_linear_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    o_state = tl.cast(i_nh, tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    b_wb = tl.load(wb0 + o_state, mask=m_kv, other=0.0)  # [BK, BV] gradient base
-    b_w = tl.load(w0 + o_state, mask=m_kv, other=0.0)  # [BK, BV]
-    b_s = tl.load(s0 + o_state, mask=m_kv, other=0.0)  # [BK, BV]
+    # int64 only in scalar bases; tile offsets are int32.
+    p_state = tl.cast(i_nh, tl.int64) * K * V
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    b_wb = tl.load(wb0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
+    b_w = tl.load(w0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+    b_s = tl.load(s0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
     b_nb = b_wb
     n_chunks = (pos0 + n_tok + BT - 1) // BT
     next_chunk = (pos0 + n_tok) // BT
@@ -58,60 +60,65 @@ def _titans_linear_fwd_kernel(
     for i_c in range(0, n_chunks):
         if STORE_STATES:
             # Chunk-start states for the backward pass (only chunk boundaries are ever stored).
-            o_h = ((o_first + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-            tl.store(h_w + o_h, b_w, mask=m_kv)
-            tl.store(h_s + o_h, b_s, mask=m_kv)
-        o_rel = tl.cast(i_c, tl.int64) * BT - pos0 + o_t  # [BT] token index inside the sequence
+            p_h = ((o_first + i_c) * H + i_h) * K * V
+            tl.store(h_w + p_h + o_kv, b_w, mask=m_kv)
+            tl.store(h_s + p_h + o_kv, b_s, mask=m_kv)
+        # Token t0 + o_t of the packed sequence sits at slot o_t of this chunk (t0 < bos in a partial first chunk).
+        t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
+        o_rel = t0 - bos + o_t  # [BT] token index inside the sequence
         m_t = (o_rel >= 0) & (o_rel < n_tok)
-        o_tok = bos + o_rel
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_v = tl.load(v + (o_tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)  # [BT, BV]
+        m_tv = m_t[:, None] & m_v[None, :]
+        o_tk = o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
+        o_tv = o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV]
+        b_q = tl.load(q + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
+        b_k = tl.load(k + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
+        b_v = tl.load(v + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         # Rows outside the sequence get theta = 0, eta = gamma = 1: identity updates.
-        b_th = tl.load(theta + o_tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-        b_le = tl.cumsum(tl.load(log_eta + o_tok * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-        b_lg = tl.cumsum(tl.load(log_gamma + o_tok * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        p_g = t0 * H + i_h + o_t * H
+        b_th = tl.load(theta + p_g, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+        b_le = tl.cumsum(tl.load(log_eta + p_g, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_lg = tl.cumsum(tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32), axis=0)
         # Exponentiate only differences with i <= t; a padded column i adds no S_i to W.
         b_lam = tl.exp(tl.where(m_causal & m_t[None, :], b_lg[:, None] - b_lg[None, :], float("-inf")))
         b_nm = tl.exp(tl.where(m_causal, b_le[:, None] - b_le[None, :], float("-inf"))) * b_th[None, :]
-        b_G = tl.dot(b_lam, b_nm, input_precision="ieee")  # [BT, BT]
+        b_G = tl.dot(b_lam, b_nm, input_precision=DOT_PRECISION)  # [BT, BT]
         b_m = tl.exp(b_le)  # [BT]
         b_f = tl.sum(b_lam * b_m[None, :], axis=1)  # [BT]
         b_beta = tl.exp(b_lg)  # [BT]
-        b_A = b_G * tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BT, BT]
-        b_e = tl.dot(b_k, b_wb, input_precision="ieee") - b_v  # [BT, BV] errors at the chunk base
-        b_y = b_beta[:, None] * tl.dot(b_q, b_w, input_precision="ieee")
-        b_y += b_f[:, None] * tl.dot(b_q, b_s, input_precision="ieee")
-        b_y -= tl.dot(b_A, b_e, input_precision="ieee")
-        tl.store(y + (o_tok[:, None] * H + i_h) * V + o_v[None, :], b_y.to(y.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+        b_A = b_G * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
+        # Errors at the chunk base, E = K W_base - V.
+        b_e = tl.dot(b_k, b_wb.to(b_k.dtype), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
+        b_y = b_beta[:, None] * tl.dot(b_q, b_w.to(b_q.dtype), input_precision=DOT_PRECISION)
+        b_y += b_f[:, None] * tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION)
+        b_y = tl.dot((-b_A).to(b_q.dtype), b_e.to(b_q.dtype), b_y, input_precision=DOT_PRECISION)
+        tl.store(y + (t0 * H + i_h) * V + o_tv, b_y.to(y.dtype.element_ty), mask=m_tv)
         b_g_end = tl.sum(tl.where(last[:, None], b_G, 0.0), axis=0)  # [BT] row b of G
         b_n_end = tl.sum(tl.where(last[:, None], b_nm, 0.0), axis=0)  # [BT] row b of N
         b_beta_end = tl.sum(tl.where(last, b_beta, 0.0))
         b_f_end = tl.sum(tl.where(last, b_f, 0.0))
         b_m_end = tl.sum(tl.where(last, b_m, 0.0))
         b_kt = tl.trans(b_k)  # [BK, BT]
-        b_w_new = b_beta_end * b_w + b_f_end * b_s - tl.dot(b_kt, b_g_end[:, None] * b_e, input_precision="ieee")
-        b_s = b_m_end * b_s - tl.dot(b_kt, b_n_end[:, None] * b_e, input_precision="ieee")
+        b_w_new = tl.dot(b_kt, (-b_g_end[:, None] * b_e).to(b_k.dtype), b_beta_end * b_w + b_f_end * b_s,
+                         input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_kt, (-b_n_end[:, None] * b_e).to(b_k.dtype), b_m_end * b_s, input_precision=DOT_PRECISION)
         b_w = b_w_new
         b_wb = b_w
         b_nb = tl.where(next_chunk == i_c + 1, b_w, b_nb)
-    tl.store(wb_out + o_state, b_nb, mask=m_kv)
-    tl.store(w_out + o_state, b_w, mask=m_kv)
-    tl.store(s_out + o_state, b_s, mask=m_kv)
+    tl.store(wb_out + p_state + o_kv, b_nb, mask=m_kv)
+    tl.store(w_out + p_state + o_kv, b_w, mask=m_kv)
+    tl.store(s_out + p_state + o_kv, b_s, mask=m_kv)
 
 
 @triton.jit
-def _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal):
+def _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal, DOT_PRECISION: tl.constexpr):
     """In-chunk coefficients from the (masked) gates: Lam, P (eta products), N = P theta, G = Lam N, m, f, beta."""
     b_le = tl.cumsum(b_le_raw, axis=0)
     b_lg = tl.cumsum(b_lg_raw, axis=0)
     b_lam = tl.exp(tl.where(m_causal & m_t[None, :], b_lg[:, None] - b_lg[None, :], float("-inf")))  # [BT, BT]
     b_p = tl.exp(tl.where(m_causal, b_le[:, None] - b_le[None, :], float("-inf")))  # [BT, BT]
     b_nm = b_p * b_th[None, :]
-    b_G = tl.dot(b_lam, b_nm, input_precision="ieee")
+    b_G = tl.dot(b_lam, b_nm, input_precision=DOT_PRECISION)
     b_m = tl.exp(b_le)
     b_f = tl.sum(b_lam * b_m[None, :], axis=1)
     return b_lam, b_p, b_nm, b_G, b_m, b_f, tl.exp(b_lg)
@@ -122,6 +129,7 @@ def _titans_linear_bwd_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dwb_out, dw_out, ds_out,
     dq, dk, dv, dth, dle, dlg, dwb0, dw0, ds0, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Reverse chunk pass: dW, dS (the gradients w.r.t. the chunk-end states) walk back through the chunks.
 
@@ -139,11 +147,13 @@ def _titans_linear_bwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    o_state = tl.cast(i_nh, tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    b_dw = tl.load(dw_out + o_state, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
-    b_ds = tl.load(ds_out + o_state, mask=m_kv, other=0.0)  # [BK, BV]
-    b_dnb = tl.load(dwb_out + o_state, mask=m_kv, other=0.0)  # gradient w.r.t. the returned base
-    b_wb0 = tl.load(wb0 + o_state, mask=m_kv, other=0.0)
+    # int64 only in scalar bases; tile offsets are int32.
+    p_state = tl.cast(i_nh, tl.int64) * K * V
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    b_dw = tl.load(dw_out + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
+    b_ds = tl.load(ds_out + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+    b_dnb = tl.load(dwb_out + p_state + o_kv, mask=m_kv, other=0.0)  # gradient w.r.t. the returned base
+    b_wb0 = tl.load(wb0 + p_state + o_kv, mask=m_kv, other=0.0)
     b_dwb0 = tl.zeros([BK, BV], dtype=tl.float32)
     n_chunks = (pos0 + n_tok + BT - 1) // BT
     next_chunk = (pos0 + n_tok) // BT
@@ -156,60 +166,63 @@ def _titans_linear_bwd_kernel(
         i_c = n_chunks - 1 - i_r
         # The returned base is the end of chunk next_chunk - 1.
         b_dw += tl.where(next_chunk == i_c + 1, b_dnb, 0.0)
-        o_h = ((o_first + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_w = tl.load(h_w + o_h, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
-        b_s = tl.load(h_s + o_h, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
+        p_h = ((o_first + i_c) * H + i_h) * K * V
+        b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
+        b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
         b_wg = tl.where(i_c == 0, b_wb0, b_w)  # gradient base
-        o_rel = tl.cast(i_c, tl.int64) * BT - pos0 + o_t
+        t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
+        o_rel = t0 - bos + o_t
         m_t = (o_rel >= 0) & (o_rel < n_tok)
-        o_tok = bos + o_rel
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        p_qk = (o_tok[:, None] * H + i_h) * K + o_k[None, :]
-        p_v = (o_tok[:, None] * H + i_h) * V + o_v[None, :]
-        b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-        b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
-        b_do = tl.load(dy + p_v, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
-        b_th = tl.load(theta + o_tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_le_raw = tl.load(log_eta + o_tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_lg_raw = tl.load(log_gamma + o_tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_lam, b_p, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal)
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BT, BT]
-        b_e = tl.dot(b_k, b_wg, input_precision="ieee") - b_v  # [BT, BV]
+        o_tk = o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
+        o_tv = o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV]
+        b_q = tl.load(q + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
+        b_k = tl.load(k + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
+        dt = b_k.dtype
+        b_v = tl.load(v + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_do = tl.load(dy + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(dt)  # [BT, BV]
+        p_g = t0 * H + i_h + o_t * H
+        b_th = tl.load(theta + p_g, mask=m_t, other=0.0).to(tl.float32)
+        b_le_raw = tl.load(log_eta + p_g, mask=m_t, other=0.0).to(tl.float32)
+        b_lg_raw = tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32)
+        b_lam, b_p, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal,
+                                                                      DOT_PRECISION)
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
+        b_e = tl.dot(b_k, b_wg.to(dt), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
         b_g_end = tl.sum(tl.where(last[:, None], b_G, 0.0), axis=0)  # [BT]
         b_n_end = tl.sum(tl.where(last[:, None], b_nm, 0.0), axis=0)  # [BT]
         b_beta_end = tl.sum(tl.where(last, b_beta, 0.0))
         b_f_end = tl.sum(tl.where(last, b_f, 0.0))
         b_m_end = tl.sum(tl.where(last, b_m, 0.0))
-        b_kdw = tl.dot(b_k, b_dw, input_precision="ieee")  # [BT, BV]
-        b_kds = tl.dot(b_k, b_ds, input_precision="ieee")  # [BT, BV]
-        b_da = -tl.dot(b_do, tl.trans(b_e), input_precision="ieee")  # [BT, BT] gradient of A = G * QK^T
+        b_kdw = tl.dot(b_k, b_dw.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
+        b_kds = tl.dot(b_k, b_ds.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
+        b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT] gradient of G * QK^T
         b_dag = b_da * b_G
         # E feeds the outputs (through -A E) and both chunk-end states.
-        b_de = -tl.dot(tl.trans(b_G * b_qk), b_do, input_precision="ieee")
-        b_de -= b_g_end[:, None] * b_kdw + b_n_end[:, None] * b_kds  # [BT, BV]
-        tl.store(dv + p_v, (-b_de).to(dv.dtype.element_ty), mask=m_tv)
-        b_wT, b_sT = tl.trans(b_w), tl.trans(b_s)  # [BV, BK]
-        b_dq = b_beta[:, None] * tl.dot(b_do, b_wT, input_precision="ieee")
-        b_dq += b_f[:, None] * tl.dot(b_do, b_sT, input_precision="ieee")
-        b_dq += tl.dot(b_dag, b_k, input_precision="ieee")  # [BT, BK]
-        b_dk = tl.dot(b_de, tl.trans(b_wg), input_precision="ieee") + tl.dot(tl.trans(b_dag), b_q,
-                                                                              input_precision="ieee")
-        b_dk -= b_g_end[:, None] * tl.dot(b_e, tl.trans(b_dw), input_precision="ieee")
-        b_dk -= b_n_end[:, None] * tl.dot(b_e, tl.trans(b_ds), input_precision="ieee")
-        p_part = ((o_dpart + o_tok[:, None]) * H + i_h) * K + o_k[None, :]
-        tl.store(dq + p_part, b_dq, mask=m_tk)
-        tl.store(dk + p_part, b_dk, mask=m_tk)
+        b_de = -(b_g_end[:, None] * b_kdw + b_n_end[:, None] * b_kds)  # [BT, BV]
+        b_de = tl.dot(tl.trans(-(b_G * b_qk)).to(dt), b_do, b_de, input_precision=DOT_PRECISION)
+        tl.store(dv + (t0 * H + i_h) * V + o_tv, (-b_de).to(dv.dtype.element_ty), mask=m_tv)
+        b_dq = b_beta[:, None] * tl.dot(b_do, tl.trans(b_w.to(dt)), input_precision=DOT_PRECISION)
+        b_dq += b_f[:, None] * tl.dot(b_do, tl.trans(b_s.to(dt)), input_precision=DOT_PRECISION)
+        b_dq = tl.dot(b_dag.to(dt), b_k, b_dq, input_precision=DOT_PRECISION)  # [BT, BK]
+        b_dk = tl.dot(b_de.to(dt), tl.trans(b_wg.to(dt)), input_precision=DOT_PRECISION)
+        b_dk = tl.dot(tl.trans(b_dag.to(dt)), b_q, b_dk, input_precision=DOT_PRECISION)
+        b_dk -= b_g_end[:, None] * tl.dot(b_e.to(dt), tl.trans(b_dw.to(dt)), input_precision=DOT_PRECISION)
+        b_dk -= b_n_end[:, None] * tl.dot(b_e.to(dt), tl.trans(b_ds.to(dt)), input_precision=DOT_PRECISION)
+        p_part = (o_dpart + t0) * H * K + i_h * K
+        tl.store(dq + p_part + o_tk, b_dq, mask=m_tk)
+        tl.store(dk + p_part + o_tk, b_dk, mask=m_tk)
         # Coefficient gradients (this V tile's share), then the chain through the log-cumsums.
-        b_dbeta = tl.sum(b_do * tl.dot(b_q, b_w, input_precision="ieee"), axis=1)
+        b_dbeta = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_w.to(dt), input_precision=DOT_PRECISION), axis=1)
         b_dbeta += tl.where(last, tl.sum(b_dw * b_w), 0.0)
-        b_df = tl.sum(b_do * tl.dot(b_q, b_s, input_precision="ieee"), axis=1) + tl.where(last, tl.sum(b_dw * b_s), 0.0)
+        b_df = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_s.to(dt), input_precision=DOT_PRECISION), axis=1)
+        b_df += tl.where(last, tl.sum(b_dw * b_s), 0.0)
         b_dm = tl.where(last, tl.sum(b_ds * b_s), 0.0)  # [BT]
         b_dG = b_da * b_qk - tl.where(last[:, None], tl.sum(b_e * b_kdw, axis=1)[None, :], 0.0)
         b_dN = -tl.where(last[:, None], tl.sum(b_e * b_kds, axis=1)[None, :], 0.0)
-        b_dN += tl.dot(tl.trans(b_lam), b_dG, input_precision="ieee")
-        b_dlam = tl.dot(b_dG, tl.trans(b_nm), input_precision="ieee") + b_df[:, None] * b_m[None, :]
+        b_dN = tl.dot(tl.trans(b_lam), b_dG, b_dN, input_precision=DOT_PRECISION)
+        b_dlam = tl.dot(b_dG, tl.trans(b_nm), b_df[:, None] * b_m[None, :], input_precision=DOT_PRECISION)
         b_dm += tl.sum(b_lam * b_df[:, None], axis=0)
         b_dth = tl.sum(b_dN * b_p, axis=0)
         b_dpp = b_dN * b_nm  # dP * P
@@ -219,26 +232,30 @@ def _titans_linear_bwd_kernel(
         # Cumsum backward: a reverse cumsum inside the chunk.
         b_dle = tl.sum(b_dle_c) - tl.cumsum(b_dle_c, axis=0) + b_dle_c
         b_dlg = tl.sum(b_dlg_c) - tl.cumsum(b_dlg_c, axis=0) + b_dlg_c
-        p_g = (o_dpart + o_tok) * H + i_h
-        tl.store(dth + p_g, b_dth, mask=m_t)
-        tl.store(dle + p_g, b_dle, mask=m_t)
-        tl.store(dlg + p_g, b_dlg, mask=m_t)
+        p_gp = (o_dpart + t0) * H + i_h + o_t * H
+        tl.store(dth + p_gp, b_dth, mask=m_t)
+        tl.store(dle + p_gp, b_dle, mask=m_t)
+        tl.store(dlg + p_gp, b_dlg, mask=m_t)
         # Gradients w.r.t. this chunk's start states (W is also the base of every chunk but the first).
-        b_dwg = tl.dot(tl.trans(b_k), b_de, input_precision="ieee")  # [BK, BV]
-        b_dw_start = b_beta_end * b_dw + tl.dot(tl.trans(b_q), b_beta[:, None] * b_do, input_precision="ieee")
-        b_ds = b_f_end * b_dw + b_m_end * b_ds + tl.dot(tl.trans(b_q), b_f[:, None] * b_do, input_precision="ieee")
+        b_dwg = tl.dot(tl.trans(b_k), b_de.to(dt), input_precision=DOT_PRECISION)  # [BK, BV]
+        b_dw_start = tl.dot(tl.trans(b_q), (b_beta[:, None] * b_do).to(dt), b_beta_end * b_dw,
+                            input_precision=DOT_PRECISION)
+        b_ds = tl.dot(tl.trans(b_q), (b_f[:, None] * b_do).to(dt), b_f_end * b_dw + b_m_end * b_ds,
+                      input_precision=DOT_PRECISION)
         b_dwb0 += tl.where(i_c == 0, b_dwg, 0.0)
         b_dw = b_dw_start + tl.where(i_c == 0, 0.0, b_dwg)
-    tl.store(dwb0 + o_state, b_dwb0, mask=m_kv)
-    tl.store(dw0 + o_state, b_dw, mask=m_kv)
-    tl.store(ds0 + o_state, b_ds, mask=m_kv)
+    tl.store(dwb0 + p_state + o_kv, b_dwb0, mask=m_kv)
+    tl.store(dw0 + p_state + o_kv, b_dw, mask=m_kv)
+    tl.store(ds0 + p_state + o_kv, b_ds, mask=m_kv)
 
 
 def _blocks(K, V):
-    return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+    # BV = 16: the backward keeps six fp32 [K, BV] state tiles live, spill-free up to K = 128.
+    return max(16, triton.next_power_of_2(K)), 16
 
 
-def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, store_states=False):
+def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision,
+                    store_states=False):
     T, H, K = q.shape
     V = v.shape[-1]
     n_seq = cu.shape[0] - 1
@@ -256,21 +273,22 @@ def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
     grid = (triton.cdiv(V, BV), n_seq * H)
     _titans_linear_fwd_kernel[grid](
         q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, y, *outs, h_w, h_s, chunk_off, T,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, STORE_STATES=store_states,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, STORE_STATES=store_states, DOT_PRECISION=precision,
     )
     if store_states:
         return (y, *outs), (h_w, h_s, chunk_off)
     return (y, *outs)
 
 
-def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, dy, dwb, dw, ds):
+def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision, dy, dwb, dw,
+                     ds):
     T, H, K = q.shape
     V = v.shape[-1]
     n_seq = cu.shape[0] - 1
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     _, (h_w, h_s, chunk_off) = _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
-                                               chunk_size, store_states=True)
+                                               chunk_size, precision, store_states=True)
     dq, dk = (torch.empty(NV, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dth, dle, dlg = (torch.empty(NV, T, H, dtype=torch.float32, device=q.device) for _ in range(3))
     dv = torch.empty_like(v)
@@ -278,6 +296,7 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     _titans_linear_bwd_kernel[(NV, n_seq * H)](
         q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dwb, dw, ds,
         dq, dk, dv, dth, dle, dlg, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        DOT_PRECISION=precision,
     )
     grads = (dq.sum(0), dk.sum(0), dv, dth.sum(0), dle.sum(0), dlg.sum(0))
     return [g.to(x.dtype) for g, x in zip(grads, (q, k, v, theta, log_eta, log_gamma))] + [dwb0, dw0, ds0]
@@ -285,13 +304,13 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
 
 @torch.library.custom_op("memzoo::titans_linear_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor, wb: Tensor,
-            w: Tensor, s: Tensor, start_pos: Tensor, cu: Tensor, chunk_size: int
+            w: Tensor, s: Tensor, start_pos: Tensor, cu: Tensor, chunk_size: int, precision: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size)
+    return _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size):
+def _(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision):
     T, H, _ = q.shape
     return (v.new_empty(T, H, v.shape[-1], dtype=q.dtype), torch.empty_like(wb), torch.empty_like(w),
             torch.empty_like(s))
@@ -299,20 +318,20 @@ def _(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size):
 
 @torch.library.custom_op("memzoo::titans_linear_bwd", mutates_args=())
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor, wb: Tensor,
-            w: Tensor, s: Tensor, start_pos: Tensor, cu: Tensor, chunk_size: int, dy: Tensor, dwb: Tensor,
-            dw: Tensor, ds: Tensor) -> list[Tensor]:
-    return _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, dy, dwb, dw,
-                            ds)
+            w: Tensor, s: Tensor, start_pos: Tensor, cu: Tensor, chunk_size: int, precision: str, dy: Tensor,
+            dwb: Tensor, dw: Tensor, ds: Tensor) -> list[Tensor]:
+    return _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision, dy,
+                            dwb, dw, ds)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, dy, dwb, dw, ds):
+def _(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision, dy, dwb, dw, ds):
     return [torch.empty_like(x) for x in (q, k, v, theta, log_eta, log_gamma, wb, w, s)]
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:11])
-    ctx.chunk_size = inputs[11]
+    ctx.chunk_size, ctx.precision = inputs[11], inputs[12]
 
 
 def _backward(ctx, dy, dwb, dw, ds):
@@ -320,8 +339,8 @@ def _backward(ctx, dy, dwb, dw, ds):
     q, v, wb = saved[0], saved[2], saved[6]
     dy = torch.zeros(q.shape[:2] + v.shape[-1:], dtype=q.dtype, device=q.device) if dy is None else dy
     dwb, dw, ds = (torch.zeros_like(wb) if d is None else d.contiguous() for d in (dwb, dw, ds))
-    grads = _bwd_op(*saved, ctx.chunk_size, dy.contiguous(), dwb, dw, ds)
-    return (*grads, None, None, None)
+    grads = _bwd_op(*saved, ctx.chunk_size, ctx.precision, dy.contiguous(), dwb, dw, ds)
+    return (*grads, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -329,7 +348,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def titans_linear_triton(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor,
                          initial_state: tuple[Tensor, Tensor, Tensor], start_pos: Tensor, chunk_size: int,
-                         cu_seqlens: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+                         cu_seqlens: Tensor | None = None, precision: str | None = None
+                         ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """The Triton path of ``titans_linear`` (inputs validated by the dispatcher; per-head log_gamma only)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -344,5 +364,6 @@ def titans_linear_triton(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta
     q, k, v, theta, log_eta, log_gamma = (x[0].contiguous() for x in (q, k, v, theta, log_eta, log_gamma))
     wb, w, s = (x.float().contiguous() for x in initial_state)
     start_pos = start_pos.to(device=q.device, dtype=torch.int64).contiguous()
-    y, wb, w, s = _fwd_op(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu.contiguous(), chunk_size)
+    y, wb, w, s = _fwd_op(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu.contiguous(), chunk_size,
+                          resolve_dot_precision(precision))
     return y.reshape(B, T, H, V), (wb, w, s)
