@@ -184,8 +184,7 @@ def _gated_delta_cases():
                 with torch.no_grad():
                     fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                                      use_qk_l2norm=True, impl="triton")
-            # CI: bf16 K64 only while the chunk kernels spill (issue 20): their K128 compiles take minutes each
-            yield "gated_delta", f"{name} K{d} V{d}", run, name == "bf16" and d == 64
+            yield "gated_delta", f"{name} K{d} V{d}", run, _in_ci(name, d)
 
 
 def _titans_cases():

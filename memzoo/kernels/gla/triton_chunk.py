@@ -15,15 +15,13 @@ pass for dh / dh0, dA, dv, the intra-chunk dq / dk and the inter-chunk dq / dk /
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..triton_utils import autotune_or_fixed
-from ..utils import chunk_table, flatten_batch
+from ..utils import chunk_table, flatten_batch, resolve_dot_precision
 
 __all__ = ["chunk_gla_triton"]
 
@@ -36,11 +34,8 @@ RCP_LN2 = tl.constexpr(1.4426950408889634)
 # ``vector & scalar`` produces.
 # Input precision of the dots whose operands are fp32 (fp32 inputs, and the fp32 A / dA tiles): "tf32" runs them
 # on tensor cores; "ieee" (exact fp32, for exactness checks) runs them on the FMA units, ~15x slower, and its
-# [64, 64] tiles spill registers at the default configs.  Read once at import, the switch of the issue-20 kernels.
-DOT_PRECISION_ENV_VAR = "MEMZOO_DOT_PRECISION"
-_PREC = tl.constexpr(os.environ.get(DOT_PRECISION_ENV_VAR, "tf32"))
-if _PREC.value not in ("tf32", "ieee"):
-    raise ValueError(f"${DOT_PRECISION_ENV_VAR} must be 'tf32' or 'ieee', got {_PREC.value!r}")
+# [64, 64] tiles spill registers at the default configs.  $MEMZOO_DOT_PRECISION, read once at import.
+_PREC = tl.constexpr(resolve_dot_precision(None))
 
 
 @triton.jit
