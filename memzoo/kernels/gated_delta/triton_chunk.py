@@ -31,9 +31,39 @@ from .triton_chunk_fwd import forward_states as _forward_states
 __all__ = ["chunk_gated_delta_rule_triton"]
 
 _STATE_CONFIGS = [
-    triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (32, 64) for w in (2, 4) for s in (2, 3, 4)
+    triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (2, 4) for s in (1, 2, 3)
 ]
-_STATE_DEFAULT = triton.Config({"BV": 32}, num_warps=4, num_stages=2)
+# One stage and BV = 16: the state pass keeps a [K, BV] fp32 tile and three [BT, K] fp32 input tiles.
+_STATE_DEFAULT = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _dstate_tile_store(p, b_dh, o_t, o_kv, i_kt: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    # One K tile of a state gradient (columns past V carry an out-of-range offset in o_kv).
+    o_k = i_kt * BK + tl.arange(0, BK)
+    tl.store(p + i_kt * BK * V + o_kv, b_dh, mask=(o_k < K)[:, None] & (o_kv < 1 << 30))
+
+
+@triton.jit
+def _dstate_tile_dd(k_tail, p_k, b_dh, b_dd, o_t, i_kt: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    # dD += k_tail[:, tile] dS[tile]
+    o_k = i_kt * BK + tl.arange(0, BK)
+    b_kt = tl.load(k_tail + p_k + o_t[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.0)  # [BT, BK]
+    return tl.dot(b_kt, b_dh, b_dd, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dstate_tile_update(w, q_gate, p_k, b_dh, b_do, b_dd, b_decay, o_t, i_kt: tl.constexpr, K: tl.constexpr,
+                        BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # dS[tile] <- exp(G_last) dS[tile] + q_gate[:, tile]^T dO - w[:, tile]^T dD
+    o_k = i_kt * BK + tl.arange(0, BK)
+    o_tk = p_k + o_t[:, None] * K + o_k[None, :]
+    m_k = (o_k < K)[None, :]
+    b_qg = tl.load(q_gate + o_tk, mask=m_k, other=0.0)  # [BT, BK]
+    b_dh = tl.dot(tl.trans(b_qg), b_do, b_dh * b_decay, input_precision=DOT_PRECISION)
+    b_w = tl.load(w + o_tk, mask=m_k, other=0.0)  # [BT, BK]
+    return tl.dot(tl.trans(-b_w), b_dd, b_dh, input_precision=DOT_PRECISION)
 
 
 @autotune_or_fixed(_STATE_CONFIGS, key=["H", "K", "V", "BT", "DOT_PRECISION"], default=_STATE_DEFAULT)
@@ -45,7 +75,8 @@ def _state_bwd_kernel(
 ):
     # Reverse pass: dS (the gradient of the state at a chunk's end) walks the chunks backwards,
     #   dD = dv_local + k_tail dS,    dS <- exp(G_last) dS + q_gate^T dO - w^T dD;
-    # dh_end gets dS at the end of every chunk, dh0 the gradient of the initial state.
+    # dh_end gets dS at the end of every chunk, dh0 the gradient of the initial state. The inputs are chunk-major
+    # fp32 [R, H, BT, D]; dS is split into up to four [BK, BV] tiles (K <= 4 BK).
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n64 = tl.cast(i_n, tl.int64)
     bos = tl.load(cu_seqlens + i_n64).to(tl.int64)
@@ -53,33 +84,61 @@ def _state_bwd_kernel(
     n_chunks = tl.cdiv(eos - bos, BT)
     row0 = tl.load(chunk_offsets + i_n64).to(tl.int64)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
-    m_k = o_k < K
+    o_b = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_state = (i_n64 * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    # int64 only in scalar bases; tile offsets are int32 (masked-out V columns get an out-of-range offset).
+    o_kv = tl.where(m_v[None, :], o_b[:, None] * V + o_v[None, :], 1 << 30)  # [BK, BV]
+    o_tv = o_t[:, None] * V + o_v[None, :]  # [BT, BV]
+    p_state = (i_n64 * H + i_h) * K * V
+    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
-        b_dh = tl.load(dht + o_state, mask=m_kv, other=0.0).to(tl.float32)  # [BK, BV]
-    else:
-        b_dh = tl.zeros([BK, BV], dtype=tl.float32)  # [BK, BV]
+        b_dh1 = tl.load(dht + p_state + o_kv, mask=(o_b < K)[:, None] & m_v[None, :], other=0.0)
+        if K > BK:
+            b_dh2 = tl.load(dht + p_state + BK * V + o_kv, mask=(o_b + BK < K)[:, None] & m_v[None, :], other=0.0)
+        if K > 2 * BK:
+            b_dh3 = tl.load(dht + p_state + 2 * BK * V + o_kv, mask=(o_b + 2 * BK < K)[:, None] & m_v[None, :],
+                            other=0.0)
+        if K > 3 * BK:
+            b_dh4 = tl.load(dht + p_state + 3 * BK * V + o_kv, mask=(o_b + 3 * BK < K)[:, None] & m_v[None, :],
+                            other=0.0)
     for i_c in range(0, n_chunks):
         i_r = row0 + n_chunks - 1 - tl.cast(i_c, tl.int64)
         i_rh = i_r * H + i_h
-        tl.store(dh_end + i_rh * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_kv)
-        p_k = i_rh * BT * K + o_t[:, None] * K + o_k[None, :]
-        p_v = i_rh * BT * V + o_t[:, None] * V + o_v[None, :]
-        b_w = tl.load(w + p_k, mask=m_k[None, :], other=0.0)  # [BT, BK]
-        b_kt = tl.load(k_tail + p_k, mask=m_k[None, :], other=0.0)  # [BT, BK]
-        b_qg = tl.load(q_gate + p_k, mask=m_k[None, :], other=0.0)  # [BT, BK]
-        b_do = tl.load(do + p_v, mask=m_v[None, :], other=0.0)  # [BT, BV]
-        b_dd = tl.load(dv_local + p_v, mask=m_v[None, :], other=0.0)  # [BT, BV]
-        b_dd = tl.dot(b_kt, b_dh, b_dd, input_precision=DOT_PRECISION)
-        b_gl = tl.load(g_last + i_rh)
-        b_dh = tl.dot(tl.trans(b_qg), b_do, b_dh * tl.exp(b_gl), input_precision=DOT_PRECISION)
-        b_dh = tl.dot(tl.trans(-b_w), b_dd, b_dh, input_precision=DOT_PRECISION)
+        p_end = dh_end + i_rh * K * V
+        p_k = i_rh * BT * K
+        _dstate_tile_store(p_end, b_dh1, o_t, o_kv, 0, K, V, BK)
+        b_do = tl.load(do + i_rh * BT * V + o_tv, mask=m_v[None, :], other=0.0)  # [BT, BV]
+        b_dd = tl.load(dv_local + i_rh * BT * V + o_tv, mask=m_v[None, :], other=0.0)  # [BT, BV]
+        b_dd = _dstate_tile_dd(k_tail, p_k, b_dh1, b_dd, o_t, 0, K, BK, DOT_PRECISION)
+        if K > BK:
+            _dstate_tile_store(p_end, b_dh2, o_t, o_kv, 1, K, V, BK)
+            b_dd = _dstate_tile_dd(k_tail, p_k, b_dh2, b_dd, o_t, 1, K, BK, DOT_PRECISION)
+        if K > 2 * BK:
+            _dstate_tile_store(p_end, b_dh3, o_t, o_kv, 2, K, V, BK)
+            b_dd = _dstate_tile_dd(k_tail, p_k, b_dh3, b_dd, o_t, 2, K, BK, DOT_PRECISION)
+        if K > 3 * BK:
+            _dstate_tile_store(p_end, b_dh4, o_t, o_kv, 3, K, V, BK)
+            b_dd = _dstate_tile_dd(k_tail, p_k, b_dh4, b_dd, o_t, 3, K, BK, DOT_PRECISION)
+        b_decay = tl.exp(tl.load(g_last + i_rh))
+        b_dh1 = _dstate_tile_update(w, q_gate, p_k, b_dh1, b_do, b_dd, b_decay, o_t, 0, K, BK, DOT_PRECISION)
+        if K > BK:
+            b_dh2 = _dstate_tile_update(w, q_gate, p_k, b_dh2, b_do, b_dd, b_decay, o_t, 1, K, BK, DOT_PRECISION)
+        if K > 2 * BK:
+            b_dh3 = _dstate_tile_update(w, q_gate, p_k, b_dh3, b_do, b_dd, b_decay, o_t, 2, K, BK, DOT_PRECISION)
+        if K > 3 * BK:
+            b_dh4 = _dstate_tile_update(w, q_gate, p_k, b_dh4, b_do, b_dd, b_decay, o_t, 3, K, BK, DOT_PRECISION)
     if USE_INITIAL_STATE:
-        tl.store(dh0 + o_state, b_dh, mask=m_kv)
+        _dstate_tile_store(dh0 + p_state, b_dh1, o_t, o_kv, 0, K, V, BK)
+        if K > BK:
+            _dstate_tile_store(dh0 + p_state, b_dh2, o_t, o_kv, 1, K, V, BK)
+        if K > 2 * BK:
+            _dstate_tile_store(dh0 + p_state, b_dh3, o_t, o_kv, 2, K, V, BK)
+        if K > 3 * BK:
+            _dstate_tile_store(dh0 + p_state, b_dh4, o_t, o_kv, 3, K, V, BK)
 
 
 def _state_backward(w, k_tail, q_gate, g_last, do, dv_local, dht, want_dh0, cu, chunk_offsets, n_seq, precision):
@@ -92,7 +151,7 @@ def _state_backward(w, k_tail, q_gate, g_last, do, dv_local, dht, want_dh0, cu, 
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seq, H)
     _state_bwd_kernel[grid](
         w, k_tail, q_gate, g_last, do, dv_local, dht, dh_end, dh0, cu, chunk_offsets,
-        H=H, K=K, V=V, BT=BT, BK=max(16, triton.next_power_of_2(K)),
+        H=H, K=K, V=V, BT=BT, BK=min(64, max(16, triton.next_power_of_2(K))),
         USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=want_dh0, DOT_PRECISION=precision,
     )
     return dh_end, dh0
