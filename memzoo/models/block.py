@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .contract import Mixer
 
-__all__ = ["RMSNorm", "SwiGLU", "Block"]
+__all__ = ["RMSNorm", "SwiGLU", "Block", "FFN_KINDS", "build_ffn"]
 
 
 class RMSNorm(nn.Module):
@@ -40,16 +40,36 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
-    """Pre-norm residual block around one token mixer and an optional SwiGLU MLP (``d_ff=0``: none)."""
+# The kinds of channel mixer (the ``Block``'s MLP slot) that ``ModelConfig.ffn`` names.
+FFN_KINDS = ("swiglu", "dkvb")
 
-    def __init__(self, mixer: Mixer, d_ff: int, norm_eps: float = 1e-5) -> None:
+
+def build_ffn(kind: str, d_model: int, d_ff: int, opts: dict[str, Any] | None = None) -> nn.Module:
+    """The channel mixer ``kind``: ``"swiglu"`` (width ``d_ff``, no options) or ``"dkvb"`` (a discrete key-value
+    bottleneck per token, ``opts`` are ``DKVBConfig`` fields; see ``memzoo.models.wrappers.dkvb``)."""
+    if kind == "swiglu":
+        if opts:
+            raise ValueError(f"ffn_opts apply to ffn='dkvb' only, got {sorted(opts)} for ffn='swiglu'")
+        return SwiGLU(d_model, d_ff)
+    if kind == "dkvb":
+        from .wrappers.dkvb import DKVBFeedForward
+
+        return DKVBFeedForward(d_model, **(opts or {}))
+    raise ValueError(f"ffn must be one of {FFN_KINDS}, got {kind!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one token mixer and an optional channel mixer (``d_ff=0``: none): a SwiGLU
+    MLP, or with ``ffn="dkvb"`` a discrete key-value bottleneck (``build_ffn``)."""
+
+    def __init__(self, mixer: Mixer, d_ff: int, norm_eps: float = 1e-5, *, ffn: str = "swiglu",
+                 ffn_opts: dict[str, Any] | None = None) -> None:
         super().__init__()
         d = mixer.d_model
         self.mixer_norm = RMSNorm(d, norm_eps)
         self.mixer = mixer
         self.mlp_norm = RMSNorm(d, norm_eps) if d_ff else None
-        self.mlp = SwiGLU(d, d_ff) if d_ff else None
+        self.mlp = build_ffn(ffn, d, d_ff, ffn_opts) if d_ff else None
 
     def forward(self, x: Tensor, state: Any = None, *, cu_seqlens: Tensor | None = None,
                 **mixer_kwargs: Any) -> tuple[Tensor, Any]:

@@ -13,6 +13,28 @@ from .registry import mixer_config
 __all__ = ["ModelConfig"]
 
 
+def _check_ffn(kind: str, d_model: int, opts: dict[str, Any]) -> None:
+    """Fail at config time on an unknown channel mixer or bad options (builds the DKVB config, not the module)."""
+    from .block import FFN_KINDS
+
+    if kind not in FFN_KINDS:
+        raise ValueError(f"ffn must be one of {FFN_KINDS}, got {kind!r}")
+    if kind == "swiglu" and opts:
+        raise ValueError(f"ffn_opts apply to ffn='dkvb' only, got {sorted(opts)} for ffn='swiglu'")
+    if kind == "dkvb":
+        from .wrappers.dkvb import DKVBConfig, DKVBFeedForward
+
+        fixed = {"d_in", "decoder", "d_out"}
+        if fixed & set(opts):
+            raise ValueError(f"ffn_opts may not set {sorted(fixed & set(opts))}: the FFN slot fixes d_in = d_out = "
+                             "d_model and the linear decoder")
+        known = {f.name for f in dataclasses.fields(DKVBConfig)} - fixed
+        unknown = set(opts) - known
+        if unknown:
+            raise ValueError(f"unknown ffn_opts {sorted(unknown)} for ffn='dkvb'; known: {sorted(known)}")
+        DKVBConfig(d_in=d_model, decoder="linear", d_out=d_model, **{**DKVBFeedForward.DEFAULTS, **opts})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
@@ -24,6 +46,10 @@ class ModelConfig:
     mixers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # SwiGLU hidden width; None = 8/3 * d_model rounded up to a multiple of 64; 0 = no MLP.
     d_ff: int | None = None
+    # The channel mixer of every block: "swiglu" (d_ff wide) or "dkvb" (discrete key-value bottleneck per token).
+    ffn: str = "swiglu"
+    # Keyword options of the channel mixer (DKVBConfig fields for "dkvb", e.g. {"n_keys": 1024}).
+    ffn_opts: dict[str, Any] = field(default_factory=dict)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     # Std of the normal init; residual output projections are scaled by 1/sqrt(2 n_layers).
@@ -50,6 +76,10 @@ class ModelConfig:
             mixer_config(name, self.d_model, self.mixers.get(name))
         if self.d_ff is not None and self.d_ff < 0:
             raise ValueError(f"d_ff must be None, 0 (no MLP) or positive, got {self.d_ff}")
+        if not isinstance(self.ffn_opts, dict):
+            raise TypeError(f"ffn_opts must be a dict of options, got {type(self.ffn_opts).__name__}")
+        object.__setattr__(self, "ffn_opts", copy.deepcopy(self.ffn_opts))
+        _check_ffn(self.ffn, self.d_model, self.ffn_opts)
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("norm_eps and init_std must be positive")
 

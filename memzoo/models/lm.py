@@ -135,7 +135,8 @@ class LanguageModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(
-            Block(build_mixer(name, config.d_model, config.mixers.get(name)), config.ffn_hidden, config.norm_eps)
+            Block(build_mixer(name, config.d_model, config.mixers.get(name)), config.ffn_hidden, config.norm_eps,
+                  ffn=config.ffn, ffn_opts=config.ffn_opts)
             for name in config.layer_types
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
