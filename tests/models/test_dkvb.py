@@ -59,7 +59,8 @@ def test_matches_float64_oracle(kw):
     y = m(x)
     ref, ref_idx = oracle(m, x)
     idx, dist = m.select(x)
-    assert y.shape == (4, 5, m.config.d_output) and idx.shape == (4, 5, 3 if "n_codebooks" not in kw else 1, m.config.top_k)
+    c = m.config
+    assert y.shape == (4, 5, c.d_output) and idx.shape == (4, 5, c.n_codebooks, c.top_k)
     assert torch.equal(idx.reshape(ref_idx.shape), ref_idx)
     torch.testing.assert_close(y.reshape(ref.shape).double(), ref, rtol=1e-5, atol=1e-5)
     # The reported distances are the squared distances to the chosen keys, nearest first.
@@ -75,7 +76,8 @@ def test_matches_float64_oracle(kw):
 def test_only_values_receive_gradients():
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
-    m = DiscreteKVBottleneck(DKVBConfig(d_in=12, n_codebooks=3, n_keys=40, d_key=4, d_value=5, top_k=2), encoder=encoder)
+    cfg = DKVBConfig(d_in=12, n_codebooks=3, n_keys=40, d_key=4, d_value=5, top_k=2)
+    m = DiscreteKVBottleneck(cfg, encoder=encoder)
     m.fit_keys(torch.randn(200, 6), generator=torch.Generator().manual_seed(0))
     m.train()
     keys, proj = m.keys.clone(), m.proj.clone()
