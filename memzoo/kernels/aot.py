@@ -234,7 +234,9 @@ CASES = {"gla": _gla_cases, "gated_delta": _gated_delta_cases, "titans": _titans
 
 
 def _config_label(constexprs: dict, options: dict, tuned: set[str]) -> str:
-    parts = [f"{k}={constexprs[k]}" for k in sorted(tuned) if k in constexprs]
+    # switched-on flags (USE_H0, ...) tell apart the specialisations of one kernel within a case
+    parts = [k for k in sorted(constexprs) if constexprs[k] is True]
+    parts += [f"{k}={constexprs[k]}" for k in sorted(tuned) if k in constexprs]
     parts.append(f"w{options.get('num_warps', 4)}")
     parts.append(f"s{options.get('num_stages', 3)}")
     return " ".join(parts)
