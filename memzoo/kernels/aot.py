@@ -17,8 +17,9 @@ head dims (64 / 128), chunk 64 and a 65k-chunk bank for retrieval.  Compiling ne
 interpreter mode (every ``@triton.jit`` in Triton's own library becomes an interpreted function there), so
 ``python -m memzoo.kernels.aot`` re-executes itself without ``TRITON_INTERPRET``.
 
-``python -m memzoo.kernels.aot [--all-configs] [--json PATH] [--md PATH]`` writes the report (default
-``benchmarks/results/gpu_compile_report.{json,md}``); ``--list`` prints the launches without compiling.
+``python -m memzoo.kernels.aot [--ci] [--all-configs] [--ops OP ...] [--json PATH] [--md PATH]`` writes the report
+(default ``benchmarks/results/gpu_compile_report.{json,md}``): ``--ci`` keeps the cases CI compiles, ``--all-configs``
+adds every autotune config to the defaults; ``--list`` prints the launches without compiling.
 Uses two Triton internals, ``create_function_from_signature`` and ``JITFunction._pack_args`` (the binder a GPU
 launch uses); ``tests/kernels/test_gpu_compile.py`` fails loudly if they change.
 """
@@ -62,8 +63,8 @@ REPORT_STEM = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "
 class Launch:
     """One kernel specialisation at one config: what a GPU would compile for one launch of an op."""
 
-    op: str  # the public op, e.g. "gla.chunk_gla"
-    case: str  # dtype and dims of the captured call, e.g. "bf16 K128 V128"
+    op: str  # the op folder, e.g. "gla"
+    case: str  # dtype and dims of the captured calls, e.g. "bf16 K128 V128"
     kernel: str  # "<module>.<kernel name>"
     config: str  # "BV=32 w4 s2"
     default: bool  # the config the op uses without tuning (the interpreter's, and the one CI must keep spill-free)
