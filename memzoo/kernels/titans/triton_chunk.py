@@ -47,14 +47,16 @@ def _titans_linear_fwd_kernel(
     # int64 only in scalar bases; tile offsets are int32.
     p_state = tl.cast(i_nh, tl.int64) * K * V
     o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    b_wb = tl.load(wb0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
     b_w = tl.load(w0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
     b_s = tl.load(s0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-    b_nb = b_wb
     n_chunks = (pos0 + n_tok + BT - 1) // BT
     next_chunk = (pos0 + n_tok) // BT
     m_causal = o_t[:, None] >= o_t[None, :]  # [BT, BT]
     last = o_t == BT - 1
+    # The returned gradient base is the weights at the end of chunk next_chunk - 1 (stored there), or the initial
+    # base when the next token is in the first chunk; no extra [BK, BV] tile is carried.
+    if next_chunk == 0:
+        tl.store(wb_out + p_state + o_kv, tl.load(wb0 + p_state + o_kv, mask=m_kv, other=0.0), mask=m_kv)
     if STORE_STATES:
         o_first = tl.load(chunk_off + i_n).to(tl.int64)
     for i_c in range(0, n_chunks):
@@ -87,7 +89,10 @@ def _titans_linear_fwd_kernel(
         b_f = tl.sum(b_lam * b_m[None, :], axis=1)  # [BT]
         b_beta = tl.exp(b_lg)  # [BT]
         b_A = b_G * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
-        # Errors at the chunk base, E = K W_base - V.
+        # Errors at the chunk base, E = K W_base - V (the base is W except in the first chunk).
+        m_first = (tl.zeros([BK, BV], dtype=tl.int32) + i_c) == 0  # [BK, BV] splat of i_c == 0
+        b_wb = tl.load(wb0 + p_state + o_kv, mask=m_kv & m_first, other=0.0)
+        b_wb = tl.where(m_first, b_wb, b_w)  # [BK, BV]
         b_e = tl.dot(b_k, b_wb.to(b_k.dtype), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
         b_y = b_beta[:, None] * tl.dot(b_q, b_w.to(b_q.dtype), input_precision=DOT_PRECISION)
         b_y += b_f[:, None] * tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION)
@@ -103,9 +108,8 @@ def _titans_linear_fwd_kernel(
                          input_precision=DOT_PRECISION)
         b_s = tl.dot(b_kt, (-b_n_end[:, None] * b_e).to(b_k.dtype), b_m_end * b_s, input_precision=DOT_PRECISION)
         b_w = b_w_new
-        b_wb = b_w
-        b_nb = tl.where(next_chunk == i_c + 1, b_w, b_nb)
-    tl.store(wb_out + p_state + o_kv, b_nb, mask=m_kv)
+        if next_chunk == i_c + 1:
+            tl.store(wb_out + p_state + o_kv, b_w, mask=m_kv)
     tl.store(w_out + p_state + o_kv, b_w, mask=m_kv)
     tl.store(s_out + p_state + o_kv, b_s, mask=m_kv)
 
@@ -152,24 +156,26 @@ def _titans_linear_bwd_kernel(
     o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
     b_dw = tl.load(dw_out + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
     b_ds = tl.load(ds_out + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-    b_dnb = tl.load(dwb_out + p_state + o_kv, mask=m_kv, other=0.0)  # gradient w.r.t. the returned base
-    b_wb0 = tl.load(wb0 + p_state + o_kv, mask=m_kv, other=0.0)
-    b_dwb0 = tl.zeros([BK, BV], dtype=tl.float32)
     n_chunks = (pos0 + n_tok + BT - 1) // BT
     next_chunk = (pos0 + n_tok) // BT
-    if next_chunk == 0:
-        b_dwb0 += b_dnb
+    # The gradient w.r.t. the returned base joins the chunk that ends at it (none: the initial base, whose gradient
+    # is written by the first chunk, or here when the sequence has no chunk). Read from memory where needed, so no
+    # extra [BK, BV] tile stays live across the loop.
+    if n_chunks == 0:
+        tl.store(dwb0 + p_state + o_kv, tl.load(dwb_out + p_state + o_kv, mask=m_kv, other=0.0), mask=m_kv)
     m_causal = o_t[:, None] >= o_t[None, :]
     last = o_t == BT - 1
     o_dpart = tl.cast(i_v, tl.int64) * NT
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
         # The returned base is the end of chunk next_chunk - 1.
-        b_dw += tl.where(next_chunk == i_c + 1, b_dnb, 0.0)
+        m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == i_c + 1  # [BK, BV] splat
+        b_dw += tl.load(dwb_out + p_state + o_kv, mask=m_kv & m_ends, other=0.0)
         p_h = ((o_first + i_c) * H + i_h) * K * V
         b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
         b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
-        b_wg = tl.where(i_c == 0, b_wb0, b_w)  # gradient base
+        p_wg = tl.where(i_c == 0, wb0 + p_state, h_w + p_h)
+        b_wg = tl.load(p_wg + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
         t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
         o_rel = t0 - bos + o_t
         m_t = (o_rel >= 0) & (o_rel < n_tok)
@@ -242,9 +248,11 @@ def _titans_linear_bwd_kernel(
                             input_precision=DOT_PRECISION)
         b_ds = tl.dot(tl.trans(b_q), (b_f[:, None] * b_do).to(dt), b_f_end * b_dw + b_m_end * b_ds,
                       input_precision=DOT_PRECISION)
-        b_dwb0 += tl.where(i_c == 0, b_dwg, 0.0)
+        if i_c == 0:
+            m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == 0  # [BK, BV] splat
+            b_dnb = tl.load(dwb_out + p_state + o_kv, mask=m_kv & m_ends, other=0.0)
+            tl.store(dwb0 + p_state + o_kv, b_dwg + b_dnb, mask=m_kv)
         b_dw = b_dw_start + tl.where(i_c == 0, 0.0, b_dwg)
-    tl.store(dwb0 + p_state + o_kv, b_dwb0, mask=m_kv)
     tl.store(dw0 + p_state + o_kv, b_dw, mask=m_kv)
     tl.store(ds0 + p_state + o_kv, b_ds, mask=m_kv)
 
