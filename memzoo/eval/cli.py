@@ -290,12 +290,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in sorted(presets.items()):
                 print(f"{task:<18} {name:<16} {(fn.__doc__ or '').strip().splitlines()[0]}")
         print("text_niah          (checkpoints; see --checkpoint, --lengths)")
+        print("cil                ci, paper       class-incremental: DKV bottleneck vs linear probe vs MLP (cil.py)")
         return 0
     try:
         if args.task == "text_niah":
             from .text_niah import main_text_niah
 
             return main_text_niah(args)
+        if args.task == "cil":
+            from .cil import main_cil
+
+            return main_cil(args)
         cfg = build_config(args)
         if args.dump_config:
             print(json.dumps(cfg.to_dict(), indent=1))

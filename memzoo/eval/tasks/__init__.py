@@ -2,7 +2,8 @@
 
 Every generator is a pure function ``make(cfg, seed) -> TaskData(inputs, labels, slices[, accept])``.
 ``text_niah`` (RULER's text prompts for pretrained checkpoints) is not trained on, so it lives in
-``memzoo.eval.text_niah`` and is listed here only so the CLI can name it.
+``memzoo.eval.text_niah`` and is listed here only so the CLI can name it; so is ``cil`` (class-incremental
+classification on frozen features, ``memzoo.eval.cil``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ TASKS: dict[str, Task] = {
     "selective_copy": Task("selective_copy", selective_copy.SelectiveCopyConfig, selective_copy.make),
     "regbench": Task("regbench", regbench.RegBenchConfig, regbench.make),
     "text_niah": Task("text_niah", None, None, primary="string_match", trainable=False),
+    # Class-incremental learning on frozen features (memzoo.eval.cil): classifiers, not language models.
+    "cil": Task("cil", None, None, trainable=False),
 }
 
 
