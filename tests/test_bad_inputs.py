@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from memzoo.eval.cli import main as bench_main
-from memzoo.models import LanguageModel, ModelConfig, build_mixer
+from memzoo.models import MIXERS as MIXER_CLASSES
+from memzoo.models import LanguageModel, ModelConfig, build_mixer, index_state
 from memzoo.models.wrappers import HMT, HMTConfig, LongMem, LongMemConfig
 from memzoo.train.cli import parse_train_args
 from memzoo.train.config import ConfigError
@@ -119,6 +120,20 @@ def _lm_cases():
          r"top_k must be >= 1"),
         ("lm-generate-top-p", lambda e: e.lm.generate(e.ids, 2, temperature=1.0, top_p=1.5), ValueError,
          r"top_p must be in \(0, 1\]"),
+        ("lm-ids-uint8", lambda e: e.lm(e.ids.to(torch.uint8)), TypeError,
+         r"input_ids must hold integer token ids \(int64 or int32\), got torch.uint8"),
+        ("lm-generate-temperature-str", lambda e: e.lm.generate(e.ids, 2, temperature="1"), ValueError,
+         r"temperature must be >= 0 \(a number\), got '1'"),
+        ("lm-generate-eos-out-of-vocab", lambda e: e.lm.generate(e.ids, 2, eos_token_id=V), ValueError,
+         r"eos_token_id must be a token id in \[0, vocab_size=50\), got 50"),
+        ("lm-config-d-model-str", lambda e: ModelConfig(vocab_size=V, d_model="16"), TypeError,
+         r"ModelConfig: d_model must be an int, got '16'"),
+        ("lm-config-tie-int", lambda e: ModelConfig(vocab_size=V, tie_embeddings=1), TypeError,
+         r"ModelConfig: tie_embeddings must be a bool, got 1"),
+        ("lm-config-vocab-bool", lambda e: ModelConfig(vocab_size=True), TypeError,
+         r"ModelConfig: vocab_size must be an int, got True"),
+        ("mixer-keyword-type", lambda e: MIXER_CLASSES["attention"](d_model=D, n_heads=2.0), TypeError,
+         r"Attention: n_heads must be an int, got 2.0"),
         ("lm-config-not-modelconfig", lambda e: LanguageModel({"vocab_size": V}), TypeError,
          r"config must be a ModelConfig"),
     ]
@@ -199,6 +214,30 @@ def _mixer_cases():
             (f"{name}-state-leaf-int",
              lambda e, n=name: e.mixers[n](e.x, _retype_first_float(e.mixers[n].init_state(2))), ValueError,
              r"state\.[\w.\[\]]+ must be a float tensor"),
+            (f"{name}-x-other-device", lambda e, n=name: e.mixers[n](torch.randn(2, 5, D, device="meta")), ValueError,
+             r"x is on meta, but \w+'s weights are on cpu"),
+            (f"{name}-state-other-device",
+             lambda e, n=name: e.mixers[n](e.x, e.mixers[n].init_state(2, device="meta")), ValueError,
+             r"state is on meta, but the input is on cpu"),
+            (f"{name}-init-state-zero", lambda e, n=name: e.mixers[n].init_state(0), ValueError,
+             r"batch_size must be an int >= 1, got 0"),
+            (f"{name}-init-state-float", lambda e, n=name: e.mixers[n].init_state(1.5), ValueError,
+             r"batch_size must be an int >= 1, got 1.5"),
+            (f"{name}-reset-mask-list", lambda e, n=name: e.mixers[n].reset_state(e.mixers[n].init_state(2),
+                                                                                  [True, False]),
+             ValueError, r"mask must be a bool tensor \[B=2\], got list"),
+            (f"{name}-reset-state-none", lambda e, n=name: e.mixers[n].reset_state(None, torch.tensor([True])),
+             ValueError, r"state must be a state of this \w+ .* got None"),
+            (f"{name}-reset-foreign-state", lambda e, n=name: e.mixers[n].reset_state(
+                build_mixer("lssl", D).init_state(2), torch.tensor([True, False])), ValueError,
+             r"state must be an? \w+State for this"),
+            (f"{name}-index-state-out-of-range", lambda e, n=name: index_state(e.mixers[n].init_state(2),
+                                                                                torch.tensor([0, 2])),
+             ValueError, r"index must select rows of the state's batch of 2, got values in \[0, 2\]"),
+            (f"{name}-index-state-float", lambda e, n=name: index_state(e.mixers[n].init_state(2), torch.tensor([0.0])),
+             TypeError, r"index must be a 1-D int32/int64 tensor"),
+            (f"{name}-config-d-model-str", lambda e, n=name: build_mixer(n, "32"), ValueError,
+             r"bad options for mixer '\w+': mixer '\w+': d_model must be an int, got '32'"),
             (f"{name}-reset-mask-shape", lambda e, n=name: e.mixers[n].reset_state(e.mixers[n].init_state(2),
                                                                                    torch.tensor([True])),
              ValueError, r"mask must be a bool tensor \[B=2\]"),

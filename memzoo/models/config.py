@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contract import check_field_types
 from .registry import mixer_config
 
 __all__ = ["ModelConfig"]
@@ -56,6 +57,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_field_types("ModelConfig", type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if self.vocab_size <= 0 or self.d_model <= 0 or self.n_layers <= 0:
             raise ValueError(
                 f"vocab_size, d_model and n_layers must be positive, got "

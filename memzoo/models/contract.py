@@ -37,6 +37,8 @@ Rules every subclass keeps (the contract test suite checks them for every regist
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 
 from .state import detach_state, state_batch_size, state_leaves, tree_map
 
-__all__ = ["Mixer", "check_cu_seqlens", "state_spec", "check_state_like"]
+__all__ = ["Mixer", "check_cu_seqlens", "check_field_types", "state_spec", "check_state_like"]
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
@@ -146,19 +148,81 @@ def check_state_like(state: Any, spec: Any, owner: str, name: str = "state") -> 
         check_state_like(t, c, owner, f"{name}.{fields[i]}" if fields else f"{name}[{i}]")
 
 
+# Device types torch.is_autocast_enabled accepts (it raises for others, e.g. "meta").
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "hpu", "mps", "xla", "ipu", "mtia"})
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(owner: str, config_class: type, values: dict[str, Any]) -> None:
+    """Raise a ``TypeError`` naming the field when a value for an ``int``/``float``/``bool``/``str`` field (also
+    ``X | None``) of the dataclass ``config_class`` has another type, before ``__post_init__`` compares it.
+
+    ``True``/``False`` are refused for numbers.  Fields of other types are left to the config's own checks.
+    """
+    hints = {f.name: f.type for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else {}
+    for name, value in values.items():
+        hint = hints.get(name)
+        if not isinstance(hint, str):
+            continue
+        parts = [t.strip() for t in hint.split("|")]
+        optional = "None" in parts
+        kinds = [t for t in parts if t != "None"]
+        if len(kinds) != 1 or kinds[0] not in _SIMPLE_TYPES or (value is None and optional):
+            continue
+        ok = isinstance(value, _SIMPLE_TYPES[kinds[0]]) and (kinds[0] == "bool" or not isinstance(value, bool))
+        if not ok:
+            raise TypeError(f"{owner}: {name} must be {'an' if kinds[0] == 'int' else 'a'} {kinds[0]}"
+                            f"{' or None' if optional else ''}, got {value!r} ({type(value).__name__})")
+
+
 def resolve_config(owner: str, config_class: type, config: Any, kwargs: dict[str, Any]) -> Any:
     """The config a module was built with: ``config`` itself, or ``config_class(**kwargs)``, never both.
 
     Raises:
-        TypeError: both were given, or ``config`` is not a ``config_class``.
+        TypeError: both were given, ``config`` is not a ``config_class``, or a keyword has the wrong type.
     """
     if config is None:
+        check_field_types(owner, config_class, kwargs)
         return config_class(**kwargs)
     if kwargs:
         raise TypeError(f"{owner}: pass either a config or keyword arguments, not both")
     if not isinstance(config, config_class):
         raise TypeError(f"{owner} expects a {config_class.__name__}, got {type(config).__name__}")
     return config
+
+
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
+    """``batch_size`` must be an int >= 1 (skipped under torch.compile, where it may be symbolic)."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {batch_size!r}")
+
+
+def _checked_init_state(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def init_state(self: Mixer, batch_size: int, *args: Any, **kwargs: Any) -> Any:
+        check_batch_size(batch_size)
+        return fn(self, batch_size, *args, **kwargs)
+
+    init_state.__memzoo_checked__ = True
+    return init_state
+
+
+def _checked_reset_state(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def reset_state(self: Mixer, state: Any, mask: Any) -> Any:
+        if state is None:
+            raise ValueError(f"state must be a state of this {type(self).__name__} (from forward or init_state) "
+                             "to reset rows of, got None")
+        batch = state_batch_size(state)
+        self.check_state(state, batch)
+        if not isinstance(mask, Tensor) or mask.dim() != 1 or mask.dtype != torch.bool or mask.shape[0] != batch:
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a bool tensor [B={batch}], got {got}")
+        return fn(self, state, mask)
+
+    return reset_state
 
 
 class Mixer(nn.Module):
@@ -171,6 +235,14 @@ class Mixer(nn.Module):
     """
 
     config_class: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The argument checks of init_state and reset_state live here, so a layer implements only the work.
+        super().__init_subclass__(**kwargs)
+        if "init_state" in cls.__dict__:
+            cls.init_state = _checked_init_state(cls.__dict__["init_state"])
+        if "reset_state" in cls.__dict__:
+            cls.reset_state = _checked_reset_state(cls.__dict__["reset_state"])
     # Sequence lengths / split points must be multiples of this for exact results (1: any split is
     # exact, e.g. because partial chunks are carried in the state).  Trainers check seq_len against it.
     split_multiple: ClassVar[int] = 1
@@ -198,7 +270,7 @@ class Mixer(nn.Module):
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
             batch = cu_seqlens.numel() - 1
-        self.check_state(state, batch)
+        self.check_state(state, batch, device=x.device)
         return self._forward(x, state, cu_seqlens=cu_seqlens)
 
     def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
@@ -207,7 +279,7 @@ class Mixer(nn.Module):
         ``state=None`` starts fresh sequences, exactly like ``init_state(B)``.
         """
         self._check_x(x_t, "x_t", rank=2)
-        self.check_state(state, x_t.shape[0])
+        self.check_state(state, x_t.shape[0], device=x_t.device)
         if state is None:
             state = self.init_state(x_t.shape[0], device=x_t.device, dtype=x_t.dtype)
         return self._step(x_t, state)
@@ -290,10 +362,12 @@ class Mixer(nn.Module):
         self._check_dtype(x, name)
 
     def _check_dtype(self, x: Tensor, name: str) -> None:
-        # Under autocast the layer's matmuls run in the autocast dtype whatever the input's dtype.
-        if torch.is_autocast_enabled(x.device.type):
-            return
         first = next(self.parameters(), None)
+        if first is not None and first.device != x.device:
+            raise ValueError(f"{name} is on {x.device}, but {type(self).__name__}'s weights are on {first.device}")
+        # Under autocast the layer's matmuls run in the autocast dtype whatever the input's dtype.
+        if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
+            return
         if first is None or first.dtype == x.dtype:
             return
         dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
@@ -313,8 +387,10 @@ class Mixer(nn.Module):
             self.__dict__["_state_spec_cache"] = spec
         return spec
 
-    def check_state(self, state: Any, batch_size: int, name: str = "state") -> None:
-        """Raise a ``ValueError`` naming ``name`` if ``state`` is not a state of this layer for ``batch_size`` rows.
+    def check_state(self, state: Any, batch_size: int, name: str = "state", device: torch.device | None = None
+                    ) -> None:
+        """Raise a ``ValueError`` naming ``name`` if ``state`` is not a state of this layer for ``batch_size`` rows
+        (on ``device``, when given).
 
         ``None`` (fresh sequences) always passes.
         """
@@ -322,6 +398,11 @@ class Mixer(nn.Module):
             return
         if "_state_spec_cache" in self.__dict__ or not torch.compiler.is_compiling():
             check_state_like(state, self.state_spec(), type(self).__name__, name)
+        if device is not None:
+            for leaf in state_leaves(state):
+                if leaf.device != device:
+                    raise ValueError(f"{name} is on {leaf.device}, but the input is on {device}: move the state "
+                                     "(memzoo.models.state.tree_map(lambda t: t.to(device), state))")
         try:
             batch = state_batch_size(state)
         except ValueError as e:
@@ -333,3 +414,7 @@ class Mixer(nn.Module):
             )
 
     _check_state = check_state
+
+
+# The base class's own reset_state gets the same argument checks as the overrides (__init_subclass__ wraps those).
+Mixer.reset_state = _checked_reset_state(Mixer.reset_state)

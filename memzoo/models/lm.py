@@ -55,8 +55,8 @@ def check_token_ids(ids: Any, name: str, vocab_size: int | None = None, rank: in
     if ids.dim() != rank or (rank == 2 and ids.shape[1] == 0) or (ids.dim() and ids.shape[0] == 0):
         raise ValueError(f"{name} must have shape {'[B, T] with B, T >= 1' if rank == 2 else '[B] with B >= 1'}, "
                          f"got {tuple(ids.shape)}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer token ids (int64 or int32), got {ids.dtype}")
     if vocab_size is not None and ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
@@ -358,6 +358,9 @@ def decode_loop(input_ids: Tensor, logits: Tensor, advance: Callable[[Tensor], T
     Returns:
         ``[B, T + n]`` token ids, ``1 <= n <= max_new_tokens``.
     """
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                     or not 0 <= eos_token_id < logits.shape[-1]):
+        raise ValueError(f"eos_token_id must be a token id in [0, vocab_size={logits.shape[-1]}), got {eos_token_id!r}")
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for i in range(max_new_tokens):
@@ -375,8 +378,8 @@ def decode_loop(input_ids: Tensor, logits: Tensor, advance: Callable[[Tensor], T
 def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
     """Pick one token per row from ``logits`` ``[B, V]``: greedy at temperature 0, else top-k/top-p sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (a number), got {temperature!r}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Mixer
+from .contract import Mixer, check_field_types
 from .layers import TitansMAC, TitansMAG, TitansMAL
 from .layers.attention import Attention
 from .layers.gated_delta import GatedDeltaNet
@@ -47,6 +47,7 @@ def mixer_config(name: str, d_model: int, overrides: dict[str, Any] | None = Non
     if "d_model" in overrides:
         raise ValueError(f"mixer {name!r}: d_model is set by the model, not per mixer")
     try:
+        check_field_types(f"mixer {name!r}", cls.config_class, {"d_model": d_model, **overrides})
         return cls.config_class(d_model=d_model, **overrides)
     except TypeError as e:
         raise ValueError(f"bad options for mixer {name!r}: {e}") from None

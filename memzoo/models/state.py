@@ -51,8 +51,14 @@ def index_state(state: Any, index: Tensor) -> Any:
     Args:
         index: ``[B']`` int64 row indices (may repeat rows, e.g. for beam search).
     """
-    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"index must be a 1-D integer tensor, got shape {tuple(index.shape)} {index.dtype}")
+    if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        got = f"shape {tuple(index.shape)} {index.dtype}" if isinstance(index, Tensor) else type(index).__name__
+        raise TypeError(f"index must be a 1-D int32/int64 tensor, got {got}")
+    batch = state_batch_size(state)
+    if batch is not None and index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < -batch or hi >= batch:
+            raise ValueError(f"index must select rows of the state's batch of {batch}, got values in [{lo}, {hi}]")
     return tree_map(lambda t: t.index_select(0, index.to(t.device)), state)
 
 

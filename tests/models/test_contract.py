@@ -283,6 +283,20 @@ class TestContract:
         with pytest.raises(ValueError, match=r"^state[\w.\[\]]+ must be a float tensor \[B, .* for this"):
             layer(x, state)
 
+    def test_state_helpers_and_devices_checked(self, name, opts):
+        layer, x = make(name, opts), seq()
+        with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
+            layer.init_state(0)
+        state = layer.init_state(2)
+        with pytest.raises(ValueError, match=r"mask must be a bool tensor \[B=2\], got list"):
+            layer.reset_state(state, [True, False])
+        with pytest.raises(ValueError, match=r"state must be a state of this \w+ .*got None"):
+            layer.reset_state(None, torch.tensor([True, False]))
+        with pytest.raises(ValueError, match=r"x is on meta, but \w+'s weights are on cpu"):
+            layer(x.to("meta"))
+        with pytest.raises(ValueError, match=r"state is on meta, but the input is on cpu"):
+            layer.step(x[:, 0], layer.init_state(2, device="meta"))
+
 
 @pytest.fixture(scope="module")
 def foreign_states():

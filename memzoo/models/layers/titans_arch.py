@@ -165,18 +165,23 @@ class TitansHybrid(Mixer):
 
     def primed_memory(self, batch_size: int, device: Any, dtype: torch.dtype | None) -> TitansState:
         """The memory state after reading P (x~ = P || x), shared by all ``batch_size`` rows."""
-        state = self.memory.init_state(1, device=device, dtype=dtype)
-        if self.config.prime_memory and self.config.n_persistent:
+        prime = self.config.prime_memory and self.config.n_persistent
+        # Priming runs where the parameters live; the state then moves to ``device``.
+        home = self.attn.persistent.device if prime else device
+        state = self.memory.init_state(1, device=home, dtype=dtype)
+        if prime:
             # Read P at (at least) fp32 whatever the layer's dtype: N_p low-precision updates in a row would drift
             # the memory far more than one pass over the input does.
             acc = torch.promote_types(self.attn.persistent.dtype, torch.float32)
             params = {n: t.to(acc) for n, t in self.memory.named_parameters()}
             start = tree_map(lambda t: t.to(acc) if t.is_floating_point() else t, state)
-            p = self.attn.persistent.to(device, acc)[None]
+            p = self.attn.persistent.to(acc)[None]
             _, primed = torch.func.functional_call(self.memory, params, (p, start))
             # The conv tails go back to the layer's dtype; the memory weights are fp32 (or fp64) anyway.
             tails = (None if t is None else t.to(ref.dtype) for t, ref in zip(primed[:3], state[:3]))
             state = primed._replace(**dict(zip(("conv_q", "conv_k", "conv_v"), tails)))
+            if device is not None:
+                state = tree_map(lambda t: t.to(device), state)
         return tree_map(lambda t: t.expand(batch_size, *t.shape[1:]), state)
 
     def _forward(self, x: Tensor, state: Any, *, cu_seqlens: Tensor | None) -> tuple[Tensor, Any]:
