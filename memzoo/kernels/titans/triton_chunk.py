@@ -258,7 +258,7 @@ def _titans_linear_bwd_kernel(
 
 
 def _blocks(K, V):
-    # BV = 16: the backward keeps six fp32 [K, BV] state tiles live, spill-free up to K = 128.
+    # BV = 16, the narrowest tensor-core tile: the backward keeps five fp32 [K, BV] state tiles live.
     return max(16, triton.next_power_of_2(K)), 16
 
 
