@@ -58,12 +58,13 @@ def _dstate_tile_update(w, q_gate, p_k, b_dh, b_do, b_dd, b_decay, o_t, i_kt: tl
                         BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # dS[tile] <- exp(G_last) dS[tile] + q_gate[:, tile]^T dO - w[:, tile]^T dD
     o_k = i_kt * BK + tl.arange(0, BK)
-    o_tk = p_k + o_t[:, None] * K + o_k[None, :]
-    m_k = (o_k < K)[None, :]
-    b_qg = tl.load(q_gate + o_tk, mask=m_k, other=0.0)  # [BT, BK]
-    b_dh = tl.dot(tl.trans(b_qg), b_do, b_dh * b_decay, input_precision=DOT_PRECISION)
-    b_w = tl.load(w + o_tk, mask=m_k, other=0.0)  # [BT, BK]
-    return tl.dot(tl.trans(-b_w), b_dd, b_dh, input_precision=DOT_PRECISION)
+    # Loaded transposed ([BK, BT]) so the tiles enter the dots as they are.
+    o_kt = p_k + o_k[:, None] + o_t[None, :] * K
+    m_k = (o_k < K)[:, None]
+    b_qg = tl.load(q_gate + o_kt, mask=m_k, other=0.0)  # [BK, BT]
+    b_dh = tl.dot(b_qg, b_do, b_dh * b_decay, input_precision=DOT_PRECISION)
+    b_w = tl.load(w + o_kt, mask=m_k, other=0.0)  # [BK, BT]
+    return tl.dot(-b_w, b_dd, b_dh, input_precision=DOT_PRECISION)
 
 
 @autotune_or_fixed(_STATE_CONFIGS, key=["H", "K", "V", "BT", "DOT_PRECISION"], default=_STATE_DEFAULT)
