@@ -461,6 +461,16 @@ def _longmem_tiny() -> TrainConfig:
     )
 
 
+def _tiny_dkvb() -> TrainConfig:
+    """``tiny`` (4 x 128 attention) with a Discrete Key-Value Bottleneck (arXiv 2207.11240) as every block's channel
+    mixer: 8 codebooks of 512 keys (d_key 16), values of 32, a linear decoder; keys warm up by EMA over the first 50
+    steps and then freeze."""
+    cfg = _tiny("attention")
+    model = cfg.model.replace(ffn="dkvb", ffn_opts={"n_codebooks": 8, "n_keys": 512, "d_key": 16, "d_value": 32,
+                                                    "ema_steps": 50})
+    return dataclasses.replace(cfg, model=model, out_dir="runs/tiny-dkvb", preset="tiny-dkvb")
+
+
 def train_presets() -> dict[str, Callable[[], TrainConfig]]:
     """Name -> function returning a ``TrainConfig``; one tiny CPU and two GPU presets per registered mixer.
 
@@ -476,6 +486,7 @@ def train_presets() -> dict[str, Callable[[], TrainConfig]]:
     presets["hmt_stage_1"] = functools.partial(_hmt, 1)
     presets["hmt_stage_2"] = functools.partial(_hmt, 2)
     presets["longmem_tiny"] = _longmem_tiny
+    presets["tiny-dkvb"] = _tiny_dkvb
     presets["tiny"] = functools.partial(_tiny, "attention")
     presets["gpu-125m"] = functools.partial(_gpu, "attention", "125m")
     presets["gpu-350m"] = functools.partial(_gpu, "attention", "350m")

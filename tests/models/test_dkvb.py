@@ -277,3 +277,12 @@ def test_block_and_model_config_errors():
 
     with pytest.raises(ValueError, match="ffn must be one of"):
         Block(Attention(d_model=16, n_heads=2), 32, ffn="nope")
+
+
+def test_tiny_dkvb_train_preset():
+    from memzoo.train.config import resolve_config
+
+    cfg = resolve_config("tiny-dkvb")
+    assert cfg.model.ffn == "dkvb" and cfg.model.ffn_opts["ema_steps"] == 50
+    model = LanguageModel(cfg.model)
+    assert all(isinstance(b.mlp, DKVBFeedForward) for b in model.blocks)
