@@ -34,11 +34,10 @@ KERNELS = Path(memzoo.kernels.__file__).parent
 MODULES = sorted(f"{op}.{m.name}" for op in CASES for m in pkgutil.iter_modules([str(KERNELS / op)])
                  if m.name.startswith("triton_"))
 
-# Known failures owned by issue 20 (the tensor-core rewrite of these two files): (module, check) -> targets.
-# gated_delta: _state_bwd_kernel spills at K = 128 on sm_80; titans: _titans_linear_bwd_kernel spills.
+# Known failures owned by issue 20 (the tensor-core rewrite of the chunk kernels): (module, check) -> targets.
+# titans: _titans_linear_bwd_kernel spills.
 # Strict: once a case passes, its xfail fails the run until the entry is removed here.
 ISSUE_20 = {
-    ("gated_delta.triton_chunk", "spill"): (80,),
     ("titans.triton_chunk", "spill"): ARCHS,
 }
 
