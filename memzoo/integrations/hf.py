@@ -78,7 +78,8 @@ class MemzooConfig(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 256, d_model: int = 256, n_layers: int = 4,
                  pattern: list[str] | tuple[str, ...] | str = ("attention",), mixers: dict[str, dict] | None = None,
-                 d_ff: int | None = None, norm_eps: float = 1e-5, init_std: float = 0.02, use_cache: bool = True,
+                 d_ff: int | None = None, ffn: str = "swiglu", ffn_opts: dict[str, Any] | None = None,
+                 norm_eps: float = 1e-5, init_std: float = 0.02, use_cache: bool = True,
                  tie_word_embeddings: bool = True, pad_token_id: int | None = None, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, **kwargs: Any) -> None:
         self.vocab_size = vocab_size
@@ -87,6 +88,8 @@ class MemzooConfig(PretrainedConfig):
         self.pattern = [pattern] if isinstance(pattern, str) else list(pattern)
         self.mixers = dict(mixers or {})
         self.d_ff = d_ff
+        self.ffn = ffn
+        self.ffn_opts = dict(ffn_opts or {})
         self.norm_eps = norm_eps
         self.init_std = init_std
         self.use_cache = use_cache
@@ -97,7 +100,8 @@ class MemzooConfig(PretrainedConfig):
     def to_model_config(self) -> ModelConfig:
         """The memzoo ``ModelConfig`` this config describes."""
         return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-                           pattern=tuple(self.pattern), mixers=self.mixers, d_ff=self.d_ff, norm_eps=self.norm_eps,
+                           pattern=tuple(self.pattern), mixers=self.mixers, d_ff=self.d_ff, ffn=self.ffn,
+                           ffn_opts=self.ffn_opts, norm_eps=self.norm_eps,
                            tie_embeddings=self.tie_word_embeddings, init_std=self.init_std)
 
     @classmethod

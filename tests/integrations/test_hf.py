@@ -82,6 +82,19 @@ def test_save_load_logits_equal(pattern, tmp_path):
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
+def test_dkvb_ffn_save_load(tmp_path):
+    """ffn / ffn_opts survive the HF config, and the bottleneck's buffers (projections, frozen keys) its weights."""
+    model, x = tiny_hf(ffn="dkvb", ffn_opts={"n_keys": 32, "n_codebooks": 2}), ids()
+    assert model.config.to_model_config().ffn_opts == {"n_keys": 32, "n_codebooks": 2}
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.to_model_config() == model.config.to_model_config()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
 def test_untied_save_load(tmp_path):
     model, x = tiny_hf(tie_word_embeddings=False), ids()
     assert model.model.lm_head.weight is not model.model.embed.weight
