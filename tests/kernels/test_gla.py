@@ -133,6 +133,8 @@ def test_recurrent_reference_is_autograd_able_at_both_lengths():
 # dg sums differences of products (q dq - k dk), so its relative error runs a little above the others'
 FP32_TOLS = [1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 3e-5, 1e-5]
 FP16_TOLS = [5e-3] * 7
+# TF32 keeps 10 mantissa bits (2^-11 relative per operand), like fp16
+TF32_TOL = 5e-3
 BF16_TOLS = [1.5e-2] * 7
 
 TRITON_CASES = [
@@ -164,6 +166,17 @@ def test_triton_chunk_matches_reference(B, T, H, K, gate, h0, dtype, device):
         tols[5] = max(tols[5], STRONG_DG_TOL)
     compare(got, want, tols)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32 and got[5].dtype == torch.float32
+
+
+@needs_triton
+def test_triton_chunk_tf32_dots_within_bound(gpu_like_dots):
+    # On a GPU, fp32 inputs run their dots as TF32 (the default; MEMZOO_DOT_PRECISION=ieee is exact): with
+    # gpu_like_dots the interpreter rounds the dot operands to TF32 as the tensor cores do.
+    ins, state = make(1, 100, 2, 32, 32, "normal", torch.float32, "cpu", True)
+    do, dht = torch.randn(1, 100, 2, 32), torch.randn(1, 2, 32, 32)
+    got = run(chunk_gla, ins, state, do, dht, impl="triton")
+    want = run(chunk_gla_ref, [x.double() for x in ins], state, do.double(), dht.double())
+    compare(got, want, [TF32_TOL] * 7)
 
 
 @needs_triton
