@@ -131,14 +131,15 @@ def _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal, DOT_PRECISION: 
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_bwd_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dwb_out, dw_out, ds_out,
-    dq, dk, dv, dth, dle, dlg, dwb0, dw0, ds0, T, NT,
+    dq, dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Reverse chunk pass: dW, dS (the gradients w.r.t. the chunk-end states) walk back through the chunks.
 
-    dq, dk and the gate gradients are partial sums over this program's V tile ([NV, T, H, ...], summed by the
-    launcher); dv and the initial-state gradients are written directly.
+    dq, dk are partial sums over this program's V tile ([NV, T, H, K], summed by the launcher); dv and the
+    initial-state gradients are written directly, every chunk's dW, dS to dw_end, ds_end (rows as h_w) for the
+    gate-gradient kernel.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -172,6 +173,8 @@ def _titans_linear_bwd_kernel(
         m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == i_c + 1  # [BK, BV] splat
         b_dw += tl.load(dwb_out + p_state + o_kv, mask=m_kv & m_ends, other=0.0)
         p_h = ((o_first + i_c) * H + i_h) * K * V
+        tl.store(dw_end + p_h + o_kv, b_dw, mask=m_kv)
+        tl.store(ds_end + p_h + o_kv, b_ds, mask=m_kv)
         b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
         b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
         p_wg = tl.where(i_c == 0, wb0 + p_state, h_w + p_h)
@@ -219,6 +222,84 @@ def _titans_linear_bwd_kernel(
         p_part = (o_dpart + t0) * H * K + i_h * K
         tl.store(dq + p_part + o_tk, b_dq, mask=m_tk)
         tl.store(dk + p_part + o_tk, b_dk, mask=m_tk)
+        # Gradients w.r.t. this chunk's start states (W is also the base of every chunk but the first).
+        b_dwg = tl.dot(tl.trans(b_k), b_de.to(dt), input_precision=DOT_PRECISION)  # [BK, BV]
+        b_dw_start = tl.dot(tl.trans(b_q), (b_beta[:, None] * b_do).to(dt), b_beta_end * b_dw,
+                            input_precision=DOT_PRECISION)
+        b_ds = tl.dot(tl.trans(b_q), (b_f[:, None] * b_do).to(dt), b_f_end * b_dw + b_m_end * b_ds,
+                      input_precision=DOT_PRECISION)
+        if i_c == 0:
+            m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == 0  # [BK, BV] splat
+            b_dnb = tl.load(dwb_out + p_state + o_kv, mask=m_kv & m_ends, other=0.0)
+            tl.store(dwb0 + p_state + o_kv, b_dwg + b_dnb, mask=m_kv)
+        b_dw = b_dw_start + tl.where(i_c == 0, 0.0, b_dwg)
+    tl.store(dw0 + p_state + o_kv, b_dw, mask=m_kv)
+    tl.store(ds0 + p_state + o_kv, b_ds, mask=m_kv)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _titans_linear_dgate_kernel(
+    q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
+    dth, dle, dlg, T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Gate gradients (dtheta, dlog_eta, dlog_gamma; partial sums over this program's V tile) of every chunk from its
+    start states (h_w, h_s, the base) and end-state gradients (dw_end, ds_end); no tile is carried between chunks.
+
+    dG = dA * QK^T minus the end-row terms, dbeta, df, dm, chained through G = Lam N, f = Lam m, the exponentials and
+    a reverse in-chunk cumsum.
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    n_tok = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    pos0 = tl.load(start_pos + i_n).to(tl.int64)
+    o_first = tl.load(chunk_off + i_n).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    # int64 only in scalar bases; tile offsets are int32.
+    p_state = tl.cast(i_nh, tl.int64) * K * V
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    n_chunks = (pos0 + n_tok + BT - 1) // BT
+    m_causal = o_t[:, None] >= o_t[None, :]
+    last = o_t == BT - 1
+    o_dpart = tl.cast(i_v, tl.int64) * NT
+    for i_c in range(0, n_chunks):
+        p_h = ((o_first + i_c) * H + i_h) * K * V
+        t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
+        # The first chunk (the only one that starts at or before the sequence start) has the base W_base.
+        p_wg = tl.where(t0 <= bos, wb0 + p_state, h_w + p_h)
+        o_rel = t0 - bos + o_t
+        m_t = (o_rel >= 0) & (o_rel < n_tok)
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        o_tk = o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
+        o_tv = o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV]
+        b_q = tl.load(q + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
+        b_k = tl.load(k + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
+        dt = b_k.dtype
+        b_v = tl.load(v + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_do = tl.load(dy + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(dt)  # [BT, BV]
+        p_g = t0 * H + i_h + o_t * H
+        b_th = tl.load(theta + p_g, mask=m_t, other=0.0).to(tl.float32)
+        b_le_raw = tl.load(log_eta + p_g, mask=m_t, other=0.0).to(tl.float32)
+        b_lg_raw = tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32)
+        b_lam, b_p, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal,
+                                                                      DOT_PRECISION)
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
+        b_wg = tl.load(p_wg + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
+        b_e = tl.dot(b_k, b_wg.to(dt), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
+        b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT] gradient of G * QK^T
+        b_dw = tl.load(dw_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
+        b_ds = tl.load(ds_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+        b_kdw = tl.dot(b_k, b_dw.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
+        b_kds = tl.dot(b_k, b_ds.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
+        b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
+        b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
         # Coefficient gradients (this V tile's share), then the chain through the log-cumsums.
         b_dbeta = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_w.to(dt), input_precision=DOT_PRECISION), axis=1)
         b_dbeta += tl.where(last, tl.sum(b_dw * b_w), 0.0)
@@ -242,19 +323,6 @@ def _titans_linear_bwd_kernel(
         tl.store(dth + p_gp, b_dth, mask=m_t)
         tl.store(dle + p_gp, b_dle, mask=m_t)
         tl.store(dlg + p_gp, b_dlg, mask=m_t)
-        # Gradients w.r.t. this chunk's start states (W is also the base of every chunk but the first).
-        b_dwg = tl.dot(tl.trans(b_k), b_de.to(dt), input_precision=DOT_PRECISION)  # [BK, BV]
-        b_dw_start = tl.dot(tl.trans(b_q), (b_beta[:, None] * b_do).to(dt), b_beta_end * b_dw,
-                            input_precision=DOT_PRECISION)
-        b_ds = tl.dot(tl.trans(b_q), (b_f[:, None] * b_do).to(dt), b_f_end * b_dw + b_m_end * b_ds,
-                      input_precision=DOT_PRECISION)
-        if i_c == 0:
-            m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == 0  # [BK, BV] splat
-            b_dnb = tl.load(dwb_out + p_state + o_kv, mask=m_kv & m_ends, other=0.0)
-            tl.store(dwb0 + p_state + o_kv, b_dwg + b_dnb, mask=m_kv)
-        b_dw = b_dw_start + tl.where(i_c == 0, 0.0, b_dwg)
-    tl.store(dw0 + p_state + o_kv, b_dw, mask=m_kv)
-    tl.store(ds0 + p_state + o_kv, b_ds, mask=m_kv)
 
 
 def _blocks(K, V):
@@ -298,13 +366,19 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     _, (h_w, h_s, chunk_off) = _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
                                                chunk_size, precision, store_states=True)
     dq, dk = (torch.empty(NV, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
-    dth, dle, dlg = (torch.empty(NV, T, H, dtype=torch.float32, device=q.device) for _ in range(3))
     dv = torch.empty_like(v)
+    dw_end, ds_end = torch.empty_like(h_w), torch.empty_like(h_s)
     dwb0, dw0, ds0 = (torch.empty(n_seq, H, K, V, dtype=torch.float32, device=q.device) for _ in range(3))
     _titans_linear_bwd_kernel[(NV, n_seq * H)](
         q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dwb, dw, ds,
-        dq, dk, dv, dth, dle, dlg, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        dq, dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
         DOT_PRECISION=precision,
+    )
+    # The gate gradients in their own kernel: with them the reverse pass spills.
+    dth, dle, dlg = (torch.empty(NV, T, H, dtype=torch.float32, device=q.device) for _ in range(3))
+    _titans_linear_dgate_kernel[(NV, n_seq * H)](
+        q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
+        dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DOT_PRECISION=precision,
     )
     grads = (dq.sum(0), dk.sum(0), dv, dth.sum(0), dle.sum(0), dlg.sum(0))
     return [g.to(x.dtype) for g, x in zip(grads, (q, k, v, theta, log_eta, log_gamma))] + [dwb0, dw0, ds0]
