@@ -10,10 +10,11 @@ exact identities): E = K W_base - V; Lam = beta_t/beta_i, N = theta_j prod eta, 
 log-cumsums (only exponents <= 0 are taken); Y = beta (Q W) + f (Q S) - (G * QK^T) E; the chunk end updates
 W, S with rank-b products.  No triangular solve: the gradients are frozen at the chunk start.
 
-Backward (``_titans_linear_bwd_kernel``): the forward kernel re-runs once storing only the chunk-start W, S; a
-reverse chunk pass then carries dW, dS (gradients w.r.t. the chunk-end states) back through the chunks, giving
-dq, dk, dv, the initial-state gradients and, through the in-chunk log-cumsums, dtheta, dlog_eta, dlog_gamma.
-dq, dk and the gate gradients are per-V-tile partial sums added up by the launcher.
+Backward: the forward kernel re-runs once storing only the chunk-start W, S; a reverse chunk pass
+(``_titans_linear_bwd_kernel``) carries dW, dS (gradients w.r.t. the chunk-end states) back through the chunks, giving
+dk, dv, the initial-state gradients and every chunk's dW, dS; ``_titans_linear_dgate_kernel`` then gives dq and,
+through the in-chunk log-cumsums, dtheta, dlog_eta, dlog_gamma. dq, dk and the gate gradients are per-V-tile partial
+sums added up by the launcher. Dots take input-dtype operands (TF32 for fp32 unless ``precision="ieee"``).
 """
 
 from __future__ import annotations
@@ -131,15 +132,15 @@ def _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal, DOT_PRECISION: 
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_bwd_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dwb_out, dw_out, ds_out,
-    dq, dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, NT,
+    dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Reverse chunk pass: dW, dS (the gradients w.r.t. the chunk-end states) walk back through the chunks.
 
-    dq, dk are partial sums over this program's V tile ([NV, T, H, K], summed by the launcher); dv and the
+    dk is a partial sum over this program's V tile ([NV, T, H, K], summed by the launcher); dv and the
     initial-state gradients are written directly, every chunk's dW, dS to dw_end, ds_end (rows as h_w) for the
-    gate-gradient kernel.
+    gate-gradient kernel, which also computes dq.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -175,8 +176,6 @@ def _titans_linear_bwd_kernel(
         p_h = ((o_first + i_c) * H + i_h) * K * V
         tl.store(dw_end + p_h + o_kv, b_dw, mask=m_kv)
         tl.store(ds_end + p_h + o_kv, b_ds, mask=m_kv)
-        b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
-        b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
         p_wg = tl.where(i_c == 0, wb0 + p_state, h_w + p_h)
         b_wg = tl.load(p_wg + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
         t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
@@ -212,15 +211,11 @@ def _titans_linear_bwd_kernel(
         b_de = -(b_g_end[:, None] * b_kdw + b_n_end[:, None] * b_kds)  # [BT, BV]
         b_de = tl.dot(tl.trans(-(b_G * b_qk)).to(dt), b_do, b_de, input_precision=DOT_PRECISION)
         tl.store(dv + (t0 * H + i_h) * V + o_tv, (-b_de).to(dv.dtype.element_ty), mask=m_tv)
-        b_dq = b_beta[:, None] * tl.dot(b_do, tl.trans(b_w.to(dt)), input_precision=DOT_PRECISION)
-        b_dq += b_f[:, None] * tl.dot(b_do, tl.trans(b_s.to(dt)), input_precision=DOT_PRECISION)
-        b_dq = tl.dot(b_dag.to(dt), b_k, b_dq, input_precision=DOT_PRECISION)  # [BT, BK]
         b_dk = tl.dot(b_de.to(dt), tl.trans(b_wg.to(dt)), input_precision=DOT_PRECISION)
         b_dk = tl.dot(tl.trans(b_dag.to(dt)), b_q, b_dk, input_precision=DOT_PRECISION)
         b_dk -= b_g_end[:, None] * tl.dot(b_e.to(dt), tl.trans(b_dw.to(dt)), input_precision=DOT_PRECISION)
         b_dk -= b_n_end[:, None] * tl.dot(b_e.to(dt), tl.trans(b_ds.to(dt)), input_precision=DOT_PRECISION)
         p_part = (o_dpart + t0) * H * K + i_h * K
-        tl.store(dq + p_part + o_tk, b_dq, mask=m_tk)
         tl.store(dk + p_part + o_tk, b_dk, mask=m_tk)
         # Gradients w.r.t. this chunk's start states (W is also the base of every chunk but the first).
         b_dwg = tl.dot(tl.trans(b_k), b_de.to(dt), input_precision=DOT_PRECISION)  # [BK, BV]
@@ -240,12 +235,13 @@ def _titans_linear_bwd_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_dgate_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
-    dth, dle, dlg, T, NT,
+    dq, dth, dle, dlg, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Gate gradients (dtheta, dlog_eta, dlog_gamma; partial sums over this program's V tile) of every chunk from its
-    start states (h_w, h_s, the base) and end-state gradients (dw_end, ds_end); no tile is carried between chunks.
+    """dq (``DQ``) or else the gate gradients (dtheta, dlog_eta, dlog_gamma), partial sums over this program's V tile,
+    of every chunk from its start states (h_w, h_s, the base) and end-state gradients (dw_end, ds_end); no tile is
+    carried between chunks. Two launches, so neither holds the other's tiles.
 
     dG = dA * QK^T minus the end-row terms, dbeta, df, dm, chained through G = Lam N, f = Lam m, the exponentials and
     a reverse in-chunk cumsum.
@@ -290,39 +286,47 @@ def _titans_linear_dgate_kernel(
         b_lg_raw = tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32)
         b_lam, b_p, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal,
                                                                       DOT_PRECISION)
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
         b_wg = tl.load(p_wg + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
         b_e = tl.dot(b_k, b_wg.to(dt), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
         b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT] gradient of G * QK^T
-        b_dw = tl.load(dw_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
-        b_ds = tl.load(ds_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-        b_kdw = tl.dot(b_k, b_dw.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
-        b_kds = tl.dot(b_k, b_ds.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
-        b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
-        b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
-        # Coefficient gradients (this V tile's share), then the chain through the log-cumsums.
-        b_dbeta = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_w.to(dt), input_precision=DOT_PRECISION), axis=1)
-        b_dbeta += tl.where(last, tl.sum(b_dw * b_w), 0.0)
-        b_df = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_s.to(dt), input_precision=DOT_PRECISION), axis=1)
-        b_df += tl.where(last, tl.sum(b_dw * b_s), 0.0)
-        b_dm = tl.where(last, tl.sum(b_ds * b_s), 0.0)  # [BT]
-        b_dG = b_da * b_qk - tl.where(last[:, None], tl.sum(b_e * b_kdw, axis=1)[None, :], 0.0)
-        b_dN = -tl.where(last[:, None], tl.sum(b_e * b_kds, axis=1)[None, :], 0.0)
-        b_dN = tl.dot(tl.trans(b_lam), b_dG, b_dN, input_precision=DOT_PRECISION)
-        b_dlam = tl.dot(b_dG, tl.trans(b_nm), b_df[:, None] * b_m[None, :], input_precision=DOT_PRECISION)
-        b_dm += tl.sum(b_lam * b_df[:, None], axis=0)
-        b_dth = tl.sum(b_dN * b_p, axis=0)
-        b_dpp = b_dN * b_nm  # dP * P
-        b_dll = b_dlam * b_lam
-        b_dle_c = b_dm * b_m + tl.sum(b_dpp, axis=1) - tl.sum(b_dpp, axis=0)
-        b_dlg_c = b_dbeta * b_beta + tl.sum(b_dll, axis=1) - tl.sum(b_dll, axis=0)
-        # Cumsum backward: a reverse cumsum inside the chunk.
-        b_dle = tl.sum(b_dle_c) - tl.cumsum(b_dle_c, axis=0) + b_dle_c
-        b_dlg = tl.sum(b_dlg_c) - tl.cumsum(b_dlg_c, axis=0) + b_dlg_c
-        p_gp = (o_dpart + t0) * H + i_h + o_t * H
-        tl.store(dth + p_gp, b_dth, mask=m_t)
-        tl.store(dle + p_gp, b_dle, mask=m_t)
-        tl.store(dlg + p_gp, b_dlg, mask=m_t)
+        if DQ:
+            b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
+            b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
+            b_dq = b_beta[:, None] * tl.dot(b_do, tl.trans(b_w.to(dt)), input_precision=DOT_PRECISION)
+            b_dq += b_f[:, None] * tl.dot(b_do, tl.trans(b_s.to(dt)), input_precision=DOT_PRECISION)
+            b_dq = tl.dot((b_da * b_G).to(dt), b_k, b_dq, input_precision=DOT_PRECISION)  # [BT, BK]
+            tl.store(dq + (o_dpart + t0) * H * K + i_h * K + o_tk, b_dq, mask=m_tk)
+        else:
+            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
+            b_dw = tl.load(dw_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
+            b_ds = tl.load(ds_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+            b_kdw = tl.dot(b_k, b_dw.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
+            b_kds = tl.dot(b_k, b_ds.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
+            b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
+            b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
+            # Coefficient gradients (this V tile's share), then the chain through the log-cumsums.
+            b_dbeta = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_w.to(dt), input_precision=DOT_PRECISION), axis=1)
+            b_dbeta += tl.where(last, tl.sum(b_dw * b_w), 0.0)
+            b_df = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_s.to(dt), input_precision=DOT_PRECISION), axis=1)
+            b_df += tl.where(last, tl.sum(b_dw * b_s), 0.0)
+            b_dm = tl.where(last, tl.sum(b_ds * b_s), 0.0)  # [BT]
+            b_dG = b_da * b_qk - tl.where(last[:, None], tl.sum(b_e * b_kdw, axis=1)[None, :], 0.0)
+            b_dN = -tl.where(last[:, None], tl.sum(b_e * b_kds, axis=1)[None, :], 0.0)
+            b_dN = tl.dot(tl.trans(b_lam), b_dG, b_dN, input_precision=DOT_PRECISION)
+            b_dlam = tl.dot(b_dG, tl.trans(b_nm), b_df[:, None] * b_m[None, :], input_precision=DOT_PRECISION)
+            b_dm += tl.sum(b_lam * b_df[:, None], axis=0)
+            b_dth = tl.sum(b_dN * b_p, axis=0)
+            b_dpp = b_dN * b_nm  # dP * P
+            b_dll = b_dlam * b_lam
+            b_dle_c = b_dm * b_m + tl.sum(b_dpp, axis=1) - tl.sum(b_dpp, axis=0)
+            b_dlg_c = b_dbeta * b_beta + tl.sum(b_dll, axis=1) - tl.sum(b_dll, axis=0)
+            # Cumsum backward: a reverse cumsum inside the chunk.
+            b_dle = tl.sum(b_dle_c) - tl.cumsum(b_dle_c, axis=0) + b_dle_c
+            b_dlg = tl.sum(b_dlg_c) - tl.cumsum(b_dlg_c, axis=0) + b_dlg_c
+            p_gp = (o_dpart + t0) * H + i_h + o_t * H
+            tl.store(dth + p_gp, b_dth, mask=m_t)
+            tl.store(dle + p_gp, b_dle, mask=m_t)
+            tl.store(dlg + p_gp, b_dlg, mask=m_t)
 
 
 def _blocks(K, V):
@@ -371,15 +375,16 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     dwb0, dw0, ds0 = (torch.empty(n_seq, H, K, V, dtype=torch.float32, device=q.device) for _ in range(3))
     _titans_linear_bwd_kernel[(NV, n_seq * H)](
         q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dwb, dw, ds,
-        dq, dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
         DOT_PRECISION=precision,
     )
-    # The gate gradients in their own kernel: with them the reverse pass spills.
+    # dq, then the gate gradients, each in its own launch: with them the reverse pass spills.
     dth, dle, dlg = (torch.empty(NV, T, H, dtype=torch.float32, device=q.device) for _ in range(3))
-    _titans_linear_dgate_kernel[(NV, n_seq * H)](
-        q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
-        dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DOT_PRECISION=precision,
-    )
+    for want_dq in (True, False):
+        _titans_linear_dgate_kernel[(NV, n_seq * H)](
+            q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
+            dq, dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DQ=want_dq, DOT_PRECISION=precision,
+        )
     grads = (dq.sum(0), dk.sum(0), dv, dth.sum(0), dle.sum(0), dlg.sum(0))
     return [g.to(x.dtype) for g, x in zip(grads, (q, k, v, theta, log_eta, log_gamma))] + [dwb0, dw0, ds0]
 
