@@ -52,8 +52,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kw", CASES)
-def test_matches_float64_oracle(kw):
+TRITON_CASES = [
+    pytest.param({"top_k": 3}, id="triton-mean-k3"),
+    pytest.param({"decoder": "linear", "d_out": 7, "block_n": 16}, id="triton-linear-block16"),
+]
+
+
+@pytest.mark.parametrize("kw", CASES + TRITON_CASES)
+def test_matches_float64_oracle(kw, request, monkeypatch):
+    if "triton" in request.node.callspec.id:
+        # The Triton streaming search (the CUDA path), here through the interpreter (tests/conftest.py sets it).
+        monkeypatch.setenv("MEMZOO_KERNEL_IMPL", "triton")
     m = bottleneck(**kw)
     x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(1))
     y = m(x)
@@ -187,6 +196,7 @@ BAD_CONFIGS = [
     pytest.param({"ema_decay": 1.0}, "ema_decay", id="ema_decay"),
     pytest.param({"ema_steps": -1}, "ema_steps", id="ema_steps"),
     pytest.param({"block_n": 0}, "block_n", id="block_n"),
+    pytest.param({"block_n": 24}, "power of two", id="block_n-not-pow2"),
 ]
 
 

@@ -64,7 +64,7 @@ class DKVBConfig:
     # gamma of the EMA key update (the paper's code: 0.95) and its Laplace smoothing epsilon.
     ema_decay: float = 0.95
     ema_eps: float = 1e-5
-    # Keys per search tile (None: the retrieval op's default).
+    # Keys per search tile, a power of two >= 16 (None: the retrieval op's default / autotuned on CUDA).
     block_n: int | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +89,8 @@ class DKVBConfig:
             raise ValueError(f"ema_eps must be > 0, got {self.ema_eps!r}")
         if self.block_n is not None:
             _positive_int("block_n", self.block_n)
+            if self.block_n < 16 or self.block_n & (self.block_n - 1):
+                raise ValueError(f"block_n must be a power of two >= 16 (the Triton search's tile), got {self.block_n}")
 
     @property
     def d_output(self) -> int:
