@@ -170,25 +170,35 @@ def _check_attention_mask(mask: Any) -> None:
             "after the last token of a row) is accepted for training: the mixers are causal")
 
 
+# The model's adapters, kept on the model so a copy.deepcopy of it has its own list (the hooks read it from the
+# module they are called on, never from a closure).
+_ADAPTERS_ATTR = "_memzoo_adapters"
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    _check_attention_mask(kwargs.get("attention_mask"))
+    call = _Call()
+    for adapter in getattr(module, _ADAPTERS_ATTR):
+        adapter._call = call
+
+
+def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    adapters = getattr(module, _ADAPTERS_ATTR)
+    call = adapters[0]._call
+    for adapter in adapters:
+        adapter._call = None
+    values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple) else ()
+    if call is not None and not call.saw_cache and _find_cache(values) is not None:
+        raise ValueError(
+            f"use_cache: {type(module).__name__}'s decoder layers did not pass the cache to the memzoo mixers, "
+            "so their state cannot be carried; run with use_cache=False (generate then recomputes the prefix)")
+
+
 def _install_hooks(model: nn.Module, adapters: list[MemzooAttentionAdapter]) -> None:
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        _check_attention_mask(kwargs.get("attention_mask"))
-        call = _Call()
-        for adapter in adapters:
-            adapter._call = call
-
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        call = adapters[0]._call
-        for adapter in adapters:
-            adapter._call = None
-        values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple) else ()
-        if call is not None and not call.saw_cache and _find_cache(values) is not None:
-            raise ValueError(
-                f"use_cache: {type(module).__name__}'s decoder layers did not pass the cache to the memzoo mixers, "
-                "so their state cannot be carried; run with use_cache=False (generate then recomputes the prefix)")
-
-    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model.register_forward_hook(post_hook, with_kwargs=True)
+    # A plain list attribute (not a ModuleList: the adapters are registered where they replaced attention).
+    object.__setattr__(model, _ADAPTERS_ATTR, list(adapters))
+    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_post_hook, with_kwargs=True)
 
 
 def replace_attention(model: nn.Module, mixer: str = "gated_delta", **cfg: Any) -> list[str]:

@@ -199,6 +199,18 @@ def test_a_decoder_that_drops_the_cache_is_detected(monkeypatch):
         model(x, use_cache=False)  # without a cache nothing is carried, and nothing is wrong
 
 
+def test_a_deep_copy_generates_on_its_own_state():
+    model, x = build("gpt2", "gla"), prompt()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        ref = clone.generate(x, use_cache=False, do_sample=False, **GEN)
+        assert torch.equal(clone.generate(x, do_sample=False, **GEN), ref)
+        assert torch.equal(model.generate(x, do_sample=False, **GEN), model.generate(x, use_cache=False,
+                                                                                  do_sample=False, **GEN))
+
+
 def test_replace_twice_and_bad_input():
     model = ARCHS["llama"]()
     replace_attention(model, mixer="gla", n_heads=2)
