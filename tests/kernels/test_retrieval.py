@@ -111,6 +111,18 @@ def test_half_inputs(path, dtype):
     assert_same(run(path, q.float(), keys, 7, stamp=stamp, block_n=16), want, f"fp32 q, {dtype} keys")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_inside_an_autocast_region(dtype):
+    # Autocast would run the score products in half precision: the reference paths keep them in fp32.
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(2, 2, 12, 32, generator=g), torch.randn(2, 2, 90, 32, generator=g)
+    want = chunk_topk_naive(q, keys, 10)
+    with torch.autocast("cpu", dtype=dtype):
+        for got in (chunk_topk_naive(q, keys, 10), chunk_topk_tiled(q, keys, 10, block_n=32)):
+            assert got[0].dtype == torch.float32 and torch.equal(got[1], want[1])
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_random_normal_inputs(path):
     # Continuous scores: no ties, so the indices must agree and the scores up to summation order.

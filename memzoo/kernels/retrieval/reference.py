@@ -98,7 +98,8 @@ def chunk_topk_naive(q: Tensor, keys: Tensor, k: int, *, valid: Tensor | None = 
     """
     B, H, T, _ = q.shape
     n = keys.shape[2]
-    s = torch.matmul(q.detach().float(), keys.detach().float().transpose(-1, -2))  # [B, H, T, N]
+    with torch.autocast(q.device.type, enabled=False):  # fp32 scores even inside an autocast region
+        s = torch.matmul(q.detach().float(), keys.detach().float().transpose(-1, -2))  # [B, H, T, N]
     s = torch.where(s == 0, 0.0, s)
     if stamp is None:
         stamp = torch.arange(n, device=q.device).expand(B, n)
@@ -153,7 +154,9 @@ def chunk_topk_tiled(q: Tensor, keys: Tensor, k: int, *, valid: Tensor | None = 
         q_blk = q[:, :, t0:t0 + block_t].float()  # [B, H, bt, d]
         top = torch.full((*q_blk.shape[:3], 0), KEY_MIN, dtype=torch.int64, device=q.device)
         for n0 in range(0, n, block_n):
-            s = torch.matmul(q_blk, keys[:, :, n0:n0 + block_n].float().transpose(-1, -2))  # [B, H, bt, bn]
+            # fp32 scores even inside an autocast region (a bf16 product would round ranks away and break score_keys).
+            with torch.autocast(q.device.type, enabled=False):
+                s = torch.matmul(q_blk, keys[:, :, n0:n0 + block_n].float().transpose(-1, -2))  # [B, H, bt, bn]
             p = prio[:, None, None, n0:n0 + block_n].expand(s.shape)  # [B, H, bt, bn]
             if valid is not None:
                 s.masked_fill_(p == 0, float("-inf"))
