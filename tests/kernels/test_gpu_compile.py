@@ -35,11 +35,8 @@ MODULES = sorted(f"{op}.{m.name}" for op in CASES for m in pkgutil.iter_modules(
                  if m.name.startswith("triton_"))
 
 # Known failures owned by issue 20 (the tensor-core rewrite of the chunk kernels): (module, check) -> targets.
-# titans: _titans_linear_bwd_kernel spills.
-# Strict: once a case passes, its xfail fails the run until the entry is removed here.
-ISSUE_20 = {
-    ("titans.triton_chunk", "spill"): ARCHS,
-}
+# None left at the CI cases. Strict: once a case passes, its xfail fails the run until the entry is removed here.
+ISSUE_20: dict[tuple[str, str], tuple[int, ...]] = {}
 
 
 def _cases(check: str) -> list:

@@ -334,6 +334,12 @@ def _blocks(K, V):
     return max(16, triton.next_power_of_2(K)), 16
 
 
+def _stages(chunk_size: int, BK: int) -> int:
+    # Triton's default 3 stages (fewer spills) while the staged [BT, BK] / [BK, BV] buffers fit the shared memory of
+    # sm_80 (163 KB) at fp32; one stage beyond (chunk 64 at K = 128 would need up to 258 KB).
+    return 3 if chunk_size * BK <= 2048 else 1
+
+
 def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision,
                     store_states=False):
     T, H, K = q.shape
@@ -354,6 +360,7 @@ def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
     _titans_linear_fwd_kernel[grid](
         q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, y, *outs, h_w, h_s, chunk_off, T,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, STORE_STATES=store_states, DOT_PRECISION=precision,
+        num_stages=_stages(chunk_size, BK),
     )
     if store_states:
         return (y, *outs), (h_w, h_s, chunk_off)
@@ -376,7 +383,7 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     _titans_linear_bwd_kernel[(NV, n_seq * H)](
         q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dwb, dw, ds,
         dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
-        DOT_PRECISION=precision,
+        DOT_PRECISION=precision, num_stages=_stages(chunk_size, BK),
     )
     # dq, then the gate gradients, each in its own launch: with them the reverse pass spills.
     dth, dle, dlg = (torch.empty(NV, T, H, dtype=torch.float32, device=q.device) for _ in range(3))
@@ -384,6 +391,7 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
         _titans_linear_dgate_kernel[(NV, n_seq * H)](
             q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
             dq, dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DQ=want_dq, DOT_PRECISION=precision,
+            num_stages=_stages(chunk_size, BK),
         )
     grads = (dq.sum(0), dk.sum(0), dv, dth.sum(0), dle.sum(0), dlg.sum(0))
     return [g.to(x.dtype) for g, x in zip(grads, (q, k, v, theta, log_eta, log_gamma))] + [dwb0, dw0, ds0]
