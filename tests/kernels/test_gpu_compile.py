@@ -35,8 +35,11 @@ MODULES = sorted(f"{op}.{m.name}" for op in CASES for m in pkgutil.iter_modules(
                  if m.name.startswith("triton_"))
 
 # Known failures owned by issue 20 (the tensor-core rewrite of the chunk kernels): (module, check) -> targets.
-# None left at the CI cases. Strict: once a case passes, its xfail fails the run until the entry is removed here.
-ISSUE_20: dict[tuple[str, str], tuple[int, ...]] = {}
+# titans: at K = 128 (chunk 16) the fwd, bwd and dgate kernels spill 16-620 bytes at their default configs (spill-free
+# at K = 64). Strict: once a case passes, its xfail fails the run until the entry is removed here.
+ISSUE_20: dict[tuple[str, str], tuple[int, ...]] = {
+    ("titans.triton_chunk", "spill"): ARCHS,
+}
 
 
 def _cases(check: str) -> list:
