@@ -16,7 +16,6 @@ is the mean over earlier stages j of (best accuracy on j's classes after any sta
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime as dt
 import json
@@ -349,7 +348,7 @@ def run_and_save_cil(cfg: CILConfig, out: str | Path, *, run_name: str = "", plo
                      progress: bool = True, log: Any = print) -> dict[str, Any]:
     """Run ``cfg``; write ``<out>/results/<run_id>.json``, append ``<out>/cil.csv``, draw
     ``<out>/plots/<run_id>.png``."""
-    from .results import environment, new_run_id, write_json
+    from .results import append_csv, environment, new_run_id, write_json
 
     out = Path(out)
     run_id = new_run_id("cil", run_name or cfg.name)
@@ -361,19 +360,7 @@ def run_and_save_cil(cfg: CILConfig, out: str | Path, *, run_name: str = "", plo
                "seeds": list(cfg.seeds), "environment": environment("cpu"),
                "wall_s": round(time.perf_counter() - t0, 3), "records": records, "summary": summary}
     paths: dict[str, Any] = {"json": str(write_json(out, run_id, payload))}
-    csv_path = out / "cil.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
-    if not new:
-        with csv_path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != CSV_FIELDS:
-            raise ValueError(f"{csv_path} has columns {header}, expected {list(CSV_FIELDS)}; use another --out")
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(_csv_rows(run_id, created, cfg, records))
+    csv_path = append_csv(out / "cil.csv", _csv_rows(run_id, created, cfg, records), CSV_FIELDS)
     paths["csv"] = str(csv_path)
     if plots:
         paths["plots"] = [str(plot_cil(summary, out / "plots" / f"{run_id}.png",

@@ -14,7 +14,6 @@ Models: memzoo mixer patterns (``gated_delta``, ``gated_delta+attention``; a fre
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime as dt
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .cli import _ints
 from .memorize import MemorizeConfig, summary_lines
 
 __all__ = ["PRESETS", "main", "CSV_FIELDS"]
@@ -40,13 +40,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 CSV_FIELDS = ("run_id", "created", "mode", "model", "material", "exposures", "phase", "update", "distractor",
               "recognition", "recall_exact", "recall_token_acc", "loss_studied", "loss_novel")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,24 +142,12 @@ def load_models(spec: dict[str, Any], device: str, seed: int) -> list[tuple[str,
 
 
 def write_outputs(out: Path, run_id: str, created: str, payload: dict[str, Any], plots: bool) -> dict[str, Any]:
-    from .results import write_json
+    from .results import append_csv, write_json
 
     paths: dict[str, Any] = {"json": str(write_json(out, run_id, payload))}
-    csv_path = out / "memorize.csv"
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
-    if not new:
-        with csv_path.open(newline="") as f:
-            header = tuple(next(csv.reader(f), []))
-        if header != CSV_FIELDS:
-            raise ValueError(f"{csv_path} has columns {list(header)}, expected {list(CSV_FIELDS)}; use another --out")
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for model, result in payload["models"].items():
-            for row in result["rows"]:
-                writer.writerow({"run_id": run_id, "created": created, "mode": payload["config"]["mode"],
-                                 "model": model, **row})
+    rows = [{"run_id": run_id, "created": created, "mode": payload["config"]["mode"], "model": model, **row}
+            for model, result in payload["models"].items() for row in result["rows"]]
+    csv_path = append_csv(out / "memorize.csv", rows, CSV_FIELDS)
     paths["csv"] = str(csv_path)
     if plots:
         from .memorize_plots import plot_context, plot_exposures, plot_retention

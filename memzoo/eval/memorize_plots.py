@@ -35,22 +35,28 @@ def _finish(fig: Any, axes: Any, path: str | Path, title: str) -> Path:
     return path
 
 
+def _panels(axes: Any, xs: list[Any], rows: list[dict[str, Any]], style: str, label: str, xlabel: str,
+            marker: str | None = "o") -> None:
+    for ax, (key, title, chance) in zip(axes, _PANELS):
+        ax.plot(xs, [r[key] for r in rows], style, marker=marker, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        if chance is not None:
+            ax.axhline(chance, color="gray", lw=0.8, ls=":")
+
+
 def plot_exposures(models: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
     """Scores right after the study phase against the number of exposures (0 = before studying)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for model, rows in models.items():
         for material in sorted({r["material"] for r in rows}):
-            pts = sorted((r["exposures"], r) for r in rows
-                         if r["material"] == material and r["phase"] in ("before", "study"))
-            for ax, (key, label, chance) in zip(axes, _PANELS):
-                ax.plot([k for k, _ in pts], [r[key] for _, r in pts], _style(material), marker="o",
-                        label=f"{model} / {material}")
-                ax.set_xscale("symlog", linthresh=1)
-                ax.set_xlabel("exposures per item")
-                ax.set_title(label)
-                if chance is not None:
-                    ax.axhline(chance, color="gray", lw=0.8, ls=":")
+            pts = sorted(((r["exposures"], r) for r in rows
+                          if r["material"] == material and r["phase"] in ("before", "study")), key=lambda p: p[0])
+            _panels(axes, [k for k, _ in pts], [r for _, r in pts], _style(material), f"{model} / {material}",
+                    "exposures per item")
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=1)
     return _finish(fig, axes, path, "Few-shot memories in weights: after studying (dashed: random strings)")
 
 
@@ -61,15 +67,10 @@ def plot_retention(models: dict[str, list[dict[str, Any]]], path: str | Path) ->
     for model, rows in models.items():
         for material in sorted({r["material"] for r in rows}):
             for k in sorted({r["exposures"] for r in rows if r["phase"] == "study"}):
-                pts = sorted((r["update"], r) for r in rows if r["material"] == material
-                             and r["exposures"] == k and r["phase"] in ("study", "retention"))
-                for ax, (key, label, chance) in zip(axes, _PANELS):
-                    ax.plot([u for u, _ in pts], [r[key] for _, r in pts], _style(material),
-                            label=f"{model} / {material} / k={k}")
-                    ax.set_xlabel("updates on new items")
-                    ax.set_title(label)
-                    if chance is not None:
-                        ax.axhline(chance, color="gray", lw=0.8, ls=":")
+                pts = sorted(((r["update"], r) for r in rows if r["material"] == material
+                              and r["exposures"] == k and r["phase"] in ("study", "retention")), key=lambda p: p[0])
+                _panels(axes, [u for u, _ in pts], [r for _, r in pts], _style(material),
+                        f"{model} / {material} / k={k}", "updates on new items", marker=None)
     return _finish(fig, axes, path, "Retention while training continues on new items (dashed: random strings)")
 
 
@@ -79,13 +80,9 @@ def plot_context(models: dict[str, list[dict[str, Any]]], path: str | Path) -> P
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for model, rows in models.items():
         for material in sorted({r["material"] for r in rows}):
-            pts = sorted((r["distractor"], r) for r in rows if r["material"] == material)
-            for ax, (key, label, chance) in zip(axes, _PANELS):
-                ax.plot([d for d, _ in pts], [r[key] for _, r in pts], _style(material), marker="o",
-                        label=f"{model} / {material}")
-                ax.set_xscale("symlog", linthresh=16)
-                ax.set_xlabel("distractor tokens")
-                ax.set_title(label)
-                if chance is not None:
-                    ax.axhline(chance, color="gray", lw=0.8, ls=":")
+            pts = sorted(((r["distractor"], r) for r in rows if r["material"] == material), key=lambda p: p[0])
+            _panels(axes, [d for d, _ in pts], [r for _, r in pts], _style(material), f"{model} / {material}",
+                    "distractor tokens")
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=16)
     return _finish(fig, axes, path, "Few-shot memories in context (dashed: random strings)")

@@ -116,18 +116,22 @@ def csv_rows(run_id: str, created: str, task: str, preset: str, records: list[di
     return rows
 
 
-def append_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new."""
+def append_csv(path: str | Path, rows: list[dict[str, Any]], fields: tuple[str, ...] = CSV_FIELDS) -> Path:
+    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new.
+
+    ``fields`` are the columns (the recall tasks' by default); an existing file with other columns is an
+    error, never a silently misaligned table.  Keys of a row outside ``fields`` are left out.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != CSV_FIELDS:
-            raise ValueError(f"{path} has columns {header}, expected {list(CSV_FIELDS)}; use another --out")
+        if tuple(header) != tuple(fields):
+            raise ValueError(f"{path} has columns {header}, expected {list(fields)}; use another --out")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
