@@ -259,7 +259,18 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
                             f"{type(past_key_values).__name__} (memzoo models do not use transformers caches)")
         state = None if past_key_values is None else past_key_values.layers
         seen = 0 if past_key_values is None else past_key_values.seen
-        if attention_mask is not None and state is None and not bool(attention_mask.bool().all()):
+        if attention_mask is not None:
+            ids_or_embeds = input_ids if input_ids is not None else inputs_embeds
+            n_rows, n_new = (ids_or_embeds.shape[0], ids_or_embeds.shape[1]) if ids_or_embeds is not None else (
+                None, None)
+            if (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2
+                    or (n_rows is not None and (attention_mask.shape[0] != n_rows
+                                                or attention_mask.shape[1] not in (n_new, seen + n_new)))):
+                got = (tuple(attention_mask.shape) if isinstance(attention_mask, Tensor)
+                       else type(attention_mask).__name__)
+                raise ValueError(f"attention_mask must be a [B, T] tensor matching input_ids ([{n_rows}, {n_new}], or "
+                                 f"[{n_rows}, {seen + n_new}] counting the tokens already seen), got {got}")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask: memzoo models do not support padding; pass unpadded rows of equal "
                              "length, or pack sequences with cu_seqlens")
         use_cache = self.config.use_cache if use_cache is None else use_cache

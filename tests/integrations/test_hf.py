@@ -130,6 +130,16 @@ def test_bad_inputs_raise():
     model, x = tiny_hf(), ids()
     with pytest.raises(ValueError, match="attention_mask"):
         model(x, attention_mask=torch.tensor([[1] * 9, [0] + [1] * 8]))
+    for bad in (torch.ones(2, 5), torch.ones(3, 9), torch.ones(2, 1, 9), [[1] * 9] * 2):
+        with pytest.raises(ValueError, match=r"attention_mask must be a \[B, T\] tensor"):
+            model(x, attention_mask=bad)
+    with torch.no_grad():
+        state = model(x[:, :4])[hf.CACHE_FIELD]
+        # With a state, the mask may cover the new tokens or the whole sequence so far (as generate passes it).
+        model(x[:, 4:], past_key_values=state, attention_mask=torch.ones(2, 9))
+        model(x[:, 4:], past_key_values=state, attention_mask=torch.ones(2, 5))
+        with pytest.raises(ValueError, match="padding"):
+            model(x[:, 4:], past_key_values=state, attention_mask=torch.tensor([[0] + [1] * 8] * 2))
     with pytest.raises(TypeError, match="past_key_values"):
         model(x, past_key_values=transformers.DynamicCache())
     with pytest.raises(TypeError, match="logits_to_keep"):
