@@ -132,18 +132,21 @@ class MemzooAttentionAdapter(nn.Module):
 
     def _state_after_reorder(self, entry: _Entry, all_keys: Tensor, all_values: Tensor, T: int) -> Any:
         n_old = all_keys.shape[2] - T
-        last_pos = all_values[:, 0, n_old - 1, 0] if n_old > 0 else None
-        if last_pos is None or not bool((last_pos == entry.seen - 1).all()):
+        in_place = reordered = False
+        if n_old > 0:
+            rows = all_keys[:, 0, n_old - 1, 0].long()
+            arange = torch.arange(rows.shape[0], device=rows.device)
+            # Both checks in one transfer: one host sync per layer and token.
+            in_place, reordered = torch.stack(((all_values[:, 0, n_old - 1, 0] == entry.seen - 1).all(),
+                                               (rows != arange).any())).tolist()
+        if not in_place:
             raise ValueError(
                 f"cache: its entries for layer {self.layer_idx} do not end at position {entry.seen - 1}, where "
                 f"the memzoo mixer replacing {self.replaced} stopped: the cache was cropped, rolled back or "
                 "edited (assisted decoding, cache reuse with truncation). A recurrent state cannot be rolled "
                 "back; regenerate from the prompt")
-        rows = all_keys[:, 0, n_old - 1, 0].long()
-        if torch.equal(rows, torch.arange(rows.shape[0], device=rows.device)):
-            return entry.state
         # Beam search (or any batch reordering) reordered the cache rows: follow it.
-        return index_state(entry.state, rows)
+        return index_state(entry.state, rows) if reordered else entry.state
 
     def extra_repr(self) -> str:
         return f"replaced={self.replaced}, layer_idx={self.layer_idx}"
