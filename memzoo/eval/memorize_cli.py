@@ -147,7 +147,7 @@ def write_outputs(out: Path, run_id: str, created: str, payload: dict[str, Any],
     paths: dict[str, Any] = {"json": str(write_json(out, run_id, payload))}
     rows = [{"run_id": run_id, "created": created, "mode": payload["config"]["mode"], "model": model, **row}
             for model, result in payload["models"].items() for row in result["rows"]]
-    csv_path = append_csv(out / "memorize.csv", rows, CSV_FIELDS)
+    csv_path = append_csv(out / "memorize.csv", rows, CSV_FIELDS, extra="ignore")
     paths["csv"] = str(csv_path)
     if plots:
         from .memorize_plots import plot_context, plot_exposures, plot_retention

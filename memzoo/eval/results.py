@@ -116,11 +116,13 @@ def csv_rows(run_id: str, created: str, task: str, preset: str, records: list[di
     return rows
 
 
-def append_csv(path: str | Path, rows: list[dict[str, Any]], fields: tuple[str, ...] = CSV_FIELDS) -> Path:
+def append_csv(path: str | Path, rows: list[dict[str, Any]], fields: tuple[str, ...] = CSV_FIELDS, *,
+               extra: str = "raise") -> Path:
     """Append ``rows`` to the CSV at ``path``, writing the header when the file is new.
 
     ``fields`` are the columns (the recall tasks' by default); an existing file with other columns is an
-    error, never a silently misaligned table.  Keys of a row outside ``fields`` are left out.
+    error, never a silently misaligned table.  A row key outside ``fields`` is an error unless
+    ``extra="ignore"`` (for rows that also feed the JSON).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def append_csv(path: str | Path, rows: list[dict[str, Any]], fields: tuple[str, 
         if tuple(header) != tuple(fields):
             raise ValueError(f"{path} has columns {header}, expected {list(fields)}; use another --out")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction=extra)
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -171,6 +171,12 @@ def test_ema_key_init_converges_and_warmup_freezes():
         seen.append(m.keys.clone())
     assert not torch.equal(seen[0], keys0) and not torch.equal(seen[1], seen[0])
     assert torch.equal(seen[1], seen[2]) and torch.equal(seen[2], seen[3]) and int(m.ema_done) == 2
+    # Loading a state from mid warm-up resumes the EMA updates (the finished flag is host-side).
+    mid = {k: v.clone() for k, v in m.state_dict().items()}
+    mid["ema_done"].fill_(1)
+    m.load_state_dict(mid)
+    m(x[:64])
+    assert int(m.ema_done) == 2 and not torch.equal(m.keys, seen[3])
 
 
 def test_bf16():

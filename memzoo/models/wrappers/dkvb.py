@@ -123,6 +123,8 @@ class DiscreteKVBottleneck(nn.Module):
         self.register_buffer("ema_count", torch.zeros(c.n_codebooks, c.n_keys))
         self.register_buffer("ema_sum", torch.zeros(c.n_codebooks, c.n_keys, c.d_key))
         self.register_buffer("ema_done", torch.zeros((), dtype=torch.int64))
+        # Host-side mirror of "ema_done >= ema_steps", so a finished warm-up costs no device sync per forward.
+        self._ema_finished = self.config.ema_steps == 0
         self.register_buffer("keys_ready", torch.zeros((), dtype=torch.bool))
         self.values = nn.Parameter(torch.randn(c.n_codebooks, c.n_keys, c.d_value) * c.value_std)
         self.decoder = nn.Linear(c.n_codebooks * c.d_value, c.d_out) if c.decoder == "linear" else None
@@ -162,8 +164,11 @@ class DiscreteKVBottleneck(nn.Module):
         c = self.config
         e = self._features(x)
         z = self._project(e)  # [C, M, d_key]
-        if self.training and int(self.ema_done) < c.ema_steps:
-            self._ema_step(z)
+        if self.training and not self._ema_finished:
+            if int(self.ema_done) < c.ema_steps:
+                self._ema_step(z)
+            else:
+                self._ema_finished = True
         idx, _ = self._search(z, c.top_k)  # [C, M, k]
         books = torch.arange(c.n_codebooks, device=idx.device)[:, None, None]
         h = self.values[books, idx].mean(2)  # [C, M, d_value]
@@ -218,6 +223,11 @@ class DiscreteKVBottleneck(nn.Module):
         """One EMA key update from a batch of unlabelled inputs ``[..., d_in]`` (the paper's key initialisation;
         call it over a stream, then ``freeze_keys``).  The first call places the keys on random rows of the batch."""
         self._ema_step(self.project(x))
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # A loaded ema_done may be mid warm-up: read it again at the next training forward.
+        self._ema_finished = self.config.ema_steps == 0
 
     def freeze_keys(self) -> None:
         """Stop all key updates (also the ``ema_steps`` ones)."""
