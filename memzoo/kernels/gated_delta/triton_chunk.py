@@ -25,16 +25,11 @@ from torch import Tensor
 from ..triton_utils import autotune_or_fixed
 from ..utils import chunk_table, flatten_batch, resolve_dot_precision, seq_boundaries
 from .reference import l2norm, wy_transform
-from .triton_chunk_fwd import MAX_CHUNK, forward_output
+from .triton_chunk_fwd import MAX_CHUNK, STATE_CONFIGS, STATE_DEFAULT, forward_output, state_block
 from .triton_chunk_fwd import forward_states as _forward_states
 
 __all__ = ["chunk_gated_delta_rule_triton"]
 
-_STATE_CONFIGS = [
-    triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (2, 4) for s in (1, 2, 3)
-]
-# One stage and BV = 16: the state pass keeps a [K, BV] fp32 tile and three [BT, K] fp32 input tiles.
-_STATE_DEFAULT = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -67,7 +62,7 @@ def _dstate_tile_update(w, q_gate, p_k, b_dh, b_do, b_dd, b_decay, o_t, i_kt: tl
     return tl.dot(-b_w, b_dd, b_dh, input_precision=DOT_PRECISION)
 
 
-@autotune_or_fixed(_STATE_CONFIGS, key=["H", "K", "V", "BT", "DOT_PRECISION"], default=_STATE_DEFAULT)
+@autotune_or_fixed(STATE_CONFIGS, key=["H", "K", "V", "BT", "DOT_PRECISION"], default=STATE_DEFAULT)
 @triton.jit
 def _state_bwd_kernel(
     w, k_tail, q_gate, g_last, do, dv_local, dht, dh_end, dh0, cu_seqlens, chunk_offsets,
@@ -152,7 +147,7 @@ def _state_backward(w, k_tail, q_gate, g_last, do, dv_local, dht, want_dh0, cu, 
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seq, H)
     _state_bwd_kernel[grid](
         w, k_tail, q_gate, g_last, do, dv_local, dht, dh_end, dh0, cu, chunk_offsets,
-        H=H, K=K, V=V, BT=BT, BK=min(64, max(16, triton.next_power_of_2(K))),
+        H=H, K=K, V=V, BT=BT, BK=state_block(K),
         USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=want_dh0, DOT_PRECISION=precision,
     )
     return dh_end, dh0

@@ -251,12 +251,15 @@ def _state_tile_update(p_k, b_h, b_vd, b_decay, o_i, m_t, i_kt: tl.constexpr, H:
     return tl.dot(tl.trans(b_k), b_vd.to(b_k.dtype), b_h * b_decay, input_precision=DOT_PRECISION)
 
 
-@autotune_or_fixed(
-    [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (2, 4) for s in (1, 2, 3)],
-    key=["H", "K", "V", "BT", "DOT_PRECISION"],
-    # One stage: pipelining the chunk loop double-buffers the fp32 w and k tiles (spills at K = 256 in fp32).
-    default=triton.Config({"BV": 16}, num_warps=4, num_stages=1),
-)
+# The state passes' configs (forward here, reverse in triton_chunk.py). One stage by default: pipelining the
+# chunk loop double-buffers the fp32 w and k tiles (spills at K = 256 in fp32).
+STATE_CONFIGS = [
+    triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (2, 4) for s in (1, 2, 3)
+]
+STATE_DEFAULT = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+
+
+@autotune_or_fixed(STATE_CONFIGS, key=["H", "K", "V", "BT", "DOT_PRECISION"], default=STATE_DEFAULT)
 @triton.jit
 def _state_fwd_kernel(
     k, w, u, g_cum, h0, h, v_new, ht, cu_seqlens, chunk_offsets,
@@ -383,7 +386,8 @@ def _output_fwd_kernel(
     tl.store(o + (t0 * H + i_h) * V + o_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
 
 
-def _state_block(K: int) -> int:
+def state_block(K: int) -> int:
+    """BK of the state passes (forward and reverse): K is held in up to four [BK, BV] tiles."""
     return min(64, max(16, triton.next_power_of_2(K)))
 
 
@@ -412,7 +416,7 @@ def forward_states(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor | N
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seq, H)
     _state_fwd_kernel[grid](
         k, w, u, g_cum, h0, h, v_new, ht, cu, chunk_offsets,
-        H=H, K=K, V=V, BT=chunk_size, BK=_state_block(K), USE_INITIAL_STATE=h0 is not None, DOT_PRECISION=precision,
+        H=H, K=K, V=V, BT=chunk_size, BK=state_block(K), USE_INITIAL_STATE=h0 is not None, DOT_PRECISION=precision,
     )
     return g_cum, A, w, u, v_new, h, ht
 
