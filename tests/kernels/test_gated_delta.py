@@ -213,6 +213,16 @@ def test_triton_chunk_matches_reference_on_gpu(B, T, D, chunk_size, gate, l2, us
     _triton_vs_reference(B, T, D, chunk_size, gate, l2, use_h0, kind, "cuda")
 
 
+@needs_triton
+def test_tf32_switch_reaches_the_kernels(gpu_like_dots):
+    # A switch that never reached a kernel would pass the error-bound tests above (exact fp32 is within them).
+    ins, h0 = make_inputs(1, 40, 2, 32, 32, h0=True)
+    outs = {p: chunk_gated_delta_rule(*ins, initial_state=h0, output_final_state=True, chunk_size=16,
+                                      impl="triton", precision=p) for p in ("ieee", "tf32")}
+    for a, b in zip(outs["ieee"], outs["tf32"]):
+        assert rel_rms(b, a) > 1e-6
+
+
 def test_dot_precision_argument_and_environment_override(monkeypatch):
     from memzoo.kernels.utils import DOT_PRECISION_ENV_VAR, resolve_dot_precision
 
