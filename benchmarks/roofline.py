@@ -61,7 +61,7 @@ def attention(B: int, T: int, H: int, D: int, elt: int = 2) -> dict[str, Cost]:
     return _fwdbwd(Cost(flops, 4 * io), 2.5, 8 * io)
 
 
-def _linear_rnn(B, T, H, K, V, C, per_token_mm: float, gate_bytes: float, elt: int) -> dict[str, Cost]:
+def _linear_rnn(B, T, H, K, V, per_token_mm: float, gate_bytes: float, elt: int) -> dict[str, Cost]:
     flops = B * H * T * per_token_mm
     io = B * T * H * (2 * K + 2 * V) * elt + B * T * H * gate_bytes
     # backward reads q, k, v, gates, do and writes dq, dk, dv, dgates: the forward's traffic plus do and dgates
@@ -73,14 +73,14 @@ def gla(B: int, T: int, H: int, D: int, C: int = 64, elt: int = 2) -> dict[str, 
     """Chunked GLA, per token: q h (2KV), the state update k^T v (2KV), A = q k^T (2CK), A v (2CV); fp32 gate
     per key."""
     K = V = D
-    return _linear_rnn(B, T, H, K, V, C, 4 * K * V + 2 * C * (K + V), 4 * K, elt)
+    return _linear_rnn(B, T, H, K, V, 4 * K * V + 2 * C * (K + V), 4 * K, elt)
 
 
 def gated_delta(B: int, T: int, H: int, D: int, C: int = 64, elt: int = 2) -> dict[str, Cost]:
     """Chunked gated delta rule, per token: the WY form (k k^T 2CK, w = A k 2CK, u = A v 2CV), the state pass (w h,
     k^T u: 4KV), the output (q h 2KV, q k^T 2CK, A u 2CV); fp32 gate and beta per head."""
     K = V = D
-    return _linear_rnn(B, T, H, K, V, C, 6 * K * V + 2 * C * (3 * K + 2 * V), 8, elt)
+    return _linear_rnn(B, T, H, K, V, 6 * K * V + 2 * C * (3 * K + 2 * V), 8, elt)
 
 
 def titans_linear(B: int, T: int, H: int, D: int, C: int = 16, elt: int = 2) -> dict[str, Cost]:
@@ -88,7 +88,7 @@ def titans_linear(B: int, T: int, H: int, D: int, C: int = 16, elt: int = 2) -> 
     q W (2KV), intra-chunk q k^T and k k^T (4CK) times the errors (4CV, momentum and plain); fp32 theta, eta,
     gamma per head."""
     K = V = D
-    return _linear_rnn(B, T, H, K, V, C, 6 * K * V + 4 * C * (K + V), 12, elt)
+    return _linear_rnn(B, T, H, K, V, 6 * K * V + 4 * C * (K + V), 12, elt)
 
 
 def titans_mlp(B: int, T: int, H: int, D: int, C: int = 16, expansion: int = 4, elt: int = 2) -> dict[str, Cost]:
@@ -96,7 +96,7 @@ def titans_mlp(B: int, T: int, H: int, D: int, C: int = 16, expansion: int = 4, 
     (4DE) and its gradients (two weight gradients and one activation gradient: 6DE), intra-chunk products with the
     C x C key Gram matrix for both layers (2C(D + E)) twice (momentum and plain)."""
     E = expansion * D
-    return _linear_rnn(B, T, H, D, D, C, 14 * D * E + 4 * C * (D + E), 12, elt)
+    return _linear_rnn(B, T, H, D, D, 14 * D * E + 4 * C * (D + E), 12, elt)
 
 
 def mom(B: int, T: int, d_model: int = 1024, H: int = 4, D: int = 256, M: int = 4, topk: int = 2,
