@@ -80,15 +80,11 @@ def _titans_linear_fwd_kernel(
         # Rows outside the sequence get theta = 0, eta = gamma = 1: identity updates.
         p_g = t0 * H + i_h + o_t * H
         b_th = tl.load(theta + p_g, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-        b_le = tl.cumsum(tl.load(log_eta + p_g, mask=m_t, other=0.0).to(tl.float32), axis=0)
-        b_lg = tl.cumsum(tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_le_raw = tl.load(log_eta + p_g, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+        b_lg_raw = tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32)  # [BT]
         # Exponentiate only differences with i <= t; a padded column i adds no S_i to W.
-        b_lam = tl.exp(tl.where(m_causal & m_t[None, :], b_lg[:, None] - b_lg[None, :], float("-inf")))
-        b_nm = tl.exp(tl.where(m_causal, b_le[:, None] - b_le[None, :], float("-inf"))) * b_th[None, :]
-        b_G = tl.dot(b_lam, b_nm, input_precision=DOT_PRECISION)  # [BT, BT]
-        b_m = tl.exp(b_le)  # [BT]
-        b_f = tl.sum(b_lam * b_m[None, :], axis=1)  # [BT]
-        b_beta = tl.exp(b_lg)  # [BT]
+        b_lam, _, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal,
+                                                                    DOT_PRECISION)
         b_A = b_G * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
         # Errors at the chunk base, E = K W_base - V (the base is W except in the first chunk).
         m_first = (tl.zeros([BK, BV], dtype=tl.int32) + i_c) == 0  # [BK, BV] splat of i_c == 0
