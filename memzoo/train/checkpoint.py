@@ -61,13 +61,19 @@ class TrainState:
             setattr(self, k, int(v))
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``out_dir/checkpoints``, or ``None``."""
+def _checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoints under ``out_dir/checkpoints``, newest (highest step) first."""
     root = Path(out_dir, "checkpoints")
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``out_dir/checkpoints``, or ``None``."""
+    found = _checkpoints(out_dir)
+    return found[0] if found else None
 
 
 class CheckpointError(ValueError):
@@ -144,13 +150,8 @@ def resumable_checkpoint(out_dir: str | Path) -> Path | None:
     Raises:
         CheckpointError: checkpoints exist but none verifies (nothing is resumed silently from scratch).
     """
-    root = Path(out_dir, "checkpoints")
-    if not root.is_dir():
-        return None
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()),
-                   reverse=True)
     problems = []
-    for _, path in found:
+    for path in _checkpoints(out_dir):
         try:
             verify_checkpoint(path)
         except CheckpointError as e:

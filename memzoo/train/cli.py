@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import ConfigError, TrainConfig, resolve_config, train_presets
+from .data import DECODE_ERRORS
 
 __all__ = ["main", "prepare_main", "parse_train_args"]
 
@@ -84,7 +85,7 @@ def _prepare_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--text-field", default="text")
-    p.add_argument("--decode-errors", default="replace", choices=("replace", "strict"),
+    p.add_argument("--decode-errors", default="replace", choices=DECODE_ERRORS,
                    help="bytes that are not UTF-8: replace them (one warning with their count) or fail naming the file")
     return p
 

@@ -28,6 +28,7 @@ from ..models.config import ModelConfig
 from ..models.presets import get_preset as get_model_preset
 from ..models.wrappers.hmt import HMTConfig
 from ..models.wrappers.longmem import LongMemConfig
+from .data import DECODE_ERRORS
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "SchedConfig", "LoopConfig", "CheckpointConfig", "LogConfig",
@@ -605,8 +606,8 @@ def validate_config(cfg: TrainConfig) -> None:
     need(not bad, f"log.report_to: unknown tracker(s) {bad}; choose from none, all, {', '.join(TRACKERS)}")
     need(d.pack in PACK_MODES, f"data.pack must be one of {PACK_MODES}, got {d.pack!r}")
     need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
-    need(d.decode_errors in ("replace", "strict"),
-         f"data.decode_errors must be 'replace' or 'strict', got {d.decode_errors!r}")
+    need(d.decode_errors in DECODE_ERRORS,
+         f"data.decode_errors must be one of {DECODE_ERRORS}, got {d.decode_errors!r}")
     need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     need(d.detach_every >= 1, f"data.detach_every must be >= 1, got {d.detach_every}")
     need(d.tokenizer == "byte" or d.tokenizer.startswith(("bpe:", "train:")),
