@@ -413,8 +413,6 @@ class Mixer(nn.Module):
                 "(with cu_seqlens, one state row per packed sequence)"
             )
 
-    _check_state = check_state
-
 
 # The base class's own reset_state gets the same argument checks as the overrides (__init_subclass__ wraps those).
 Mixer.reset_state = _checked_reset_state(Mixer.reset_state)

@@ -107,7 +107,7 @@ class MemoryAugmentedAttention(Attention):
         if retrieved is not None and bank is not None:
             raise ValueError("pass at most one of retrieved and bank")
         self._check_x(x, "x", rank=3)
-        self._check_state(state, x.shape[0])
+        self.check_state(state, x.shape[0], device=x.device)
         return self._mixed(x, state, retrieved, bank)
 
     def step(self, x_t: Tensor, state: AttentionState, *, retrieved: Any = None,
