@@ -607,7 +607,7 @@ def validate_config(cfg: TrainConfig) -> None:
     need(d.pack in PACK_MODES, f"data.pack must be one of {PACK_MODES}, got {d.pack!r}")
     need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
     need(d.decode_errors in DECODE_ERRORS,
-         f"data.decode_errors must be one of {DECODE_ERRORS}, got {d.decode_errors!r}")
+         f"data.decode_errors must be {' or '.join(map(repr, DECODE_ERRORS))}, got {d.decode_errors!r}")
     need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     need(d.detach_every >= 1, f"data.detach_every must be >= 1, got {d.detach_every}")
     need(d.tokenizer == "byte" or d.tokenizer.startswith(("bpe:", "train:")),
