@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..train.data import ByteTokenizer
 from .words import ADJECTIVES, NOUNS
 
 __all__ = ["TextNIAHConfig", "ByteTokenizer", "make_sample", "string_match_all", "evaluate_text_niah",
-           "load_checkpoint", "model_generate_fn", "NOISE_LINE"]
+           "checkpoint_dir", "load_checkpoint", "load_checkpoint_and_tokenizer", "model_generate_fn", "NOISE_LINE"]
 
 NOISE_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
@@ -65,18 +68,6 @@ class TextNIAHConfig:
             object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
             if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
                 raise ValueError(f"depths must be fractions in [0, 1], got {self.depths}")
-
-
-class ByteTokenizer:
-    """memzoo's default tokenizer: one token per UTF-8 byte (vocab 256)."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 def _key(rng: random.Random) -> str:
@@ -173,34 +164,31 @@ def evaluate_text_niah(generate: Callable[[str, int], str], cfg: TextNIAHConfig,
     return {"scores": scores, "counts": {k: len(v) for k, v in groups.items()}, "samples": rows}
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> Any:
-    """A memzoo ``LanguageModel`` from a memzoo-train run (``<run>/final``) or a checkpoint directory.
-
-    Uses ``memzoo.from_pretrained`` when the installed memzoo has it; otherwise reads
-    ``config.json`` + ``model.safetensors`` itself (byte-level models, tied head).
-    """
-    import memzoo
-
+def checkpoint_dir(path: str | Path) -> Path:
+    """The export folder of a memzoo-train run (``<run>/final``) or of a checkpoint / export directory."""
     path = Path(path)
     for d in (path, path / "final"):
         if (d / "model.safetensors").is_file():
-            break
-    else:
-        raise FileNotFoundError(f"checkpoint: no model.safetensors in {str(path)!r} or {str(path / 'final')!r}")
-    if hasattr(memzoo, "from_pretrained"):
-        return memzoo.from_pretrained(d, device=device).eval()
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint: no config.json next to {str(d / 'model.safetensors')!r}")
-    from safetensors.torch import load_file
+            return d
+    raise FileNotFoundError(f"checkpoint: no model.safetensors in {str(path)!r} or {str(path / 'final')!r}")
 
-    from memzoo.models import LanguageModel, ModelConfig
 
-    model = LanguageModel(ModelConfig.from_json((d / "config.json").read_text()))
-    state = load_file(str(d / "model.safetensors"))
-    if model.config.tie_embeddings:
-        state.setdefault("lm_head.weight", state["embed.weight"])
-    model.load_state_dict(state)
-    return model.to(device).eval()
+def load_checkpoint(path: str | Path, device: str = "cpu") -> Any:
+    """A memzoo ``LanguageModel`` from a memzoo-train run (``<run>/final``) or an export directory."""
+    from ..train.checkpoint import from_pretrained
+
+    return from_pretrained(checkpoint_dir(path), device=device).eval()
+
+
+def load_checkpoint_and_tokenizer(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """``load_checkpoint`` plus the tokenizer exported with the model (memzoo's byte tokenizer when there is
+    none), checked against the model's vocabulary."""
+    from ..train.data import check_model_vocab, tokenizer_for
+
+    model = load_checkpoint(path, device)
+    tok = tokenizer_for(checkpoint_dir(path))
+    check_model_vocab(tok, model.config.vocab_size, f"checkpoint {str(path)!r}")
+    return model, tok
 
 
 def model_generate_fn(model: Any, tokenizer: Any, device: str = "cpu") -> Callable[[str, int], str]:
@@ -208,7 +196,7 @@ def model_generate_fn(model: Any, tokenizer: Any, device: str = "cpu") -> Callab
     import torch
 
     def generate(prompt: str, max_new_tokens: int) -> str:
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        ids = torch.as_tensor(np.asarray(tokenizer.encode(prompt)), dtype=torch.long, device=device)[None]
         out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0)
         return tokenizer.decode(out[0, ids.shape[1] :].tolist())
 
@@ -226,11 +214,7 @@ def main_text_niah(args: argparse.Namespace) -> int:
               "value_type": args.value_type, "max_new_tokens": args.max_new_tokens}
     cfg = TextNIAHConfig(**{k: v for k, v in fields.items() if v is not None})
     device = _device(args.device)
-    model = load_checkpoint(args.checkpoint, device)
-    tok = ByteTokenizer()
-    if model.config.vocab_size != tok.vocab_size:
-        raise ValueError(f"text_niah uses the byte tokenizer (vocab 256); the checkpoint has vocab "
-                         f"{model.config.vocab_size}")
+    model, tok = load_checkpoint_and_tokenizer(args.checkpoint, device)
     t0 = time.perf_counter()
     result = evaluate_text_niah(model_generate_fn(model, tok, device), cfg, lambda s: len(tok.encode(s)),
                                 progress=not args.no_progress)

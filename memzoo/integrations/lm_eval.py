@@ -25,7 +25,8 @@ try:
 except ImportError as e:
     raise ImportError("memzoo.integrations.lm_eval needs lm-eval: pip install 'lm-eval>=0.4,<0.5'") from e
 
-from memzoo.eval.text_niah import ByteTokenizer, load_checkpoint
+from memzoo.eval.text_niah import load_checkpoint_and_tokenizer
+from memzoo.train.data import ByteTokenizer, check_model_vocab
 
 __all__ = ["MemzooLM"]
 
@@ -40,20 +41,27 @@ class MemzooLM(TemplateLM):
         device: torch device string.
         batch_size: requests scored per forward pass (right-padded; padding never affects a causal model).
         max_length: context window in tokens; longer inputs keep their last ``max_length`` tokens.
-        eot_token_id: the end-of-text token; the byte tokenizer has none, so NUL (0) by default.
+        eot_token_id: the end-of-text token; default the tokenizer's EOS (memzoo-train separates documents
+            with it), or NUL (0) for a byte-level model whose vocabulary has no room for the specials.
+        tokenizer: the tokenizer (default: the one exported with ``checkpoint``, memzoo's byte tokenizer for
+            ``model=``).
     """
 
     def __init__(self, checkpoint: str | None = None, model: Any = None, device: str = "cpu",
-                 batch_size: int | str = 8, max_length: int | str = 2048, eot_token_id: int | str = 0) -> None:
+                 batch_size: int | str = 8, max_length: int | str = 2048, eot_token_id: int | str | None = None,
+                 tokenizer: Any = None) -> None:
         super().__init__()
         if (checkpoint is None) == (model is None):
             raise ValueError("pass exactly one of checkpoint= and model=")
-        self.model = model if model is not None else load_checkpoint(checkpoint, device)
-        self.model = self.model.to(device).eval()
-        self.tokenizer_ = ByteTokenizer()
-        if self.model.config.vocab_size != self.tokenizer_.vocab_size:
-            raise ValueError(f"MemzooLM uses the byte tokenizer (vocab 256); the model has vocab "
-                             f"{self.model.config.vocab_size}")
+        if model is None:
+            model, saved = load_checkpoint_and_tokenizer(checkpoint, device)
+            tokenizer = tokenizer if tokenizer is not None else saved
+        self.model = model.to(device).eval()
+        self.tokenizer_ = tokenizer if tokenizer is not None else ByteTokenizer()
+        vocab = self.model.config.vocab_size
+        check_model_vocab(self.tokenizer_, vocab, "MemzooLM")
+        if eot_token_id is None:
+            eot_token_id = self.tokenizer_.eos_id if self.tokenizer_.eos_id < vocab else 0
         self.device_ = torch.device(device)
         self.batch_size_ = int(batch_size)
         self.max_length = int(max_length)
@@ -66,7 +74,7 @@ class MemzooLM(TemplateLM):
         return self._eot
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return self.tokenizer_.encode(string)
+        return [int(i) for i in self.tokenizer_.encode(string)]
 
     def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
         return self.tokenizer_.decode(tokens)

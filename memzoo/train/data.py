@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ByteTokenizer", "BPETokenizer", "Batch", "make_tokenizer", "load_tokenizer", "iter_documents",
-    "tokenize_documents", "split_tokens", "prepare", "load_prepared", "make_packer", "BlockPacker",
+    "ByteTokenizer", "BPETokenizer", "Batch", "make_tokenizer", "load_tokenizer", "tokenizer_for", "check_model_vocab",
+    "iter_documents", "tokenize_documents", "split_tokens", "prepare", "load_prepared", "make_packer", "BlockPacker",
     "VarlenPacker", "StreamPacker", "DataWarning", "DECODE_ERRORS",
 ]
 
@@ -77,6 +77,11 @@ class ByteTokenizer:
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "tokenizer_config.json").write_text(json.dumps(self.config(), indent=2))
+
+    @property
+    def n_text_ids(self) -> int:
+        """Ids ``encode`` can return (the 256 byte values; the specials are never produced by ``encode``)."""
+        return 256
 
 
 class BPETokenizer:
@@ -129,6 +134,11 @@ class BPETokenizer:
         return {"type": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
                 "eos_id": self.eos_id, "pad_id": self.pad_id}
 
+    @property
+    def n_text_ids(self) -> int:
+        """Ids ``encode`` can return: the trained vocabulary (the padding up to ``vocab_size`` is never used)."""
+        return self.tok.get_vocab_size()
+
     def save(self, directory: str | Path) -> None:
         self.tok.save(str(Path(directory, "tokenizer.json")))
         Path(directory, "tokenizer_config.json").write_text(json.dumps(self.config(), indent=2))
@@ -163,6 +173,21 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise FileNotFoundError(f"no tokenizer_config.json in {str(directory)!r}")
     kind = json.loads(cfg_path.read_text())["type"]
     return ByteTokenizer() if kind == "byte" else BPETokenizer.load(directory)
+
+
+def check_model_vocab(tokenizer: Tokenizer, vocab_size: int, who: str) -> None:
+    """Refuse a model whose embedding cannot take every id ``tokenizer.encode`` returns."""
+    if vocab_size < tokenizer.n_text_ids:
+        raise ValueError(f"{who}: the model's vocab_size={vocab_size} is smaller than the {tokenizer.kind} "
+                         f"tokenizer's {tokenizer.n_text_ids} ids; the model was not trained with this tokenizer")
+
+
+def tokenizer_for(directory: str | Path) -> Tokenizer:
+    """The tokenizer saved next to a model export, or memzoo's byte tokenizer where none was saved
+    (hand-built models, exports older than tokenizer files)."""
+    if Path(directory, "tokenizer_config.json").is_file():
+        return load_tokenizer(directory)
+    return ByteTokenizer()
 
 
 def _stdlib_files() -> list[Path]:

@@ -15,6 +15,7 @@ from memzoo.eval.text_niah import (
     TextNIAHConfig,
     evaluate_text_niah,
     load_checkpoint,
+    load_checkpoint_and_tokenizer,
     make_sample,
     model_generate_fn,
     string_match_all,
@@ -127,3 +128,46 @@ def test_config_errors():
         TextNIAHConfig(haystack="essay")
     with pytest.raises(ValueError, match="too short"):
         make_sample(TextNIAHConfig(lengths=(200,), max_new_tokens=100), 200, random.Random(0), count)
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+    """A real memzoo-train run (byte tokenizer, vocab padded to 320) trained for two steps through the CLI."""
+    from memzoo.train.cli import main as train_main
+
+    run = tmp_path_factory.mktemp("export") / "run"
+    rc = train_main(["--preset", "tiny", "--model.d_model", "32", "--model.n_layers", "1", "--data.seq_len", "32",
+                     "--train.micro_bs", "2", "--train.max_steps", "2", "--sched.warmup_steps", "1",
+                     "--log.eval_every", "0", "--log.eval_iters", "1", "--log.progress", "false",
+                     "--out_dir", str(run)])
+    assert rc == 0
+    return run
+
+
+def test_text_niah_and_lm_eval_run_on_a_real_memzoo_train_export(trained_export, tmp_path):
+    model, tok = load_checkpoint_and_tokenizer(trained_export)
+    # The export's own tokenizer: memzoo-train's byte tokenizer, whose padded vocabulary (320) the model has.
+    assert model.config.vocab_size == tok.vocab_size == 320 and tok.kind == "byte"
+    out = tmp_path / "bench"
+    rc = cli.main(["text_niah", "--checkpoint", str(trained_export), "--lengths", "400", "--samples", "1",
+                   "--max-new-tokens", "4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    (result,) = (out / "results").glob("text_niah-*.json")
+    assert set(json.loads(result.read_text())["scores"]) == {"length=400"}
+
+    lm_eval = pytest.importorskip("lm_eval", reason="the optional lm-eval extra is not installed")
+    del lm_eval
+    from memzoo.integrations.lm_eval import MemzooLM
+
+    lm = MemzooLM(checkpoint=str(trained_export), max_length=64)
+    # memzoo-train separates documents with the tokenizer's EOS: that is the end-of-text token lm-eval sees.
+    assert lm.eot_token_id == tok.eos_id == 257
+    assert lm.tok_encode("hi") == [104, 105]
+
+
+def test_a_model_too_small_for_the_tokenizer_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = memzoo.build_model(memzoo.ModelConfig(vocab_size=200, d_model=32, n_layers=1, pattern=("attention",)))
+    _save_checkpoint(tmp_path / "run", model)
+    with pytest.raises(ValueError, match="vocab_size=200 is smaller than the byte tokenizer's 256 ids"):
+        load_checkpoint_and_tokenizer(tmp_path / "run")
