@@ -10,8 +10,10 @@
 
 from .models import (
     HMT,
+    LSSL,
     MIXERS,
     PRESETS,
+    S4D,
     Attention,
     AttentionConfig,
     Block,
@@ -22,20 +24,38 @@ from .models import (
     HMTConfig,
     LanguageModel,
     LMOutput,
+    LSSLConfig,
     Mixer,
+    MixtureOfMemories,
     ModelConfig,
+    MoMConfig,
+    S4DConfig,
+    TitansConfig,
+    TitansMAC,
+    TitansMACConfig,
+    TitansMAG,
+    TitansMAGConfig,
+    TitansMAL,
+    TitansMALConfig,
+    TitansMemory,
     build_mixer,
     build_model,
     detach_state,
     index_state,
 )
+from .models.wrappers import DiscreteKVBottleneck, DKVBConfig, LongMem, LongMemConfig
 from .train.checkpoint import from_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MIXERS", "PRESETS", "Attention", "AttentionConfig", "Block", "GatedDeltaNet", "GatedDeltaNetConfig",
-    "GatedLinearAttention", "GatedLinearAttentionConfig", "LMOutput", "LanguageModel", "Mixer", "ModelConfig",
-    "HMT", "HMTConfig",
+    "MIXERS", "PRESETS", "Block", "LMOutput", "LanguageModel", "Mixer", "ModelConfig",
+    # Every registered mixer (memzoo.MIXERS) and its config, by class name.
+    "Attention", "AttentionConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "GatedLinearAttention",
+    "GatedLinearAttentionConfig", "LSSL", "LSSLConfig", "MixtureOfMemories", "MoMConfig", "S4D", "S4DConfig",
+    "TitansConfig", "TitansMAC", "TitansMACConfig", "TitansMAG", "TitansMAGConfig", "TitansMAL", "TitansMALConfig",
+    "TitansMemory",
+    # Wrappers: model-level memory around a backbone.
+    "DKVBConfig", "DiscreteKVBottleneck", "HMT", "HMTConfig", "LongMem", "LongMemConfig",
     "__version__", "build_mixer", "build_model", "detach_state", "from_pretrained", "index_state",
 ]

@@ -16,3 +16,13 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_runs(code):
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+
+
+def test_readme_status_table_names_every_mixer():
+    import memzoo
+
+    table = README.read_text().split("## Status", 1)[1].split("\n\n", 2)[1]
+    for name, cls in memzoo.MIXERS.items():
+        assert f"`{name}`" in table and f"`{cls.__name__}`" in table, name
+    for wrapper in ("HMT", "LongMem", "DiscreteKVBottleneck"):
+        assert f"`{wrapper}`" in table, wrapper

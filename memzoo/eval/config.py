@@ -71,11 +71,11 @@ class ModelSpec:
         if not pattern or not all(isinstance(p, str) and p for p in pattern):
             raise ValueError(f"pattern must be a non-empty sequence of mixer names, got {self.pattern!r}")
         object.__setattr__(self, "pattern", pattern)
-        from memzoo.models import MIXERS
+        from memzoo.models.registry import MIXERS, unknown_name
 
         unknown = [p for p in pattern if p not in MIXERS]
         if unknown:
-            raise ValueError(f"unknown mixer(s) {unknown} in pattern; registered mixers: {sorted(MIXERS)}")
+            raise ValueError(f"pattern: {unknown_name('mixer', unknown[0], MIXERS)}")
         mixers = {k: dict(v) for k, v in copy.deepcopy(self.mixers).items() if k in pattern}
         object.__setattr__(self, "mixers", mixers)
         if self.n_layers < 1:

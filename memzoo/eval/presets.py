@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..models.registry import unknown_name
 from .config import BenchConfig, DataSpec, ModelSpec, TrainConfig, log_lrs
 from .tasks.mqar import MQARConfig
 from .tasks.niah import NIAHConfig
@@ -191,5 +192,5 @@ def get_preset(task: str, name: str) -> BenchConfig:
     if task not in PRESETS:
         raise ValueError(f"no presets for task {task!r}; tasks: {sorted(PRESETS)}")
     if name not in PRESETS[task]:
-        raise ValueError(f"unknown preset {name!r} for task {task!r}; available: {sorted(PRESETS[task])}")
+        raise ValueError(unknown_name(f"{task} preset", name, PRESETS[task]))
     return PRESETS[task][name]()

@@ -1,11 +1,16 @@
 """Model presets: plain functions returning a ``ModelConfig``; ``PRESETS`` maps their names.
 
+These are model shapes (``build_model("attention-tiny")``, ``memzoo-train --model.preset``), named
+``<mixer>-<size>``.  Training recipes (data, optimizer, steps and a model) are the ``memzoo-train``
+presets, named ``<size>-<mixer>`` (``tiny-attention``); ``python -m memzoo`` lists both sets.
+
 Sizes follow the GPT-2/Pythia ladder so results line up with published baselines.  Byte-level
 vocabulary (256) by default: it needs no tokenizer files.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Callable
 
@@ -59,6 +64,20 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 
 
 def get_preset(name: str) -> ModelConfig:
+    """The model shape ``name`` (see ``PRESETS``).  Training recipes are ``memzoo-train`` presets, a separate set."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        from ..train.config import train_presets
+        from .registry import unknown_name
+
+        message = unknown_name("model preset", name, PRESETS)
+        recipes = train_presets()
+        # Shapes are <mixer>-<size> and recipes <size>-<mixer>: a swapped name is the likeliest slip.
+        swapped = "-".join(reversed(str(name).split("-")))
+        similar = [swapped] if swapped in recipes else difflib.get_close_matches(name, recipes, n=2, cutoff=0.6)
+        if name in recipes:
+            message = (f"{name!r} is a memzoo-train preset (a training recipe), not a model preset; its model is "
+                       f"memzoo.train.resolve_config({name!r}).model. {message}")
+        elif similar:
+            message += f" (memzoo-train presets with a similar name: {', '.join(map(repr, similar))})"
+        raise ValueError(message)
     return PRESETS[name]()

@@ -6,6 +6,8 @@ dataclass as ``config_class``, so a mixer is built from ``d_model`` plus keyword
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from .contract import Mixer, check_field_types
@@ -18,7 +20,7 @@ from .layers.mom import MixtureOfMemories
 from .layers.s4d import S4D
 from .layers.titans import TitansMemory
 
-__all__ = ["MIXERS", "mixer_config", "build_mixer"]
+__all__ = ["MIXERS", "mixer_config", "build_mixer", "unknown_name"]
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
@@ -34,9 +36,17 @@ MIXERS: dict[str, type[Mixer]] = {
 }
 
 
+def unknown_name(what: str, name: str, known: Iterable[str]) -> str:
+    """The message for an unknown ``name``: the nearest known names first, then every known name."""
+    known = sorted(known)
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return f"unknown {what} {name!r}{hint}; available: {', '.join(known)}"
+
+
 def _mixer_class(name: str) -> type[Mixer]:
     if name not in MIXERS:
-        raise ValueError(f"unknown mixer {name!r}; registered mixers: {sorted(MIXERS)}")
+        raise ValueError(unknown_name("mixer", name, MIXERS))
     return MIXERS[name]
 
 

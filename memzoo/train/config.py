@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..models.config import ModelConfig
+from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.presets import get_preset as get_model_preset
+from ..models.registry import unknown_name
 from ..models.wrappers.hmt import HMTConfig
 from ..models.wrappers.longmem import LongMemConfig
 from .data import DECODE_ERRORS
@@ -536,7 +538,11 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None,
     if preset is not None:
         presets = train_presets()
         if preset not in presets:
-            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(sorted(presets))}")
+            message = unknown_name("training preset", preset, presets)
+            if preset in MODEL_PRESETS:
+                message = (f"{preset!r} is a model preset (a model shape), not a training preset: pass it as "
+                           f"--model.preset {preset} next to a training preset (--preset tiny). {message}")
+            raise ConfigError(message)
         base = presets[preset]().to_dict()
     else:
         base = TrainConfig().to_dict()

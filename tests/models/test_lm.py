@@ -204,7 +204,7 @@ def test_config_errors(kwargs, err, match):
 def test_unknown_keys_and_presets_rejected():
     with pytest.raises(ValueError, match="unknown ModelConfig keys"):
         ModelConfig.from_dict({"d_model": 32, "heads": 2})
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown model preset"):
         build_model("gpt-5")
     with pytest.raises(TypeError, match="preset name"):
         build_model(3)

@@ -71,7 +71,7 @@ def test_bad_file_key_and_unknown_preset(tmp_path):
     f.write_text(json.dumps({"sched": {"warmup": 10}}))
     with pytest.raises(ConfigError, match="unknown config key 'sched.warmup'"):
         resolve_config("tiny", file=f)
-    with pytest.raises(ConfigError, match="unknown preset 'tiny-transformer'; available: .*tiny-attention"):
+    with pytest.raises(ConfigError, match="unknown training preset 'tiny-transformer'.*; available: .*tiny-attention"):
         resolve_config("tiny-transformer")
 
 
@@ -80,7 +80,7 @@ def test_cli_reports_errors_before_training(tmp_path, capsys):
     assert main(["--preset", "tiny", "--optim.lr", "-1", "--out_dir", str(out)]) == 2
     assert "optim.lr must be a positive number" in capsys.readouterr().err
     assert main(["--preset", "no-such-preset", "--out_dir", str(out)]) == 2
-    assert "unknown preset" in capsys.readouterr().err
+    assert "unknown training preset" in capsys.readouterr().err
     assert not out.exists()
 
 
