@@ -31,18 +31,26 @@ from ..state import index_state
 from .titans import TitansState
 from .titans_arch import TitansHybrid, TitansHybridConfig, cat_rows
 
-__all__ = ["TitansMACConfig", "TitansMACState", "TitansMAC"]
+__all__ = ["TitansMACConfig", "TitansMACState", "TitansMAC", "MEMORY_INPUTS"]
+
+MEMORY_INPUTS = ("attention", "residual")
 
 
 @dataclass(frozen=True)
 class TitansMACConfig(TitansHybridConfig):
     # C: tokens per segment (paper: 512); the attention span is N_p + 2 C keys at most.
     segment: int = 512
+    # What step 3 writes to the memory (and step 4 reads it with): "attention", the attention output y_t (eq 24 as
+    # written), or "residual", x_t + y_t (the residual stream after the attention, as a block feeding the next
+    # module sees it).
+    memory_input: str = "attention"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.segment < 1:
             raise ValueError(f"segment must be >= 1, got {self.segment}")
+        if self.memory_input not in MEMORY_INPUTS:
+            raise ValueError(f"memory_input must be one of {MEMORY_INPUTS}, got {self.memory_input!r}")
 
 
 class TitansMACState(NamedTuple):
@@ -94,6 +102,12 @@ class TitansMAC(TitansHybrid):
         r = self.memory.read(q, read)
         return self.h_o_proj(r.to(x.dtype).reshape(B, L, H * D))
 
+    def write_read(self, x: Tensor, y: Tensor, memory: TitansState) -> tuple[Tensor, TitansState]:
+        """Steps 3 and 4 for the segment tokens ``x`` and their attention output ``y`` (both ``[B, L, D]``)."""
+        u = y if self.config.memory_input == "attention" else x + y
+        m, memory = self.memory(u, memory)
+        return self.norm_y(y) * torch.sigmoid(self.norm_m(m)), memory
+
     def _step(self, x_t: Tensor, state: TitansMACState) -> tuple[Tensor, TitansMACState]:
         """One token per row without a host sync: rows may sit at different segment offsets."""
         B, C = x_t.shape[0], self.config.segment
@@ -110,8 +124,7 @@ class TitansMAC(TitansHybrid):
         new = seen.new_ones(B, 1)
         mask = torch.cat((seen, new, seen, new), 1)[:, None]  # [B, 1, 2C]
         y = self.attn.attend(q, k, v, mask)
-        m, memory = self.memory(y, state.memory)
-        out = self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+        out, memory = self.write_read(x, y, state.memory)
         done = o + 1 == C  # [B]: this token completes its segment
         if C > 1:
             slot = o.clamp(max=C - 2)[:, None, None, None].expand(B, 1, *kh.shape[2:])
@@ -155,8 +168,8 @@ class TitansMAC(TitansHybrid):
             seen = causal.new_ones(L, o)
             mask = torch.cat((seen, causal, seen, causal), 1).expand(B, L, 2 * (o + L))
             y = self.attn.attend(q, k, v, mask)
-            m, memory = self.memory(y, memory)
-            outs.append(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
+            out, memory = self.write_read(xs, y, memory)
+            outs.append(out)
             if o + L == C:
                 # Segment complete: the next segment retrieves from the memory written with this one's y.
                 read, bufs, o = self.memory.weights(memory), [torch.zeros_like(b) for b in bufs], 0

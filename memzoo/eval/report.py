@@ -1,0 +1,160 @@
+"""``memzoo-bench report``: a declared suite of small training runs, run resumably, summarised in one page.
+
+Each run is one ``train_one`` call (one model, width, data, learning rate and seed) and leaves one JSON file,
+``<results>/<preset>/<key>.json``, holding its config, seed, git commit, machine, CPU and wall time and the
+harness record.  A run whose file exists is skipped, so an interrupted suite resumes where it stopped, and the
+page (``report_page.py``) is rebuilt from the files alone: a declared run without a file is shown as pending.
+
+    memzoo-bench report --preset tiny --out /tmp/r          # the CI-sized suite, about a minute
+    memzoo-bench report --preset cpu --only mac,niah        # part of the CPU suite, resumable
+    memzoo-bench report --preset cpu --page-only            # rebuild docs/results.md from what has run
+
+The studies and the paper claims they test live in ``report_suite.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataSpec, ModelSpec, TrainConfig
+
+__all__ = ["Run", "run_path", "load_result", "run_suite", "main"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the suite: what ``train_one`` needs, plus where it goes on the page."""
+
+    # File stem, unique within a preset.
+    key: str
+    # The study (one table of the page) the run belongs to.
+    study: str
+    task: str
+    spec: ModelSpec
+    d_model: int
+    data: DataSpec
+    lr: float
+    seed: int
+    train: TrainConfig
+    # Labels the page groups by (e.g. {"variant": "residual"}); JSON values only.
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "model": dataclasses.asdict(self.spec), "d_model": self.d_model,
+            "data": {"train": [dataclasses.asdict(c) for c in self.data.train],
+                     "test": [dataclasses.asdict(c) for c in self.data.test], "batch_size": self.data.batch_size},
+            "lr": self.lr, "seed": self.seed, "train": dataclasses.asdict(self.train), "labels": self.labels,
+        }
+
+
+def run_path(results_dir: str | Path, run: Run) -> Path:
+    return Path(results_dir) / f"{run.key}.json"
+
+
+def load_result(results_dir: str | Path, run: Run) -> dict[str, Any] | None:
+    """The run's stored result, or None when it has not run (or ran under another config: then it reruns)."""
+    path = run_path(results_dir, run)
+    if not path.exists():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return payload if payload.get("config") == json.loads(json.dumps(run.config())) else None
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True))
+    tmp.replace(path)
+
+
+def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", progress: bool = True,
+              log: Any = print) -> dict[str, int]:
+    """Train every run without a stored result and store it; returns counts of ``done``, ``skipped``, ``cpu_s``."""
+    from .harness import train_one
+    from .results import environment
+
+    results_dir = Path(results_dir)
+    todo = [r for r in runs if load_result(results_dir, r) is None]
+    log(f"report: {len(runs)} runs declared, {len(runs) - len(todo)} already done, {len(todo)} to run")
+    env = environment(device)
+    cpu_total, done = 0.0, 0
+    for n, run in enumerate(todo, 1):
+        c0, t0 = time.process_time(), time.perf_counter()
+        rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task, device=device,
+                        progress=progress, desc=f"[{n}/{len(todo)}] {run.key}")
+        cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
+        payload = {"key": run.key, "study": run.study, "created": dt.datetime.now().isoformat(timespec="seconds"),
+                   "config": run.config(), "environment": env, "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1),
+                   "record": rec}
+        _write_atomic(run_path(results_dir, run), payload)
+        cpu_total += cpu_s
+        done += 1
+        m = rec["metrics"]["all"]
+        log(f"[{n}/{len(todo)}] {run.key}: {rec['primary']} {m[rec['primary']]:.3f} in {wall_s:.0f}s wall, "
+            f"{cpu_s:.0f}s CPU (suite so far {cpu_total / 60:.1f} CPU min)")
+    return {"done": done, "skipped": len(runs) - len(todo), "cpu_s": round(cpu_total, 1)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .report_suite import PRESETS, STUDIES
+
+    p = argparse.ArgumentParser(prog="memzoo-bench report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="suite size (default: cpu)")
+    p.add_argument("--only", default="", help=f"comma-separated studies to run, of {', '.join(STUDIES)}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder of the run JSONs (default benchmarks/results/report/<preset>)")
+    p.add_argument("--page", type=Path, default=None, help="page to write (default docs/results.md)")
+    p.add_argument("--page-only", action="store_true", help="rebuild the page from the stored runs, train nothing")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    p.add_argument("--list", action="store_true", help="print the declared runs and whether each has run, then exit")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report_page import write_page
+    from .report_suite import STUDIES, build_suite
+
+    args = _parser().parse_args(argv)
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = [s for s in only if s not in STUDIES]
+    if unknown:
+        raise SystemExit(f"--only: unknown studies {unknown}; known: {list(STUDIES)}")
+    results_dir = args.out or ROOT / "benchmarks" / "results" / "report" / args.preset
+    page = args.page or (ROOT / "docs" / "results.md" if args.out is None else Path(args.out) / "results.md")
+    runs = build_suite(args.preset)
+    if args.list:
+        for r in runs:
+            print(f"{'done   ' if load_result(results_dir, r) else 'pending'} {r.study:10s} {r.key}")
+        return 0
+    if not args.page_only:
+        todo = [r for r in runs if not only or r.study in only]
+        if args.max_runs is not None:
+            pending = [r for r in todo if load_result(results_dir, r) is None]
+            todo = pending[:args.max_runs]
+        stats = run_suite(todo, results_dir, device=args.device, progress=not args.no_progress)
+        print(f"report: ran {stats['done']}, skipped {stats['skipped']}, {stats['cpu_s'] / 60:.1f} CPU minutes")
+    path = write_page(args.preset, runs, results_dir, page)
+    print(f"report: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The suite of ``memzoo-bench report``: which runs each study declares, at each preset size.
+
+Presets: ``tiny`` (CI: a few runs of a few steps, about a minute; it checks the machinery, not the claims),
+``cpu`` (the papers' protocols scaled down until one working session on two CPU cores covers the studies that
+matter most), ``full`` (the same studies at the scale where the papers' claims can be tested; GPU).  Every
+study is declared at every preset, so the page lists what a preset would run even where it has not run yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import DataSpec, ModelSpec, TrainConfig
+from .report import Run
+from .tasks.mqar import MQARConfig
+from .tasks.niah import NIAHConfig
+
+__all__ = ["Scale", "PRESETS", "STUDIES", "build_suite", "mac_variants"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one preset."""
+
+    d_models: tuple[int, ...]
+    # MQAR (sequence length, key-value pairs) pairs: zoology Fig. 2's grid scaled down.
+    mqar_grid: tuple[tuple[int, int], ...]
+    mqar_train_examples: int
+    mqar_lrs: tuple[float, ...]
+    mqar_epochs: int
+    # Needle: the training length; tests run at 1x, 2x and 4x it.
+    niah_len: int
+    niah_train_examples: int
+    niah_epochs: int
+    niah_lr: float
+    test_examples: int
+    seeds: tuple[int, ...]
+    batch_size: int = 32
+    # The MAC study's segment length (the needle must cross segments at every test length).
+    mac_segment: int = 16
+    max_steps: int | None = None
+
+
+PRESETS: dict[str, Scale] = {
+    "tiny": Scale(d_models=(32,), mqar_grid=((16, 2),), mqar_train_examples=64, mqar_lrs=(3e-3,), mqar_epochs=1,
+                  niah_len=24, niah_train_examples=64, niah_epochs=1, niah_lr=3e-3, test_examples=10, seeds=(0,),
+                  batch_size=16, mac_segment=8, max_steps=4),
+    "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=4000,
+                 mqar_lrs=(1e-3, 3e-3, 1e-2), mqar_epochs=8, niah_len=64, niah_train_examples=2000, niah_epochs=10,
+                 niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2)),
+    "full": Scale(d_models=(64, 128, 256, 512), mqar_grid=((64, 4), (128, 8), (256, 16), (512, 64)),
+                  mqar_train_examples=100_000, mqar_lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), mqar_epochs=64, niah_len=2048,
+                  niah_train_examples=20_000, niah_epochs=8, niah_lr=1e-3, test_examples=500, seeds=(0, 1, 2),
+                  mac_segment=512),
+}
+
+# The zoo of the MQAR and needle studies: display name -> (layer pattern, mixer options).  Windows and segments
+# are set per preset (``_zoo``) so that the needle always lies beyond them at 2x the training length.
+ZOO_NAMES = ("attention", "swa", "gated_delta", "gla", "mom", "titans_linear", "titans_mlp", "titans_mac",
+             "titans_mag", "titans_mal", "s4d", "lssl", "hmt_swa")
+
+
+def _zoo(s: Scale) -> dict[str, ModelSpec]:
+    w = s.mac_segment
+    hybrid = {"n_heads": 2, "n_persistent": 4}
+    specs = {
+        "attention": ModelSpec(("attention",), {"attention": {"n_heads": 1}}),
+        "swa": ModelSpec(("attention",), {"attention": {"n_heads": 1, "window": w}}, name="swa"),
+        "gated_delta": ModelSpec(("gated_delta",)),
+        "gla": ModelSpec(("gla",)),
+        "mom": ModelSpec(("mom",)),
+        "titans_linear": ModelSpec(("titans",), {"titans": {"n_heads": 2, "mem_depth": 1}}, name="titans_linear"),
+        "titans_mlp": ModelSpec(("titans",), {"titans": {"n_heads": 2}}, name="titans_mlp"),
+        "titans_mac": ModelSpec(("titans_mac",), {"titans_mac": {**hybrid, "segment": w}}),
+        "titans_mag": ModelSpec(("titans_mag",), {"titans_mag": {**hybrid, "window": w}}),
+        "titans_mal": ModelSpec(("titans_mal",), {"titans_mal": {**hybrid, "window": w}}),
+        "s4d": ModelSpec(("s4d",)),
+        "lssl": ModelSpec(("lssl",)),
+        "hmt_swa": ModelSpec(("attention",), {"attention": {"n_heads": 1, "window": w}}, name="hmt_swa",
+                             hmt={"segment_len": w, "n_sensory": 4, "cache_size": 32, "recall_dim": 32}),
+    }
+    return {k: specs[k] for k in ZOO_NAMES}
+
+
+def _train(s: Scale, epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=s.batch_size, eval_batch_size=max(s.test_examples, 1),
+                       max_steps=s.max_steps)
+
+
+def _passkey(s: Scale, train_len: int, test_lens: tuple[int, ...]) -> DataSpec:
+    train = NIAHConfig(vocab_size=64, num_examples=s.niah_train_examples, seq_len=train_len, variant="passkey",
+                       depths=None)
+    tests = tuple(NIAHConfig(vocab_size=64, num_examples=s.test_examples, seq_len=T, variant="passkey")
+                  for T in test_lens)
+    return DataSpec((train,), tests)
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def mqar_study(s: Scale) -> list[Run]:
+    """Zoology Fig. 2 scaled: every zoo model x width x (T, kv) x learning rate x seed; best of the sweep."""
+    runs = []
+    for name, spec in _zoo(s).items():
+        for T, kv in s.mqar_grid:
+            data = DataSpec((MQARConfig(num_examples=s.mqar_train_examples, input_seq_len=T, num_kv_pairs=kv),),
+                            (MQARConfig(num_examples=s.test_examples * 5, input_seq_len=T, num_kv_pairs=kv),))
+            for d in s.d_models:
+                for lr in s.mqar_lrs:
+                    for seed in s.seeds:
+                        runs.append(Run(f"mqar-{name}-d{d}-T{T}-kv{kv}-lr{_fmt_lr(lr)}-s{seed}", "mqar", "mqar", spec,
+                                        d, data, lr, seed, _train(s, s.mqar_epochs),
+                                        {"model": name, "T": T, "kv": kv}))
+    return runs
+
+
+def niah_study(s: Scale) -> list[Run]:
+    """Passkey trained at L, tested at L, 2L and 4L, for the zoo at the smallest width."""
+    data = _passkey(s, s.niah_len, (s.niah_len, 2 * s.niah_len, 4 * s.niah_len))
+    d = s.d_models[0]
+    return [Run(f"niah-{name}-d{d}-s{seed}", "niah", "niah", spec, d, data, s.niah_lr, seed,
+                _train(s, s.niah_epochs), {"model": name})
+            for seed in s.seeds for name, spec in _zoo(s).items()]
+
+
+def mac_variants(s: Scale) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """The MAC experiments: name -> (MAC options, run overrides: lr, epochs, train_len, d_model)."""
+    base = {"n_heads": 2, "n_persistent": 4, "segment": s.mac_segment}
+    res = {**base, "memory_input": "residual"}
+    return {
+        "paper": (base, {}),
+        "residual": (res, {}),
+        "paper-oneback": (base, {"train_len": 2 * s.mac_segment}),
+        "residual-oneback": (res, {"train_len": 2 * s.mac_segment}),
+        "paper-lr1e-3": (base, {"lr": 1e-3}),
+        "paper-lr1e-2": (base, {"lr": 1e-2}),
+        "paper-3xsteps": (base, {"epochs": 3 * s.niah_epochs}),
+        "paper-linear-mem": ({**base, "memory": {"mem_depth": 1}}, {}),
+        "paper-d128": (base, {"d_model": 2 * s.d_models[0]}),
+        "paper-np16": ({**base, "n_persistent": 16}, {}),
+    }
+
+
+def mac_study(s: Scale) -> list[Run]:
+    """Titans MAC on the passkey needle, one change at a time from the paper's layer (see docs/titans.md)."""
+    runs = []
+    # Seed-major: the first seed of every variant runs before the second seed of any.
+    for seed in s.seeds:
+        for variant, (opts, over) in mac_variants(s).items():
+            L = over.get("train_len", s.niah_len)
+            data = _passkey(s, L, (L, 2 * L, 4 * L))
+            d = over.get("d_model", s.d_models[0])
+            spec = ModelSpec(("titans_mac",), {"titans_mac": opts}, name=f"titans_mac[{variant}]")
+            runs.append(Run(f"mac-{variant}-s{seed}", "mac", "niah", spec, d, data, over.get("lr", s.niah_lr), seed,
+                            _train(s, over.get("epochs", s.niah_epochs)), {"variant": variant, "train_len": L}))
+    return runs
+
+
+STUDIES: dict[str, Callable[[Scale], list[Run]]] = {
+    "mac": mac_study,
+    "niah": niah_study,
+    "mqar": mqar_study,
+}
+
+
+def build_suite(preset: str) -> list[Run]:
+    """Every run of ``preset``, studies in the order of ``STUDIES`` (the order they run in)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown report preset {preset!r}; available: {sorted(PRESETS)}")
+    s = PRESETS[preset]
+    runs = [r for study in STUDIES.values() for r in study(s)]
+    keys = [r.key for r in runs]
+    if len(set(keys)) != len(keys):
+        raise AssertionError(f"duplicate run keys in preset {preset!r}")
+    return runs
