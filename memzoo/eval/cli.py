@@ -5,6 +5,7 @@
     memzoo-bench niah --preset ci --seq-len 128,256,512
     memzoo-bench text_niah --checkpoint runs/train/my-run --lengths 1024,2048 --samples 50
     memzoo-bench memorize --preset ci        # few-shot memories in weights and in context (its own --help)
+    memzoo-bench report --preset cpu         # the declared suite behind docs/results.md (its own --help)
 
 Without ``--preset`` a task runs its published protocol (``mqar``: zoology Fig. 2); the grid
 flags narrow or replace parts of it.  Outputs go to ``--out`` (default ``runs/bench/``).
@@ -45,7 +46,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memzoo-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=sorted(TASKS), help="which benchmark (also: memorize, with its own options)")
+    p.add_argument("task", choices=sorted(TASKS), help="which benchmark (also: memorize and report, with their own options)")
     p.add_argument("--preset", help="named configuration (see --list-presets); default: the task's paper protocol")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument("--config", type=Path, help="a BenchConfig JSON file (as written in results/<run>.json)")
@@ -284,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         from .memorize_cli import main as memorize_main
 
         return memorize_main(argv[1:])
+    if argv[:1] == ["report"]:
+        # The declared suite behind docs/results.md, resumable: report.py.
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.list_presets:
         for task, presets in sorted(PRESETS.items()):

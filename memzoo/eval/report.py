@@ -83,14 +83,19 @@ def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", progress: bool = True,
-              log: Any = print) -> dict[str, int]:
-    """Train every run without a stored result and store it; returns counts of ``done``, ``skipped``, ``cpu_s``."""
+              max_runs: int | None = None, log: Any = print) -> dict[str, int]:
+    """Train the runs without a stored result (the first ``max_runs`` of them) and store each as soon as it ends.
+
+    Returns counts of ``done`` and ``skipped`` (already stored) and the CPU seconds spent.
+    """
     from .harness import train_one
     from .results import environment
 
     results_dir = Path(results_dir)
     todo = [r for r in runs if load_result(results_dir, r) is None]
-    log(f"report: {len(runs)} runs declared, {len(runs) - len(todo)} already done, {len(todo)} to run")
+    log(f"report: {len(runs)} runs selected, {len(runs) - len(todo)} already done, {len(todo)} to run"
+        + (f" (this call: at most {max_runs})" if max_runs is not None else ""))
+    skipped, todo = len(runs) - len(todo), todo[:max_runs]
     env = environment(device)
     cpu_total, done = 0.0, 0
     for n, run in enumerate(todo, 1):
@@ -107,7 +112,7 @@ def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", 
         m = rec["metrics"]["all"]
         log(f"[{n}/{len(todo)}] {run.key}: {rec['primary']} {m[rec['primary']]:.3f} in {wall_s:.0f}s wall, "
             f"{cpu_s:.0f}s CPU (suite so far {cpu_total / 60:.1f} CPU min)")
-    return {"done": done, "skipped": len(runs) - len(todo), "cpu_s": round(cpu_total, 1)}
+    return {"done": done, "skipped": skipped, "cpu_s": round(cpu_total, 1)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,10 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.page_only:
         todo = [r for r in runs if not only or r.study in only]
-        if args.max_runs is not None:
-            pending = [r for r in todo if load_result(results_dir, r) is None]
-            todo = pending[:args.max_runs]
-        stats = run_suite(todo, results_dir, device=args.device, progress=not args.no_progress)
+        stats = run_suite(todo, results_dir, device=args.device, progress=not args.no_progress,
+                          max_runs=args.max_runs)
         print(f"report: ran {stats['done']}, skipped {stats['skipped']}, {stats['cpu_s'] / 60:.1f} CPU minutes")
     path = write_page(args.preset, runs, results_dir, page)
     print(f"report: wrote {path}")

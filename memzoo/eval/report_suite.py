@@ -41,12 +41,14 @@ class Scale:
     # The MAC study's segment length (the needle must cross segments at every test length).
     mac_segment: int = 16
     max_steps: int | None = None
+    # False for a smoke preset: its runs are too short to say anything about the papers' claims.
+    tests_claims: bool = True
 
 
 PRESETS: dict[str, Scale] = {
     "tiny": Scale(d_models=(32,), mqar_grid=((16, 2),), mqar_train_examples=64, mqar_lrs=(3e-3,), mqar_epochs=1,
                   niah_len=24, niah_train_examples=64, niah_epochs=1, niah_lr=3e-3, test_examples=10, seeds=(0,),
-                  batch_size=16, mac_segment=8, max_steps=4),
+                  batch_size=16, mac_segment=8, max_steps=4, tests_claims=False),
     "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=4000,
                  mqar_lrs=(1e-3, 3e-3, 1e-2), mqar_epochs=8, niah_len=64, niah_train_examples=2000, niah_epochs=10,
                  niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2)),
@@ -159,9 +161,38 @@ def mac_study(s: Scale) -> list[Run]:
     return runs
 
 
+def s4d_study(s: Scale) -> list[Run]:
+    """S4D's four initialisations on the first MQAR cell at the smallest width, one learning rate."""
+    T, kv = s.mqar_grid[0]
+    data = DataSpec((MQARConfig(num_examples=s.mqar_train_examples, input_seq_len=T, num_kv_pairs=kv),),
+                    (MQARConfig(num_examples=s.test_examples * 5, input_seq_len=T, num_kv_pairs=kv),))
+    d, lr = s.d_models[0], s.mqar_lrs[len(s.mqar_lrs) // 2]
+    return [Run(f"s4d_init-{init}-s{seed}", "s4d_init", "mqar", ModelSpec(("s4d",), {"s4d": {"init": init}},
+                                                                        name=f"s4d-{init}"),
+                d, data, lr, seed, _train(s, s.mqar_epochs), {"model": f"s4d-{init}"})
+            for seed in s.seeds for init in ("lin", "inv", "legs", "real")]
+
+
+def longmem_study(s: Scale) -> list[Run]:
+    """LongMem's SideNet over a frozen (random) attention backbone, bank on and off, on the passkey needle."""
+    data = _passkey(s, s.niah_len, (s.niah_len, 2 * s.niah_len))
+    d = s.d_models[0]
+    runs = []
+    for seed in s.seeds:
+        for on in (True, False):
+            opts = {"segment_len": s.mac_segment, "capacity": 4096, "chunk_size": 4, "n_chunks": 8, "use_memory": on}
+            name = f"longmem-{'on' if on else 'off'}"
+            spec = ModelSpec(("attention",), {"attention": {"n_heads": 1}}, name=name, longmem=opts)
+            runs.append(Run(f"longmem-{'on' if on else 'off'}-s{seed}", "longmem", "niah", spec, d, data, s.niah_lr,
+                            seed, _train(s, s.niah_epochs), {"model": name, "metric": "exact_match"}))
+    return runs
+
+
 STUDIES: dict[str, Callable[[Scale], list[Run]]] = {
     "mac": mac_study,
     "niah": niah_study,
+    "s4d_init": s4d_study,
+    "longmem": longmem_study,
     "mqar": mqar_study,
 }
 

@@ -18,6 +18,7 @@ TOL = 1e-5
 SMALL = {
     "titans_mac": {"segment": 4, "n_persistent": 3, "memory": {"chunk_size": 3, "mem_expansion": 2}},
     "titans_mac_linear": {"segment": 5, "n_persistent": 2, "memory": {"mem_depth": 1, "chunk_size": 2}},
+    "titans_mac_residual": {"segment": 4, "n_persistent": 2, "memory_input": "residual", "memory": {"chunk_size": 3}},
     "titans_mag": {"window": 5, "n_persistent": 3, "prime_memory": True, "memory": {"chunk_size": 4}},
     "titans_mal": {"window": 4, "n_persistent": 2, "prime_memory": True, "memory": {"mem_depth": 1, "chunk_size": 3}},
     "titans_mal_plain": {"window": 4, "n_persistent": 2, "memory": {"chunk_size": 3}},
@@ -121,12 +122,14 @@ def mac_reference(layer, x):
         scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(Dh)
         p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         y = attn.o_proj(torch.einsum("bhts,bshd->bthd", p, v).reshape(B, L, -1))
-        m, state = mem(y, state)
+        # Eq 24 writes y; memory_input="residual" writes the residual stream s + y instead.
+        m, state = mem(y if layer.config.memory_input == "attention" else s + y, state)
         outs.append(layer.norm_y(y) * torch.sigmoid(layer.norm_m(m)))
     return torch.cat(outs, 1), state
 
 
-@pytest.mark.parametrize("opts", [SMALL["titans_mac"], SMALL["titans_mac_linear"]], ids=["mlp", "linear"])
+@pytest.mark.parametrize("opts", [SMALL["titans_mac"], SMALL["titans_mac_linear"], SMALL["titans_mac_residual"]],
+                         ids=["mlp", "linear", "residual"])
 def test_mac_matches_dense_mask_reference(opts):
     layer, x = make("titans_mac", opts), seq(T=13, seed=5)
     y_ref, mem_ref = mac_reference(layer, x)
@@ -178,6 +181,7 @@ def test_causal(name, opts):
 
 @pytest.mark.parametrize("name,opts", [("titans_mac", {"segment": 0}), ("titans_mag", {"window": 0}),
                                        ("titans_mal", {"n_persistent": -1}), ("titans_mac", {"n_heads": 3}),
+                                       ("titans_mac", {"memory_input": "input"}),
                                        ("titans_mag", {"memory": {"mem_depth": 3}}),
                                        ("titans_mal", {"memory": {"bogus": 1}})])
 def test_bad_config_raises(name, opts):

@@ -1,0 +1,90 @@
+"""What each paper reports, per row of the results page, and the test that says whether a small run agrees.
+
+A ``Claim`` pairs the paper's statement (quoted numbers as transcribed in ``/work/shared/specs``) with a
+predicate on the row's value; ``check=None`` marks a claim that this scale cannot test, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Claim", "CLAIMS"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    paper: str
+    # Predicate on the row's value (EM at 2x for needles, best-of-sweep accuracy for MQAR); None = not testable.
+    check: Callable[[float], bool] | None = None
+    untestable: str = ""
+
+
+def _at_least(x: float) -> Callable[[float], bool]:
+    return lambda v: v >= x
+
+
+def _below(x: float) -> Callable[[float], bool]:
+    return lambda v: v < x
+
+
+_TITANS_PK = {
+    "titans_mac": "MAC 99.2/98.8/99.0/98.4",
+    "titans_mag": "MAG 99.4/98.0/97.4/97.4",
+    "titans_mal": "MAL 98.8/98.6/98.8/97.8",
+    "titans_linear": "LMM 99.8/98.4/98.2/96.2",
+    "titans_mlp": "LMM 99.8/98.4/98.2/96.2",
+}
+
+
+def niah_claim(model: str) -> Claim:
+    """Titans Table 2 (S-NIAH passkey at 2K/4K/8K/16K after training at shorter lengths)."""
+    if model in _TITANS_PK:
+        return Claim(f"Titans Tab. 2 PK: {_TITANS_PK[model]} % (2K-16K)", _at_least(0.9))
+    if model == "gated_delta":
+        return Claim("Titans Tab. 2 PK: DeltaNet 96.8/98.8/98.6/71.4 %", _at_least(0.9))
+    if model == "swa":
+        return Claim("a window cannot reach a needle beyond it", _below(0.5))
+    if model == "hmt_swa":
+        return Claim("HMT: segment memory extends its backbone's reach (Tab. 1-4, perplexity)", _at_least(0.5))
+    if model == "attention":
+        return Claim("full attention, no length claim", None, "no paper claim beyond the training length (RoPE)")
+    return Claim("not in the Titans needle table", None, "no passkey number for this model")
+
+
+def mac_claim(variant: str) -> Claim:
+    """Target of the MAC study: the paper's >= 98 % passkey, asked here as >= 0.9 EM at 2x."""
+    return Claim("Titans Tab. 2 PK: MAC 99.2/98.8/99.0/98.4 %", _at_least(0.9))
+
+
+# Zoology Fig. 2 (read off the figure, spec eval.md): attention ~1.00 at every width and (T, kv).
+def mqar_claim(model: str, d: int, T: int, kv: int) -> Claim:
+    """Zoology Fig. 2: attention solves MQAR at every width; fixed-state models need width growing with kv."""
+    if model == "attention":
+        return Claim("zoology Fig. 2: attention ~1.00", _at_least(0.9))
+    if model == "swa":
+        return Claim("zoology Fig. 2: SWA falls as T outgrows the window", None, "qualitative (see plot)")
+    return Claim("zoology: accuracy rises with state size (Fig. 2-3)", None, "qualitative (see plot)")
+
+
+def s4d_claim(model: str) -> Claim:
+    """S4D init comparison (S4D, arXiv 2206.11893): Lin and Inv close, Real about 5 points worse on sCIFAR.
+    Tested here on the preset's first MQAR cell at its smallest width (cpu: T 64, 4 pairs, d 64): a recall task,
+    not the paper's sCIFAR, so only the ordering of the initialisations is compared."""
+    if model == "s4d-real":
+        return Claim("S4D ablation: Real ~5 points below Lin/Inv (sCIFAR)", None, "ordering only: see the table")
+    return Claim("S4D ablation: Lin ~ Inv (sCIFAR)", None, "ordering only: see the table")
+
+
+def longmem_claim(model: str) -> Claim:
+    """LongMem (arXiv 2306.07174) memory on vs off: the SideNet over a frozen backbone, with and without the
+    retrieval bank, on the passkey needle (the bank is the only path to a needle older than a segment)."""
+    if model == "longmem-on":
+        return Claim("LongMem: the bank lowers PPL 1.38-1.62 on PG-22 vs its backbone", None,
+                     "compare with the memory-off row")
+    return Claim("memory-free baseline", None, "baseline")
+
+
+CLAIMS: dict[str, Callable[..., Claim]] = {
+    "niah": niah_claim, "mac": mac_claim, "mqar": mqar_claim, "s4d_init": s4d_claim, "longmem": longmem_claim,
+}

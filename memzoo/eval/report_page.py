@@ -1,0 +1,279 @@
+"""The results page of ``memzoo-bench report``: tables and plots built from the stored run JSONs only.
+
+Every number on the page is a mean (and sample standard deviation) over the seeds whose JSON exists; a row with
+no finished run says "pending" and a row with some seeds missing says how many ran.  Each table names the folder
+and the file stems its numbers come from, and each row states what the paper reports and whether the small-scale
+result agrees, or why the claim cannot be tested at this size.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .report import ROOT, Run, load_result
+from .report_claims import CLAIMS as PAPER_CLAIMS
+from .report_claims import Claim
+
+__all__ = ["write_page", "cell", "row_values"]
+
+STUDY_TITLES = {"s4d_init": "S4D initialisations", "longmem": "LongMem: memory on vs off"}
+
+
+def _metric(payload: dict[str, Any], slice_name: str, metric: str) -> float | None:
+    m = payload["record"]["metrics"].get(slice_name)
+    return None if m is None else float(m[metric])
+
+
+def cell(values: list[float], declared: int) -> str:
+    """``mean ± sd`` over the finished seeds, with ``(k/n seeds)`` when some are missing; ``pending`` when none."""
+    if not values:
+        return "pending"
+    text = f"{statistics.fmean(values):.2f}"
+    if len(values) > 1:
+        text += f" ± {statistics.stdev(values):.2f}"
+    if len(values) < declared:
+        text += f" ({len(values)}/{declared} seeds)"
+    return text
+
+
+def row_values(results: list[dict[str, Any] | None], slice_name: str, metric: str) -> list[float]:
+    vals = [_metric(p, slice_name, metric) for p in results if p is not None]
+    return [v for v in vals if v is not None]
+
+
+def _group(runs: list[Run], key: Callable[[Run], Any]) -> dict[Any, list[Run]]:
+    groups: dict[Any, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def _lengths(run: Run) -> list[int]:
+    return [c.seq_len for c in run.data.test]
+
+
+def _verdict(claim: Claim, value: float | None) -> str:
+    if claim.check is None:
+        return claim.untestable or "no numeric claim at this size"
+    if value is None:
+        return "pending"
+    return "agrees" if claim.check(value) else "disagrees"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _length_table(runs: list[Run], res: dict[str, dict | None], label: Callable[[Run], str],
+                  claim_of: Callable[[Run], Claim], label_name: str = "model") -> tuple[list[str], list[tuple[str, list[int], list[float | None]]]]:
+    """Rows of exact match at 1x/2x/4x the training length, one per label; also the plotted series."""
+    rows, series = [], []
+    for name, group in _group(runs, label).items():
+        lens = _lengths(group[0])
+        payloads = [res[r.key] for r in group]
+        cells, means = [], []
+        for T in lens:
+            vals = row_values(payloads, f"seq_len={T}", "exact_match")
+            cells.append(cell(vals, len(group)))
+            means.append(statistics.fmean(vals) if vals else None)
+        claim = claim_of(group[0])
+        two_x = means[1] if len(means) > 1 else None
+        done = sum(p is not None for p in payloads)
+        rows.append([f"`{name}`", str(lens[0]), *cells, f"{done}/{len(group)}", claim.paper, _verdict(claim, two_x)])
+        series.append((name, lens, means))
+    header = [label_name, "train len", "EM 1x", "EM 2x", "EM 4x", "runs", "paper reports", "agrees at 2x?"]
+    return _table(header, rows), series
+
+
+def _plot_lengths(series: list[tuple[str, list[int], list[float | None]]], path: Path, title: str) -> Path | None:
+    pts = [(n, [T / lens[0] for T in lens], m) for n, lens, m in series if any(v is not None for v in m)]
+    if not pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, xs, means in pts:
+        ax.plot([x for x, v in zip(xs, means) if v is not None], [v for v in means if v is not None], "o-",
+                label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("test length / train length")
+    ax.set_ylabel("exact match (mean over seeds)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path, plt)
+
+
+def _plot_state(points: list[tuple[str, float, float]], path: Path, title: str) -> Path | None:
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in sorted({p[0] for p in points}):
+        xs = [p[1] for p in points if p[0] == name]
+        ys = [p[2] for p in points if p[0] == name]
+        ax.plot(xs, ys, "o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("state size (floats per sequence)")
+    ax.set_ylabel("MQAR accuracy (best of sweep)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path, plt)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _img(page: Path, png: Path | None, alt: str) -> list[str]:
+    if png is None:
+        return [f"*({alt}: no finished runs yet.)*", ""]
+    return [f"![{alt}]({png.relative_to(page.parent).as_posix()})", ""]
+
+
+def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img: Path, preset: str,
+                  claim_of: Callable[..., Claim]) -> list[str]:
+    rows, points = [], []
+    for (name, d, T, kv), group in _group(runs, lambda r: (r.labels["model"], r.d_model, r.labels["T"],
+                                                           r.labels["kv"])).items():
+        # Best of the learning-rate sweep per seed (zoology's reported number), then mean over seeds.
+        best: dict[int, float] = {}
+        for r in group:
+            p = res[r.key]
+            if p is not None:
+                best[r.seed] = max(best.get(r.seed, 0.0), _metric(p, "all", "accuracy"))
+        seeds = {r.seed for r in group}
+        complete = {s: v for s, v in best.items() if all(res[r.key] is not None for r in group if r.seed == s)}
+        claim = claim_of(name, d, T, kv)
+        value = statistics.fmean(complete.values()) if complete else None
+        done = sum(res[r.key] is not None for r in group)
+        rows.append([f"`{name}`", str(d), f"{T} ({kv})", cell(list(complete.values()), len(seeds)),
+                     f"{done}/{len(group)}", claim.paper, _verdict(claim, value)])
+        if value is not None:
+            state = next(res[r.key]["record"]["state_floats"].get(str(T)) for r in group if res[r.key] is not None)
+            if state:
+                points.append((name, float(state), value))
+    png = _plot_state(points, img / f"results-{preset}-mqar-state.png", f"MQAR: recall vs state ({preset})")
+    header = ["model", "d_model", "T (kv)", "accuracy, best LR", "runs", "paper reports", "agrees?"]
+    return [*_table(header, rows), "", *_img(page, png, "MQAR accuracy vs state size")]
+
+
+def _progress_row(study: str, payloads: list[dict[str, Any] | None]) -> str:
+    cpu = [p["cpu_s"] / 60 for p in payloads if p is not None]
+    if not cpu:
+        return f"| {study} | 0/{len(payloads)} | not measured yet | not measured yet |"
+    rate = statistics.fmean(cpu)
+    return f"| {study} | {len(cpu)}/{len(payloads)} | {rate:.1f} | {rate * (len(payloads) - len(cpu)) / 60:.1f} |"
+
+
+def _claims(smoke: bool) -> dict[str, Callable[..., Claim]]:
+    """The claim functions; for a smoke preset every verdict becomes "not tested"."""
+    if not smoke:
+        return PAPER_CLAIMS
+
+    def untested(fn: Callable[..., Claim]) -> Callable[..., Claim]:
+        return lambda *a: Claim(fn(*a).paper, None, "not tested (smoke preset)")
+
+    return {k: untested(fn) for k, fn in PAPER_CLAIMS.items()}
+
+
+def _section(title: str, intro: str, folder: str, stems: str, body: list[str]) -> list[str]:
+    return [f"## {title}", "", intro, "", f"Run files: `{folder}/{stems}.json`.", "", *body, ""]
+
+
+def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str | Path) -> Path:
+    """Write the page for ``runs`` (one preset) from the JSONs in ``results_dir``; plots go to ``<page dir>/img``."""
+    from .report_suite import PRESETS
+
+    claims = _claims(not PRESETS[preset].tests_claims)
+    page, results_dir = Path(page), Path(results_dir)
+    img = page.parent / "img"
+    res = {r.key: load_result(results_dir, r) for r in runs}
+    done = [p for p in res.values() if p is not None]
+    try:
+        folder = results_dir.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        folder = str(results_dir)
+    cpu_h = sum(p["cpu_s"] for p in done) / 3600
+    commits = sorted({(p["environment"].get("git_commit") or "?")[:10] for p in done})
+    machines = sorted({f"{p['environment'].get('device_name')} x{p['environment'].get('cpu_count')}" for p in done})
+    by_study = _group(runs, lambda r: r.study)
+    lines = [
+        "# Results: the papers' claims at small scale",
+        "",
+        f"Written by `memzoo-bench report --preset {preset}` from the run files in `{folder}/` (one JSON per run: "
+        "config, seed, git commit, machine, CPU time and the harness record). "
+        f"**{len(done)} of {len(runs)} declared runs have finished**; the others are shown as *pending*, never "
+        "estimated. Rerunning the command trains only the missing runs.",
+        "",
+        f"CPU time of the finished runs: {cpu_h:.2f} h. Commits: {', '.join(commits) or 'none'}. "
+        f"Machines: {', '.join(machines) or 'none'}.",
+        "",
+        "| study | runs finished | CPU min per finished run | pending runs at that rate, CPU h |",
+        "|---|---|---|---|",
+        *[_progress_row(s, [res[r.key] for r in g]) for s, g in by_study.items()],
+        "",
+        "Numbers are means ± sample standard deviation over seeds. EM = exact match of the whole passkey.",
+        "",
+    ]
+    if "mac" in by_study:
+        table, series = _length_table(by_study["mac"], res, lambda r: r.labels["variant"],
+                                      lambda r: claims["mac"](r.labels["variant"]), "MAC variant")
+        png = _plot_lengths(series, img / f"results-{preset}-mac.png", f"Titans MAC variants, passkey ({preset})")
+        lines += _section("Titans MAC: cross-segment passkey recall",
+                          "One change at a time from the paper's MAC layer (section 4.1); the needle must cross at "
+                          "least one segment boundary at 2x and 4x. The experiments and what they show: "
+                          "[titans.md](titans.md).", folder, "mac-<variant>-s<seed>",
+                          [*table, "", *_img(page, png, "MAC variants: exact match vs length")])
+    if "niah" in by_study:
+        table, series = _length_table(by_study["niah"], res, lambda r: r.labels["model"],
+                                      lambda r: claims["niah"](r.labels["model"]))
+        png = _plot_lengths(series, img / f"results-{preset}-niah.png", f"Passkey vs length ({preset})")
+        lines += _section("Needle (passkey) at 1x, 2x and 4x the training length",
+                          "Token-level passkey (`memzoo.eval.tasks.niah`, vocabulary 64), trained at one length with "
+                          "random depths, tested at five depths per length. Windows and segments are set so that "
+                          "the needle is out of local reach at 2x. HMT over a windowed backbone is row `hmt_swa`, "
+                          "its backbone alone is `swa` (HMT vs its backbone).", folder, "niah-<model>-d<d>-s<seed>",
+                          [*table, "", *_img(page, png, "passkey exact match vs length")])
+    if "mqar" in by_study:
+        lines += _section("MQAR: zoology Fig. 2 scaled to the CPU",
+                          "Zoology's protocol (2 layers, no MLP, AdamW, cosine, early stop at 0.99; best of the "
+                          "learning-rate sweep per seed) at the widths and (T, kv) pairs of this preset.", folder,
+                          "mqar-<model>-d<d>-T<T>-kv<kv>-lr<lr>-s<seed>",
+                          _mqar_section(by_study["mqar"], res, page, img, preset, claims["mqar"]))
+    for study in by_study:
+        if study in ("mac", "niah", "mqar"):
+            continue
+        rows = []
+        for label, group in _group(by_study[study], lambda r: r.labels["model"]).items():
+            payloads = [res[r.key] for r in group]
+            metric = group[0].labels.get("metric", "accuracy")
+            vals = row_values(payloads, "all", metric)
+            claim = claims[study](label)
+            rows.append([f"`{label}`", metric, cell(vals, len(group)),
+                         f"{sum(p is not None for p in payloads)}/{len(group)}", claim.paper,
+                         _verdict(claim, statistics.fmean(vals) if vals else None)])
+        intro = " ".join((PAPER_CLAIMS[study].__doc__ or "").split())
+        lines += _section(STUDY_TITLES.get(study, study), intro, folder, f"{study}-<model>-s<seed>",
+                          _table(["model", "metric", "value", "runs", "paper reports", "agrees?"], rows))
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    return page

@@ -1,0 +1,78 @@
+"""``memzoo-bench report``: the tiny suite runs into a folder, writes traceable JSONs and a page, and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memzoo.eval.cli import main as bench_main
+from memzoo.eval.report import load_result, run_path
+from memzoo.eval.report_page import cell
+from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
+
+
+def _report(tmp_path, *extra: str) -> int:
+    return bench_main(["report", "--preset", "tiny", "--out", str(tmp_path), "--no-progress", *extra])
+
+
+def test_tiny_suite_writes_json_page_and_resumes(tmp_path, capsys):
+    runs = [r for r in build_suite("tiny") if r.study == "mac"]
+    assert _report(tmp_path, "--only", "mac", "--max-runs", "2") == 0
+    first = [r for r in runs if run_path(tmp_path, r).exists()]
+    assert [r.key for r in first] == [r.key for r in runs[:2]]
+    payload = json.loads(run_path(tmp_path, first[0]).read_text())
+    # Traceable: config (with the seed), commit, machine, CPU time and the harness record.
+    assert payload["config"]["seed"] == first[0].seed and payload["config"]["model"]["mixers"]["titans_mac"]
+    assert len(payload["environment"]["git_commit"] or "") in (0, 40)
+    assert payload["environment"]["cpu_count"] >= 1 and payload["cpu_s"] >= 0
+    assert set(payload["record"]["metrics"]) >= {"all", "seq_len=24", "seq_len=48", "seq_len=96"}
+    page = (tmp_path / "results.md").read_text()
+    assert f"**2 of {len(build_suite('tiny'))} declared runs have finished**" in page
+    assert "| `paper` | 24 |" in page and "not tested (smoke preset)" in page
+    # Rows with no finished run say so instead of showing a number.
+    assert "| `residual-oneback` | 16 | pending | pending | pending | 0/1 |" in page
+    assert "| `attention` | 24 | pending | pending | pending | 0/1 |" in page
+    assert (tmp_path / "img" / "results-tiny-mac.png").stat().st_size > 1000
+
+    # Resumption: the finished runs are skipped (their files untouched), the next pending one runs.
+    stamps = {r.key: run_path(tmp_path, r).stat().st_mtime_ns for r in first}
+    capsys.readouterr()
+    assert _report(tmp_path, "--only", "mac", "--max-runs", "1") == 0
+    out = capsys.readouterr().out
+    assert "10 runs selected, 2 already done, 8 to run" in out and "ran 1, skipped 2" in out
+    assert {r.key: run_path(tmp_path, r).stat().st_mtime_ns for r in first} == stamps
+    assert run_path(tmp_path, runs[2]).exists() and not run_path(tmp_path, runs[3]).exists()
+    assert f"**3 of {len(build_suite('tiny'))} declared runs have finished**" in (tmp_path / "results.md").read_text()
+
+
+def test_a_stored_run_with_another_config_is_not_reused(tmp_path):
+    run = build_suite("tiny")[0]
+    path = run_path(tmp_path, run)
+    path.write_text(json.dumps({"config": {**run.config(), "lr": 123.0}}))
+    assert load_result(tmp_path, run) is None
+    path.write_text(json.dumps({"config": run.config()}))
+    assert load_result(tmp_path, run) is not None
+    path.write_text("{not json")
+    assert load_result(tmp_path, run) is None
+
+
+def test_every_preset_declares_every_study_with_unique_keys():
+    for preset, scale in PRESETS.items():
+        runs = build_suite(preset)
+        assert {r.study for r in runs} == set(STUDIES)
+        assert len({r.key for r in runs}) == len(runs)
+        # The needle study tests at 1x, 2x and 4x the training length.
+        niah = next(r for r in runs if r.study == "niah")
+        assert [c.seq_len for c in niah.data.test] == [scale.niah_len * k for k in (1, 2, 4)]
+
+
+def test_cell_shows_mean_spread_missing_seeds_and_pending():
+    assert cell([], 3) == "pending"
+    assert cell([0.5], 1) == "0.50"
+    assert cell([0.5, 0.7], 3) == "0.60 ± 0.14 (2/3 seeds)"
+
+
+def test_unknown_study_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown studies"):
+        _report(tmp_path, "--only", "nope")
