@@ -38,8 +38,11 @@ class Scale:
     test_examples: int
     seeds: tuple[int, ...]
     batch_size: int = 32
-    # The MAC study's segment length (the needle must cross segments at every test length).
+    # The MAC study: segment length (training sequences are two segments), training examples, epochs, batch.
     mac_segment: int = 16
+    mac_examples: int = 4800
+    mac_epochs: int = 2
+    mac_batch: int = 16
     max_steps: int | None = None
     # False for a smoke preset: its runs are too short to say anything about the papers' claims.
     tests_claims: bool = True
@@ -48,14 +51,14 @@ class Scale:
 PRESETS: dict[str, Scale] = {
     "tiny": Scale(d_models=(32,), mqar_grid=((16, 2),), mqar_train_examples=64, mqar_lrs=(3e-3,), mqar_epochs=1,
                   niah_len=24, niah_train_examples=64, niah_epochs=1, niah_lr=3e-3, test_examples=10, seeds=(0,),
-                  batch_size=16, mac_segment=8, max_steps=4, tests_claims=False),
+                  batch_size=16, mac_segment=8, mac_examples=64, mac_epochs=1, max_steps=4, tests_claims=False),
     "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=4000,
                  mqar_lrs=(1e-3, 3e-3, 1e-2), mqar_epochs=8, niah_len=64, niah_train_examples=2000, niah_epochs=10,
                  niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2)),
     "full": Scale(d_models=(64, 128, 256, 512), mqar_grid=((64, 4), (128, 8), (256, 16), (512, 64)),
                   mqar_train_examples=100_000, mqar_lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), mqar_epochs=64, niah_len=2048,
                   niah_train_examples=20_000, niah_epochs=8, niah_lr=1e-3, test_examples=500, seeds=(0, 1, 2),
-                  mac_segment=512),
+                  mac_segment=512, mac_examples=20_000, mac_epochs=8, mac_batch=32),
 }
 
 # The zoo of the MQAR and needle studies: display name -> (layer pattern, mixer options).  Windows and segments
@@ -91,9 +94,9 @@ def _train(s: Scale, epochs: int) -> TrainConfig:
                        max_steps=s.max_steps)
 
 
-def _passkey(s: Scale, train_len: int, test_lens: tuple[int, ...]) -> DataSpec:
-    train = NIAHConfig(vocab_size=64, num_examples=s.niah_train_examples, seq_len=train_len, variant="passkey",
-                       depths=None)
+def _passkey(s: Scale, train_len: int, test_lens: tuple[int, ...], n_train: int | None = None) -> DataSpec:
+    train = NIAHConfig(vocab_size=64, num_examples=n_train or s.niah_train_examples, seq_len=train_len,
+                       variant="passkey", depths=None)
     tests = tuple(NIAHConfig(vocab_size=64, num_examples=s.test_examples, seq_len=T, variant="passkey")
                   for T in test_lens)
     return DataSpec((train,), tests)
@@ -128,21 +131,28 @@ def niah_study(s: Scale) -> list[Run]:
             for seed in s.seeds for name, spec in _zoo(s).items()]
 
 
-def mac_variants(s: Scale) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """The MAC experiments: name -> (MAC options, run overrides: lr, epochs, train_len, d_model)."""
+def mac_variants(s: Scale) -> dict[str, tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The MAC experiments: name -> (mixer, options, run overrides: lr, steps_factor, train_segments, d_model).
+
+    The base task puts the needle one segment back: training sequences of two segments, so at 1x the needle
+    sits in the first segment and the query in the second, and at 2x / 4x it is 3 / 7 segments back.
+    """
     base = {"n_heads": 2, "n_persistent": 4, "segment": s.mac_segment}
     res = {**base, "memory_input": "residual"}
+    mag = {"n_heads": 2, "n_persistent": 4, "window": s.mac_segment}
     return {
-        "paper": (base, {}),
-        "residual": (res, {}),
-        "paper-oneback": (base, {"train_len": 2 * s.mac_segment}),
-        "residual-oneback": (res, {"train_len": 2 * s.mac_segment}),
-        "paper-lr1e-3": (base, {"lr": 1e-3}),
-        "paper-lr1e-2": (base, {"lr": 1e-2}),
-        "paper-3xsteps": (base, {"epochs": 3 * s.niah_epochs}),
-        "paper-linear-mem": ({**base, "memory": {"mem_depth": 1}}, {}),
-        "paper-d128": (base, {"d_model": 2 * s.d_models[0]}),
-        "paper-np16": ({**base, "n_persistent": 16}, {}),
+        "paper": ("titans_mac", base, {}),
+        "residual": ("titans_mac", res, {}),
+        "control-mag": ("titans_mag", mag, {}),
+        "paper-lr1e-2": ("titans_mac", base, {"lr": 1e-2}),
+        "paper-lr1e-3": ("titans_mac", base, {"lr": 1e-3}),
+        "paper-3xsteps": ("titans_mac", base, {"steps_factor": 3}),
+        "paper-linear-mem": ("titans_mac", {**base, "memory": {"mem_depth": 1}}, {}),
+        "paper-big-mem": ("titans_mac", {**base, "memory": {"mem_expansion": 16}}, {}),
+        "paper-np16": ("titans_mac", {**base, "n_persistent": 16}, {}),
+        "paper-4seg": ("titans_mac", base, {"train_segments": 4}),
+        "residual-4seg": ("titans_mac", res, {"train_segments": 4}),
+        "paper-d128": ("titans_mac", base, {"d_model": 2 * s.d_models[0]}),
     }
 
 
@@ -151,13 +161,16 @@ def mac_study(s: Scale) -> list[Run]:
     runs = []
     # Seed-major: the first seed of every variant runs before the second seed of any.
     for seed in s.seeds:
-        for variant, (opts, over) in mac_variants(s).items():
-            L = over.get("train_len", s.niah_len)
-            data = _passkey(s, L, (L, 2 * L, 4 * L))
+        for variant, (mixer, opts, over) in mac_variants(s).items():
+            L = over.get("train_segments", 2) * s.mac_segment
+            n = s.mac_examples * over.get("steps_factor", 1)
+            data = _passkey(s, L, (L, 2 * L, 4 * L), n)
             d = over.get("d_model", s.d_models[0])
-            spec = ModelSpec(("titans_mac",), {"titans_mac": opts}, name=f"titans_mac[{variant}]")
+            spec = ModelSpec((mixer,), {mixer: opts}, name=f"{mixer}[{variant}]")
+            train = TrainConfig(epochs=s.mac_epochs, batch_size=s.mac_batch, eval_batch_size=max(s.test_examples, 1),
+                                max_steps=s.max_steps)
             runs.append(Run(f"mac-{variant}-s{seed}", "mac", "niah", spec, d, data, over.get("lr", s.niah_lr), seed,
-                            _train(s, over.get("epochs", s.niah_epochs)), {"variant": variant, "train_len": L}))
+                            train, {"variant": variant, "train_len": L}))
     return runs
 
 
