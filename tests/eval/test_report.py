@@ -26,12 +26,12 @@ def test_tiny_suite_writes_json_page_and_resumes(tmp_path, capsys):
     assert payload["config"]["seed"] == first[0].seed and payload["config"]["model"]["mixers"]["titans_mac"]
     assert len(payload["environment"]["git_commit"] or "") in (0, 40)
     assert payload["environment"]["cpu_count"] >= 1 and payload["cpu_s"] >= 0
-    assert set(payload["record"]["metrics"]) >= {"all", "seq_len=24", "seq_len=48", "seq_len=96"}
+    assert set(payload["record"]["metrics"]) >= {"all", "seq_len=16", "seq_len=32", "seq_len=64"}
     page = (tmp_path / "results.md").read_text()
     assert f"**2 of {len(build_suite('tiny'))} declared runs have finished**" in page
-    assert "| `paper` | 24 |" in page and "not tested (smoke preset)" in page
+    assert "| `paper` | 16 |" in page and "not tested (smoke preset)" in page
     # Rows with no finished run say so instead of showing a number.
-    assert "| `residual-oneback` | 16 | pending | pending | pending | 0/1 |" in page
+    assert "| `paper-np16` | 16 | pending | pending | pending | 0/1 |" in page
     assert "| `attention` | 24 | pending | pending | pending | 0/1 |" in page
     assert (tmp_path / "img" / "results-tiny-mac.png").stat().st_size > 1000
 
@@ -40,7 +40,7 @@ def test_tiny_suite_writes_json_page_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert _report(tmp_path, "--only", "mac", "--max-runs", "1") == 0
     out = capsys.readouterr().out
-    assert "10 runs selected, 2 already done, 8 to run" in out and "ran 1, skipped 2" in out
+    assert "12 runs selected, 2 already done, 10 to run" in out and "ran 1, skipped 2" in out
     assert {r.key: run_path(tmp_path, r).stat().st_mtime_ns for r in first} == stamps
     assert run_path(tmp_path, runs[2]).exists() and not run_path(tmp_path, runs[3]).exists()
     assert f"**3 of {len(build_suite('tiny'))} declared runs have finished**" in (tmp_path / "results.md").read_text()
