@@ -1,4 +1,4 @@
-"""Shared pieces of the chunked-recurrence ops: input checks, varlen chunk tables, debug mode.
+"""Shared pieces of the chunked-recurrence ops: input checks, varlen chunk tables, debug mode, small math.
 
 Imports no Triton (the reference paths and the CPU install must not need it); Triton-only
 helpers live in ``memzoo.kernels.triton_utils``.
@@ -11,10 +11,9 @@ import os
 import torch
 from torch import Tensor
 
-from ..models.contract import check_cu_seqlens
-
 __all__ = [
-    "DEBUG_ENV_VAR", "debug_checks", "check_recurrence_inputs", "check_log_gate", "chunk_table",
+    "DEBUG_ENV_VAR", "debug_checks", "check_cu_seqlens", "check_recurrence_inputs", "l2norm", "check_log_gate",
+    "chunk_table",
     "flatten_batch", "seq_boundaries", "DOT_PRECISION_ENV_VAR", "DOT_PRECISIONS", "resolve_dot_precision",
 ]
 
@@ -39,6 +38,31 @@ def resolve_dot_precision(precision: str | None) -> str:
 
 def debug_checks() -> bool:
     return os.environ.get(DEBUG_ENV_VAR, "0") == "1" and not torch.compiler.is_compiling()
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
+    """Validate packed-sequence offsets ``[N+1]`` for an input of shape ``[batch_size, seq_len, ...]``.
+
+    Value checks (starts at 0, ends at ``seq_len``, non-decreasing) run only on CPU tensors and
+    outside torch.compile, so that a CUDA training step never waits on the host.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise TypeError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, "
+            f"got shape {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}"
+        )
+    if batch_size != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed into B=1, got B={batch_size}")
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at the sequence length {seq_len}, "
+                f"got {cu_seqlens[0].item()}..{cu_seqlens[-1].item()}"
+            )
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
 
 
 def check_recurrence_inputs(
@@ -94,6 +118,11 @@ def check_recurrence_inputs(
         if initial_state.dtype != torch.float32:
             raise TypeError(f"initial_state must be float32 (states are fp32), got {initial_state.dtype}")
     return N
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dimension."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 def check_log_gate(g: Tensor | None, name: str = "g") -> None:

@@ -44,34 +44,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .state import detach_state, state_batch_size, state_leaves, tree_map
+from ..kernels.utils import check_cu_seqlens
+from .state import cat_states, detach_state, index_state, state_batch_size, state_leaves, tree_map
 
 __all__ = ["Mixer", "check_cu_seqlens", "check_field_types", "state_spec", "check_state_like"]
-
-
-def check_cu_seqlens(cu_seqlens: Tensor, batch_size: int, seq_len: int) -> None:
-    """Validate packed-sequence offsets ``[N+1]`` for an input of shape ``[batch_size, seq_len, ...]``.
-
-    Value checks (starts at 0, ends at ``seq_len``, non-decreasing) run only on CPU tensors and
-    outside torch.compile, so that a CUDA training step never waits on the host.
-    """
-    if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        raise TypeError(
-            f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, "
-            f"got shape {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}"
-        )
-    if batch_size != 1:
-        raise ValueError(f"with cu_seqlens the batch must be packed into B=1, got B={batch_size}")
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at the sequence length {seq_len}, "
-                f"got {cu_seqlens[0].item()}..{cu_seqlens[-1].item()}"
-            )
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
 
 
 def state_spec(tree: Any) -> Any:
@@ -246,6 +222,10 @@ class Mixer(nn.Module):
     # Sequence lengths / split points must be multiples of this for exact results (1: any split is
     # exact, e.g. because partial chunks are carried in the state).  Trainers check seq_len against it.
     split_multiple: ClassVar[int] = 1
+    # True for layers without a packed-sequence path of their own: ``forward`` with ``cu_seqlens`` then runs
+    # each packed sequence through ``_forward`` on its own (``forward_each_sequence``), so ``_forward`` only
+    # ever sees ``cu_seqlens=None``.
+    packs_by_loop: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()
@@ -271,7 +251,28 @@ class Mixer(nn.Module):
             check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
             batch = cu_seqlens.numel() - 1
         self.check_state(state, batch, device=x.device)
+        if cu_seqlens is not None and self.packs_by_loop:
+            return self.forward_each_sequence(x, state, cu_seqlens)
         return self._forward(x, state, cu_seqlens=cu_seqlens)
+
+    def forward_each_sequence(self, x: Tensor, state: Any, cu_seqlens: Tensor) -> tuple[Tensor, Any]:
+        """Packed sequences one at a time: sequence i runs through ``_forward`` as a batch of one from row i
+        of ``state`` (fresh when ``state`` is None); an empty sequence keeps its row.
+
+        Exact by the contract (a packed sequence is an independent sequence), at the cost of one host sync to
+        read the offsets and one call per sequence.
+        """
+        bounds = cu_seqlens.tolist()
+        ys, rows = [], []
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            row = None if state is None else index_state(state, torch.tensor([i], device=x.device))
+            if b > a:
+                y, row = self._forward(x[:, a:b], row, cu_seqlens=None)
+                ys.append(y)
+            elif row is None:
+                row = self.init_state(1, device=x.device, dtype=x.dtype)
+            rows.append(row)
+        return torch.cat(ys, 1), cat_states(rows)
 
     def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Decode one token: ``x_t`` ``[B, D]`` -> ``(y_t [B, D], state)``; exact, equal to ``forward``.

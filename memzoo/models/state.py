@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["tree_map", "state_leaves", "detach_state", "index_state", "state_batch_size"]
+__all__ = ["tree_map", "state_leaves", "detach_state", "index_state", "cat_states", "state_batch_size"]
 
 
 def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
@@ -60,6 +60,20 @@ def index_state(state: Any, index: Tensor) -> Any:
         if lo < -batch or hi >= batch:
             raise ValueError(f"index must select rows of the state's batch of {batch}, got values in [{lo}, {hi}]")
     return tree_map(lambda t: t.index_select(0, index.to(t.device)), state)
+
+
+def cat_states(states: list[Any]) -> Any:
+    """Concatenate the batch rows of same-structured states (the inverse of splitting with ``index_state``);
+    ``None`` and other non-tensor leaves are taken from the first state."""
+    first = states[0]
+    if isinstance(first, Tensor):
+        return torch.cat(states, 0)
+    if isinstance(first, (tuple, list)):
+        parts = [cat_states([s[i] for s in states]) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    if isinstance(first, dict):
+        return {k: cat_states([s[k] for s in states]) for k in first}
+    return first
 
 
 def state_batch_size(state: Any) -> int | None:

@@ -16,14 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..utils import seq_boundaries
+from ..utils import l2norm, seq_boundaries
 
 __all__ = ["gated_delta_rule_step_ref", "chunk_gated_delta_rule_ref", "wy_transform", "l2norm"]
-
-
-def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``x / sqrt(sum(x^2) + eps)`` over the last dimension."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 def wy_transform(k: Tensor, v: Tensor, G: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -16,7 +16,6 @@ Packed sequences (``cu_seqlens``) may start from a state with one row per sequen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -26,27 +25,11 @@ from torch import Tensor, nn
 
 from ...kernels import check_chunk_options
 from ...kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-from ..contract import Mixer
-from .conv import ShortConvolution
+
+# HeadDims and GatedRMSNorm are re-exported from here for code written before ``common`` held them.
+from .common import GatedRMSNorm, HeadDims, QKVMemoryMixer, chunked_memory_flops, init_mamba2_decay, needs_grad
 
 __all__ = ["HeadDims", "GatedDeltaNetConfig", "GatedDeltaState", "GatedDeltaNet", "GatedRMSNorm"]
-
-# Mamba-2's initialisation: A ~ U(0, 16) per head, dt ~ log-uniform in [DT_MIN, DT_MAX].
-_A_INIT_RANGE = (0.0, 16.0)
-_DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
-
-
-class HeadDims:
-    """``head_k`` / ``head_v`` of configs with ``d_model``, ``n_heads``, ``d_head`` (None = d_model //
-    n_heads) and ``expand_v`` (value width per head = expand_v * head_k)."""
-
-    @property
-    def head_k(self) -> int:
-        return self.d_model // self.n_heads if self.d_head is None else self.d_head
-
-    @property
-    def head_v(self) -> int:
-        return int(self.expand_v * self.head_k)
 
 
 @dataclass(frozen=True)
@@ -93,79 +76,17 @@ class GatedDeltaState(NamedTuple):
     memory: Tensor  # [B, H, K, V] fp32
 
 
-class GatedRMSNorm(nn.Module):
-    """Per-head RMSNorm with an optional SiLU gate, in fp32: ``rmsnorm(o) * weight * silu(gate)``."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, o: Tensor, gate: Tensor | None) -> Tensor:
-        """``o`` ``[..., dim]``, ``gate`` like ``o`` or None; returns ``o``'s dtype."""
-        of = o.float()
-        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        if gate is not None:
-            y = y * F.silu(gate.float())
-        return y.to(o.dtype)
-
-
-def short_convs(use: bool, dims: tuple[int, ...], size: int) -> list[ShortConvolution | None]:
-    """One SiLU short conv per stream of width ``dims[i]``, or ``None`` each when disabled."""
-    return [ShortConvolution(d, size, activation="silu") if use else None for d in dims]
-
-
-def apply_short_convs(convs: tuple[ShortConvolution | None, ...], xs: tuple[Tensor, ...],
-                      tails: tuple[Tensor | None, ...], cu_seqlens: Tensor | None, *, step: bool,
-                      silu_without_conv: bool) -> tuple[list[Tensor], list[Tensor | None]]:
-    """Run each stream (``[B, T, C]``, or ``[B, C]`` when ``step``) through its conv, carrying its tail.
-
-    Without convs the streams pass through SiLU (or unchanged) and the tails stay ``None``.
-    """
-    outs, new_tails = [], []
-    for conv, x, tail in zip(convs, xs, tails):
-        if conv is None:
-            y = F.silu(x) if silu_without_conv else x
-        else:
-            y, tail = conv.step(x, tail) if step else conv(x, tail, cu_seqlens)
-        outs.append(y)
-        new_tails.append(tail)
-    return outs, new_tails
-
-
-def chunked_memory_flops(n_heads: int, head_k: int, head_v: int, chunk_size: int, seq_len: int,
-                         wy: bool = False) -> int:
-    """Training FLOPs per token of a chunked matrix-memory op beyond the layer's projections.
-
-    Per head: reading and writing the [K, V] chunk state (two K x V products), the intra-chunk
-    attention over up to ``chunk_size`` keys (q.k and A.v), and with ``wy`` the delta rule's
-    k.k products of the WY transform; x3 for forward + backward.
-    """
-    c = min(chunk_size, seq_len)
-    per_head = 2 * 2 * head_k * head_v + 2 * c * (head_k + head_v) + (2 * c * head_k if wy else 0)
-    return 3 * n_heads * per_head
-
-
-def needs_grad(module: nn.Module, *tensors: Tensor | None) -> bool:
-    """Whether autograd must see this call: the fused recurrent kernels have no backward."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
-
-
-class GatedDeltaNet(Mixer):
+class GatedDeltaNet(QKVMemoryMixer):
     """Gated DeltaNet token mixer: multi-head delta-rule memory with a Mamba-2 decay and an output gate."""
 
     config_class = GatedDeltaNetConfig
+    state_class = GatedDeltaState
+    silu_without_conv = True
 
     def __init__(self, config: GatedDeltaNetConfig | None = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         c = self.config
-        self.n_heads, self.head_k, self.head_v = c.n_heads, c.head_k, c.head_v
-        key_dim, value_dim = c.n_heads * c.head_k, c.n_heads * c.head_v
-        self.q_proj = nn.Linear(c.d_model, key_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, key_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, value_dim, bias=False)
+        self.build_qkv(c.n_heads * c.head_k, c.n_heads * c.head_v)
         self.a_proj = nn.Linear(c.d_model, c.n_heads, bias=False)
         self.b_proj = nn.Linear(c.d_model, c.n_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
@@ -173,36 +94,13 @@ class GatedDeltaNet(Mixer):
         # Decay parameters are not shrunk by weight decay (the trainer reads this flag).
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
-        self.q_conv, self.k_conv, self.v_conv = short_convs(c.use_short_conv, (key_dim, key_dim, value_dim),
-                                                            c.conv_size)
-        self.g_proj = nn.Linear(c.d_model, value_dim, bias=False) if c.use_gate else None
-        self.o_norm = GatedRMSNorm(c.head_v, c.norm_eps)
-        self.o_proj = nn.Linear(value_dim, c.d_model, bias=False)
+        self.build_out(use_short_conv=c.use_short_conv, conv_size=c.conv_size, use_gate=c.use_gate,
+                       norm_eps=c.norm_eps)
         self.reset_decay_parameters()
 
-    @torch.no_grad()
     def reset_decay_parameters(self) -> None:
         """Mamba-2's init: A ~ U(0, 16), dt ~ log-U[1e-3, 1e-1] stored through the inverse softplus."""
-        A = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(*_A_INIT_RANGE).clamp_min(1e-4)
-        self.A_log.copy_(A.log())
-        u = torch.rand_like(self.dt_bias, dtype=torch.float32)
-        dt = torch.exp(u * (math.log(_DT_MAX) - math.log(_DT_MIN)) + math.log(_DT_MIN)).clamp_min(_DT_FLOOR)
-        # softplus(dt_bias) = dt  <=>  dt_bias = dt + log(1 - exp(-dt)).
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-    def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> GatedDeltaState:
-        tails = (
-            None if conv is None else conv.init_tail(batch_size, device=device, dtype=dtype)
-            for conv in (self.q_conv, self.k_conv, self.v_conv)
-        )
-        memory = torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=torch.float32)
-        return GatedDeltaState(*tails, memory)
-
-    def state_size(self, seq_len: int | None = None) -> int:
-        """Floats of the delta-rule memory, H * K * V per sequence; the short-conv tails
-        (3 * (W - 1) channels' worth of recent inputs) are not counted."""
-        return self.n_heads * self.head_k * self.head_v
+        init_mamba2_decay(self.A_log, self.dt_bias)
 
     def extra_flops_per_token(self, seq_len: int) -> int:
         return chunked_memory_flops(self.n_heads, self.head_k, self.head_v, self.config.chunk_size, seq_len, wy=True)
@@ -213,33 +111,10 @@ class GatedDeltaNet(Mixer):
         beta = torch.sigmoid(self.b_proj(x).float())
         return g, beta
 
-    def _forward(self, x: Tensor, state: GatedDeltaState | None, *,
-                 cu_seqlens: Tensor | None) -> tuple[Tensor, GatedDeltaState]:
-        return self._mix(x, state, cu_seqlens, step=False)
-
-    def _step(self, x_t: Tensor, state: GatedDeltaState | None) -> tuple[Tensor, GatedDeltaState]:
-        y, state = self._mix(x_t[:, None], state, None, step=True)
-        return y[:, 0], state
-
-    def _mix(self, x: Tensor, state: GatedDeltaState | None, cu_seqlens: Tensor | None,
-             *, step: bool) -> tuple[Tensor, GatedDeltaState]:
-        B, T, _ = x.shape
-        H, K, V = self.n_heads, self.head_k, self.head_v
-        tails = (None,) * 3 if state is None else state[:3]
-        convs = (self.q_conv, self.k_conv, self.v_conv)
-        qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        if step:
-            qkv = tuple(t[:, 0] for t in qkv)
-        (q, k, v), new_tails = apply_short_convs(convs, qkv, tails, cu_seqlens, step=step, silu_without_conv=True)
+    def recur(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, memory: Tensor | None, cu_seqlens: Tensor | None,
+              *, step: bool) -> tuple[Tensor, Tensor]:
         g, beta = self.gates(x)
-        memory = None if state is None else state.memory.float()
         # The fused recurrent kernel is the decoding path; it has no backward, so training steps use the chunk op.
         op = fused_recurrent_gated_delta_rule if step and not needs_grad(self, x, memory) else chunk_gated_delta_rule
-        o, memory = op(
-            q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V), g, beta,
-            initial_state=memory, output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
-            impl=self.config.impl, chunk_size=self.config.chunk_size,
-        )  # [B, T, H, V], [N, H, K, V]
-        gate = None if self.g_proj is None else self.g_proj(x).view(B, T, H, V)
-        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, H * V))
-        return y, GatedDeltaState(*new_tails, memory)
+        return op(q, k, v, g, beta, initial_state=memory, output_final_state=True, cu_seqlens=cu_seqlens,
+                  use_qk_l2norm=True, impl=self.config.impl, chunk_size=self.config.chunk_size)

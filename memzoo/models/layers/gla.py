@@ -19,14 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...kernels import check_chunk_options
 from ...kernels.gla import chunk_gla, fused_recurrent_gla
-from ..contract import Mixer
-from .gated_delta import GatedRMSNorm, apply_short_convs, chunked_memory_flops, needs_grad, short_convs
+from .common import QKVMemoryMixer, chunked_memory_flops, needs_grad
 
 __all__ = ["GatedLinearAttentionConfig", "GLAState", "GatedLinearAttention"]
 
@@ -99,42 +97,24 @@ class GLAState(NamedTuple):
     memory: Tensor  # [B, H, K, V] fp32
 
 
-class GatedLinearAttention(Mixer):
+class GatedLinearAttention(QKVMemoryMixer):
     """GLA token mixer: multi-head linear attention with a low-rank, per-key forget gate."""
 
     config_class = GatedLinearAttentionConfig
+    state_class = GLAState
+    silu_without_conv = False
 
     def __init__(self, config: GatedLinearAttentionConfig | None = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         c = self.config
-        self.n_heads, self.head_k, self.head_v = c.n_heads, c.head_k, c.head_v
-        self.q_proj = nn.Linear(c.d_model, c.key_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.key_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.value_dim, bias=False)
+        self.build_qkv(c.key_dim, c.value_dim)
         # Low rank keeps the gate cheap (d * r + r * key_dim parameters); the bias sets the initial forgetting.
         self.gk_proj = nn.Sequential(
             nn.Linear(c.d_model, c.gate_low_rank_dim, bias=False),
             nn.Linear(c.gate_low_rank_dim, c.key_dim, bias=True),
         )
-        self.q_conv, self.k_conv, self.v_conv = short_convs(c.use_short_conv, (c.key_dim, c.key_dim, c.value_dim),
-                                                            c.conv_size)
-        self.g_proj = nn.Linear(c.d_model, c.value_dim, bias=False) if c.use_gate else None
-        self.o_norm = GatedRMSNorm(c.head_v, c.norm_eps)
-        self.o_proj = nn.Linear(c.value_dim, c.d_model, bias=False)
-
-    def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> GLAState:
-        tails = (
-            None if conv is None else conv.init_tail(batch_size, device=device, dtype=dtype)
-            for conv in (self.q_conv, self.k_conv, self.v_conv)
-        )
-        memory = torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=torch.float32)
-        return GLAState(*tails, memory)
-
-    def state_size(self, seq_len: int | None = None) -> int:
-        """Floats of the linear-attention memory, H * K * V per sequence; the optional short-conv
-        tails (3 * (W - 1) channels' worth of recent inputs) are not counted."""
-        return self.n_heads * self.head_k * self.head_v
+        self.build_out(use_short_conv=c.use_short_conv, conv_size=c.conv_size, use_gate=c.use_gate,
+                       norm_eps=c.norm_eps)
 
     def extra_flops_per_token(self, seq_len: int) -> int:
         return chunked_memory_flops(self.n_heads, self.head_k, self.head_v, self.config.chunk_size, seq_len)
@@ -144,32 +124,9 @@ class GatedLinearAttention(Mixer):
         logits = self.gk_proj(x).float()
         return (F.logsigmoid(logits) / self.config.gate_logit_normalizer).unflatten(-1, (self.n_heads, self.head_k))
 
-    def _forward(self, x: Tensor, state: GLAState | None, *, cu_seqlens: Tensor | None) -> tuple[Tensor, GLAState]:
-        return self._mix(x, state, cu_seqlens, step=False)
-
-    def _step(self, x_t: Tensor, state: GLAState | None) -> tuple[Tensor, GLAState]:
-        y, state = self._mix(x_t[:, None], state, None, step=True)
-        return y[:, 0], state
-
-    def _mix(self, x: Tensor, state: GLAState | None, cu_seqlens: Tensor | None,
-             *, step: bool) -> tuple[Tensor, GLAState]:
-        B, T, _ = x.shape
-        H, K, V = self.n_heads, self.head_k, self.head_v
-        tails = (None,) * 3 if state is None else state[:3]
-        convs = (self.q_conv, self.k_conv, self.v_conv)
-        qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        if step:
-            qkv = tuple(t[:, 0] for t in qkv)
-        (q, k, v), new_tails = apply_short_convs(convs, qkv, tails, cu_seqlens, step=step, silu_without_conv=False)
-        g = self.gates(x)
-        memory = None if state is None else state.memory.float()
+    def recur(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, memory: Tensor | None, cu_seqlens: Tensor | None,
+              *, step: bool) -> tuple[Tensor, Tensor]:
         # The fused recurrent kernel is the decoding path; it has no backward, so training steps use the chunk op.
         op = fused_recurrent_gla if step and not needs_grad(self, x, memory) else chunk_gla
-        o, memory = op(
-            q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V), g,
-            initial_state=memory, output_final_state=True, cu_seqlens=cu_seqlens,
-            impl=self.config.impl, chunk_size=self.config.chunk_size,
-        )  # [B, T, H, V], [N, H, K, V]
-        gate = None if self.g_proj is None else self.g_proj(x).view(B, T, H, V)
-        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, H * V))
-        return y, GLAState(*new_tails, memory)
+        return op(q, k, v, self.gates(x), initial_state=memory, output_final_state=True, cu_seqlens=cu_seqlens,
+                  impl=self.config.impl, chunk_size=self.config.chunk_size)

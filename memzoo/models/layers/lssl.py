@@ -84,6 +84,7 @@ class LSSL(Mixer):
     """Linear State-Space Layer with a dense HiPPO transition, a Krylov kernel and an exact recurrent step."""
 
     config_class = LSSLConfig
+    packs_by_loop = True
 
     def __init__(self, config: LSSLConfig | None = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -155,23 +156,8 @@ class LSSL(Mixer):
     def _forward(self, x: Tensor, state: LSSLState | None, *, cu_seqlens: Tensor | None
                  ) -> tuple[Tensor, LSSLState]:
         ct = compute_dtype(x)
-        u = x.to(ct)
         with torch.autocast(x.device.type, enabled=False):
-            if cu_seqlens is None:
-                y, xs = self.ssm(u, None if state is None else state.x.to(ct))
-            else:
-                # One host sync to read the offsets; each packed sequence runs from its own state row.
-                bounds = cu_seqlens.tolist()
-                x0 = self.init_state(len(bounds) - 1, device=x.device, dtype=ct).x if state is None else state.x.to(ct)
-                ys, rows = [], []
-                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-                    if b == a:
-                        rows.append(x0[i])
-                        continue
-                    y_i, x_i = self.ssm(u[:, a:b], x0[i:i + 1])
-                    ys.append(y_i)
-                    rows.append(x_i[0])
-                y, xs = torch.cat(ys, 1), torch.stack(rows, 0)
+            y, xs = self.ssm(x.to(ct), None if state is None else state.x.to(ct))
         return self.output(y, x.dtype), LSSLState(xs)
 
     def _step(self, x_t: Tensor, state: LSSLState) -> tuple[Tensor, LSSLState]:

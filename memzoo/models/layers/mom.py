@@ -37,7 +37,15 @@ from ...kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated
 from ...kernels.gla import chunk_gla, chunk_simple_gla, fused_recurrent_gla
 from ...kernels.utils import flatten_batch, seq_boundaries
 from ..contract import Mixer
-from .gated_delta import GatedDeltaNet, GatedRMSNorm, HeadDims, chunked_memory_flops, needs_grad, short_convs
+from .common import (
+    GatedRMSNorm,
+    HeadDims,
+    apply_short_convs,
+    chunked_memory_flops,
+    init_mamba2_decay,
+    needs_grad,
+    short_convs,
+)
 from .mom_routing import balance_loss, memory_load, plan_segments, route, z_loss
 
 __all__ = ["MoMConfig", "MoMState", "MixtureOfMemories"]
@@ -131,7 +139,7 @@ class MixtureOfMemories(Mixer):
             self.A_log = nn.Parameter(torch.empty(H))
             self.dt_bias = nn.Parameter(torch.empty(H))
             self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
-            GatedDeltaNet.reset_decay_parameters(self)
+            init_mamba2_decay(self.A_log, self.dt_bias)
         self.q_conv, self.k_conv, self.v_conv = short_convs(c.use_short_conv, (H * K, H * K, H * V), c.conv_size)
         self.g_proj = nn.Linear(c.d_model, H * V, bias=False) if c.use_gate else None
         self.o_norm = GatedRMSNorm(V, c.norm_eps)
@@ -188,15 +196,8 @@ class MixtureOfMemories(Mixer):
     def _convs(self, streams: tuple[Tensor, ...], tails: tuple[Tensor | None, ...], cu: Tensor | None,
                *, step: bool) -> tuple[list[Tensor], list[Tensor | None]]:
         """Short conv + SiLU per stream on ``[1, L, C]`` packed segments (or ``[N, C]`` tokens when ``step``)."""
-        outs, new_tails = [], []
-        for conv, x, tail in zip((self.q_conv, self.k_conv, self.v_conv), streams, tails):
-            if conv is None:
-                x = F.silu(x) if self.config.backend == "gated_deltanet" else x
-            else:
-                x, tail = conv.step(x, tail) if step else conv(x, tail, cu)
-            outs.append(x)
-            new_tails.append(tail)
-        return outs, new_tails
+        return apply_short_convs((self.q_conv, self.k_conv, self.v_conv), streams, tails, cu, step=step,
+                                 silu_without_conv=self.config.backend == "gated_deltanet")
 
     def _recur(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None,
                h0: Tensor | None, cu: Tensor | None, *, step: bool) -> tuple[Tensor, Tensor]:

@@ -91,6 +91,7 @@ class S4D(Mixer):
     """Diagonal SSM mixer (S4D) with the paper's GELU + Linear + GLU output."""
 
     config_class = S4DConfig
+    packs_by_loop = True
 
     def __init__(self, config: S4DConfig | None = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -182,27 +183,8 @@ class S4D(Mixer):
     def _forward(self, x: Tensor, state: S4DState | None, *, cu_seqlens: Tensor | None) -> tuple[Tensor, S4DState]:
         ct = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            if cu_seqlens is None:
-                y, xs = self.ssm(x.to(ct), None if state is None else state.x.to(ct))
-            else:
-                y, xs = self._packed(x.to(ct), state, cu_seqlens, ct)
+            y, xs = self.ssm(x.to(ct), None if state is None else state.x.to(ct))
         return self.output(y, x.dtype), S4DState(xs)
-
-    def _packed(self, u: Tensor, state: S4DState | None, cu_seqlens: Tensor, ct: torch.dtype
-                ) -> tuple[Tensor, Tensor]:
-        # Each packed sequence runs on its own from its own state row (one host sync to read the offsets).
-        bounds = cu_seqlens.tolist()
-        n_seq = len(bounds) - 1
-        x0 = self.init_state(n_seq, device=u.device, dtype=ct).x if state is None else state.x.to(ct)
-        ys, xs = [], []
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if b == a:
-                xs.append(x0[i])
-                continue
-            y_i, x_i = self.ssm(u[:, a:b], x0[i:i + 1])
-            ys.append(y_i)
-            xs.append(x_i[0])
-        return torch.cat(ys, 1), torch.stack(xs, 0)
 
     def _step(self, x_t: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
         ct = compute_dtype(x_t)

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...kernels import IMPLS
-from ...kernels.gated_delta.reference import l2norm
 from ...kernels.titans import Miras, titans_linear, titans_mlp
 from ...kernels.titans.reference import layer_norm
+from ...kernels.utils import l2norm
 from ..contract import Mixer
-from .gated_delta import GatedRMSNorm, apply_short_convs, short_convs
+from .common import GatedRMSNorm, apply_short_convs, short_convs
 
 __all__ = ["TitansConfig", "TitansState", "TitansMemory", "NeuralMemory"]
 

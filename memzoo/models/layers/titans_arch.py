@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..block import RMSNorm
 from ..contract import Mixer
 from ..rope import apply_rope
-from ..state import index_state, tree_map
+from ..state import tree_map
 from .titans import TitansConfig, TitansMemory, TitansState
 
 __all__ = ["TitansMAGConfig", "TitansMALConfig", "TitansMAG", "TitansMAL", "TitansSWAState", "PersistentAttention"]
@@ -142,20 +142,11 @@ class TitansMALState(TitansSWAState):
     __slots__ = ()
 
 
-def cat_rows(states: list[Any]) -> Any:
-    """Concatenate the batch rows of same-structured states (None leaves stay None)."""
-    first = states[0]
-    if isinstance(first, Tensor):
-        return torch.cat(states, 0)
-    if isinstance(first, tuple):
-        parts = [cat_rows([s[i] for s in states]) for i in range(len(first))]
-        return type(first)(*parts) if hasattr(first, "_fields") else tuple(parts)
-    return first
-
-
 class TitansHybrid(Mixer):
-    """Shared parts: the memory, the persistent attention, state priming and packed sequences (a Python loop over
-    the packed sequences, each run exactly like a separate one)."""
+    """Shared parts: the memory, the persistent attention and state priming.  Packed sequences run one by one
+    (``Mixer.forward_each_sequence``)."""
+
+    packs_by_loop = True
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -185,20 +176,9 @@ class TitansHybrid(Mixer):
         return tree_map(lambda t: t.expand(batch_size, *t.shape[1:]), state)
 
     def _forward(self, x: Tensor, state: Any, *, cu_seqlens: Tensor | None) -> tuple[Tensor, Any]:
-        if cu_seqlens is None:
-            if state is None:
-                return self._dense(x, self.init_state(x.shape[0], device=x.device, dtype=x.dtype), fresh=True)
-            return self._dense(x, state)
-        bounds = cu_seqlens.tolist()
-        fresh = self.init_state(1, device=x.device, dtype=x.dtype) if state is None else None
-        ys, states = [], []
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            s = fresh if state is None else index_state(state, torch.tensor([i], device=x.device))
-            if b > a:
-                y, s = self._dense(x[:, a:b], s, fresh=state is None)
-                ys.append(y)
-            states.append(s)
-        return torch.cat(ys, 1), cat_rows(states)
+        if state is None:
+            return self._dense(x, self.init_state(x.shape[0], device=x.device, dtype=x.dtype), fresh=True)
+        return self._dense(x, state)
 
     def _dense(self, x: Tensor, state: Any, fresh: bool = False) -> tuple[Tensor, Any]:
         """One batch of whole rows from ``state``; ``fresh``: the state is ``init_state`` (no offsets to read)."""

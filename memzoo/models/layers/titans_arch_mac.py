@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ...kernels.gated_delta.reference import l2norm
+from ...kernels.utils import l2norm
 from ..block import RMSNorm
-from ..state import index_state
+from ..state import cat_states, index_state
 from .titans import TitansState
-from .titans_arch import TitansHybrid, TitansHybridConfig, cat_rows
+from .titans_arch import TitansHybrid, TitansHybridConfig
 
 __all__ = ["TitansMACConfig", "TitansMACState", "TitansMAC", "MEMORY_INPUTS"]
 
@@ -144,7 +144,7 @@ class TitansMAC(TitansHybrid):
             # packed prefills of unequal lengths).
             rows = [self._dense_aligned(x[i:i + 1], index_state(state, torch.tensor([i], device=x.device)), offsets[i])
                     for i in range(x.shape[0])]
-            return torch.cat([y for y, _ in rows], 0), cat_rows([s for _, s in rows])
+            return torch.cat([y for y, _ in rows], 0), cat_states([s for _, s in rows])
         return self._dense_aligned(x, state, offsets[0])
 
     def _dense_aligned(self, x: Tensor, state: TitansMACState, o: int | None = None) -> tuple[Tensor, TitansMACState]:
