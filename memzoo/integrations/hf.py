@@ -40,6 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.block import RMSNorm
 from ..models.config import ModelConfig
+from ..models.init import init_linear
 from ..models.lm import LanguageModel
 from ..models.state import index_state
 from .hf_replace import REPLACED_CONFIG_KEY, MemzooAttentionAdapter, load_replaced, replace_attention
@@ -170,11 +171,7 @@ class MemzooPreTrainedModel(PreTrainedModel):
         # come from the checkpoint when loading.
         std = self.config.init_std
         if isinstance(module, nn.Linear):
-            if getattr(module, "_memzoo_residual_out", False):
-                std = std / (2 * self.config.n_layers) ** 0.5
-            _init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                _init.zeros_(module.bias)
+            init_linear(module, std, self.config.n_layers, normal_=_init.normal_, zeros_=_init.zeros_)
         elif isinstance(module, nn.Embedding):
             _init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
@@ -193,9 +190,6 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
             raise TypeError(f"config must be a MemzooConfig, got {type(config).__name__}")
         super().__init__(config)
         self.model = LanguageModel(config.to_model_config())
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear) and name.endswith(("o_proj", "down_proj")):
-                module._memzoo_residual_out = True
         self.post_init()
 
     @classmethod

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .contract import Mixer
+from .init import residual_output
 
 __all__ = ["RMSNorm", "SwiGLU", "Block", "FFN_KINDS", "build_ffn"]
 
@@ -34,7 +35,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.down_proj = residual_output(nn.Linear(d_ff, d_model, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

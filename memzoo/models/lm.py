@@ -25,6 +25,7 @@ from ..kernels.utils import debug_checks
 from .block import Block, RMSNorm
 from .config import ModelConfig
 from .contract import Mixer, check_cu_seqlens
+from .init import init_linear
 from .registry import build_mixer
 from .state import state_batch_size, state_leaves
 
@@ -155,21 +156,19 @@ class LanguageModel(nn.Module):
         return [b.mixer for b in self.blocks]
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for embeddings and linear weights, zero biases, GPT-2 residual scaling.
+        """Normal(0, init_std) for embeddings and linear weights, zero linear biases, GPT-2 residual scaling of the
+        projections the layers mark with ``residual_output``; parameters marked ``keep_init`` keep their values.
 
         Mixers with parameters of their own (decays, SSM matrices) keep the values their
-        constructor gave them: only ``nn.Linear``/``nn.Embedding`` weights are re-drawn here.
+        constructor gave them: only ``nn.Linear``/``nn.Embedding`` weights are re-drawn here
+        (see ``memzoo.models.init``).
         """
         std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, nn.Linear):
-                is_residual_out = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, std=residual_std if is_residual_out else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                init_linear(module, std, self.config.n_layers)
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> tuple[Any, ...]:

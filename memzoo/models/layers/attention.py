@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import Mixer
+from ..init import residual_output
 from ..rope import apply_rope, positions_from_cu_seqlens
 
 __all__ = ["AttentionConfig", "AttentionState", "Attention"]
@@ -108,7 +109,7 @@ class Attention(Mixer):
         self.q_proj = nn.Linear(c.d_model, self.n_heads * self.d_head, bias=c.bias)
         self.k_proj = nn.Linear(c.d_model, self.n_kv_heads * self.d_head, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, self.n_kv_heads * self.d_head, bias=c.bias)
-        self.o_proj = nn.Linear(self.n_heads * self.d_head, c.d_model, bias=c.bias)
+        self.o_proj = residual_output(nn.Linear(self.n_heads * self.d_head, c.d_model, bias=c.bias))
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> AttentionState:

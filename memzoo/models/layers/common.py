@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import Mixer
+from ..init import residual_output
 from .conv import ShortConvolution
 
 __all__ = [
@@ -139,7 +140,7 @@ class QKVMemoryMixer(Mixer):
         self.q_conv, self.k_conv, self.v_conv = short_convs(use_short_conv, (key_dim, key_dim, value_dim), conv_size)
         self.g_proj = nn.Linear(self.d_model, value_dim, bias=False) if use_gate else None
         self.o_norm = GatedRMSNorm(self.head_v, norm_eps)
-        self.o_proj = nn.Linear(value_dim, self.d_model, bias=False)
+        self.o_proj = residual_output(nn.Linear(value_dim, self.d_model, bias=False))
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:

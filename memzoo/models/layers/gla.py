@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ...kernels import check_chunk_options
 from ...kernels.gla import chunk_gla, fused_recurrent_gla
+from ..init import keep_init
 from .common import QKVMemoryMixer, chunked_memory_flops, needs_grad
 
 __all__ = ["GatedLinearAttentionConfig", "GLAState", "GatedLinearAttention"]
@@ -108,11 +109,13 @@ class GatedLinearAttention(QKVMemoryMixer):
         super().__init__(config, **kwargs)
         c = self.config
         self.build_qkv(c.key_dim, c.value_dim)
-        # Low rank keeps the gate cheap (d * r + r * key_dim parameters); the bias sets the initial forgetting.
+        # Low rank keeps the gate cheap (d * r + r * key_dim parameters); the bias sets the initial forgetting
+        # (nn.Linear's U(-1/sqrt(r), 1/sqrt(r)) spreads the key channels' decays), so the model's init keeps it.
         self.gk_proj = nn.Sequential(
             nn.Linear(c.d_model, c.gate_low_rank_dim, bias=False),
             nn.Linear(c.gate_low_rank_dim, c.key_dim, bias=True),
         )
+        keep_init(self.gk_proj[1].bias)
         self.build_out(use_short_conv=c.use_short_conv, conv_size=c.conv_size, use_gate=c.use_gate,
                        norm_eps=c.norm_eps)
 

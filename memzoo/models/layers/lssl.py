@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import Mixer
+from ..init import residual_output
 from .s4d import compute_dtype, fft_causal_conv
 from .ssm_init import HIPPO_MEASURES, hippo, log_uniform_dt
 
@@ -103,7 +104,7 @@ class LSSL(Mixer):
             if isinstance(p, nn.Parameter):
                 p._no_weight_decay = True
                 p._lr_scale = c.ssm_lr_scale
-        self.o_proj = nn.Linear(c.d_model, c.d_model)
+        self.o_proj = residual_output(nn.Linear(c.d_model, c.d_model))
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> LSSLState:

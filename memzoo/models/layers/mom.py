@@ -37,6 +37,7 @@ from ...kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated
 from ...kernels.gla import chunk_gla, chunk_simple_gla, fused_recurrent_gla
 from ...kernels.utils import flatten_batch, seq_boundaries
 from ..contract import Mixer
+from ..init import residual_output
 from .common import (
     GatedRMSNorm,
     HeadDims,
@@ -143,7 +144,7 @@ class MixtureOfMemories(Mixer):
         self.q_conv, self.k_conv, self.v_conv = short_convs(c.use_short_conv, (H * K, H * K, H * V), c.conv_size)
         self.g_proj = nn.Linear(c.d_model, H * V, bias=False) if c.use_gate else None
         self.o_norm = GatedRMSNorm(V, c.norm_eps)
-        self.o_proj = nn.Linear(H * V, c.d_model, bias=False)
+        self.o_proj = residual_output(nn.Linear(H * V, c.d_model, bias=False))
         self.last_load: Tensor | None = None
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,

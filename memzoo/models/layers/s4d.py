@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ...kernels import IMPLS
 from ...kernels.ssm import vandermonde, vandermonde_transpose
 from ..contract import Mixer
+from ..init import residual_output
 from .ssm_init import S4D_INITS, cdiv, cexp, clog, cmul, log_uniform_dt, s4d_init
 
 __all__ = ["S4DConfig", "S4DState", "S4D", "fft_causal_conv", "compute_dtype"]
@@ -114,7 +115,7 @@ class S4D(Mixer):
             # S4D-Real is the purely real ablation: its imaginary parts stay at zero.
             self.A_im.requires_grad_(False)
         self.drop = nn.Dropout(c.dropout)
-        self.o_proj = nn.Linear(h, 2 * h)
+        self.o_proj = residual_output(nn.Linear(h, 2 * h))
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> S4DState:

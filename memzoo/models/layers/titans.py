@@ -35,6 +35,7 @@ from ...kernels.titans import Miras, titans_linear, titans_mlp
 from ...kernels.titans.reference import layer_norm
 from ...kernels.utils import l2norm
 from ..contract import Mixer
+from ..init import residual_output
 from .common import GatedRMSNorm, apply_short_convs, short_convs
 
 __all__ = ["TitansConfig", "TitansState", "TitansMemory", "NeuralMemory"]
@@ -172,7 +173,7 @@ class TitansMemory(Mixer):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(c.d_model, H * D, bias=False) for _ in range(3))
         self.q_conv, self.k_conv, self.v_conv = short_convs(c.use_short_conv, (H * D,) * 3, c.conv_size)
         self.theta_proj = nn.Linear(c.d_model, H * self.n_lr, bias=False)
-        # Separate biases: the language model's init zeroes nn.Linear biases, and these set the starting gates
+        # Biases of their own (not nn.Linear's, so the model's init never touches them) set the starting gates
         # (theta ~ 0.12 theta_max, eta ~ 0.73, alpha ~ 0.018).  A disabled gate has no parameters at all.
         self.theta_bias = nn.Parameter(torch.full((H * self.n_lr,), -2.0))
         self.eta_proj = nn.Linear(c.d_model, H, bias=False) if c.momentum else None
@@ -190,7 +191,7 @@ class TitansMemory(Mixer):
                 p._no_weight_decay = True
         self.g_proj = nn.Linear(c.d_model, H * D, bias=False) if c.out_norm_gate else None
         self.o_norm = GatedRMSNorm(D, c.norm_eps)
-        self.o_proj = nn.Linear(H * D, c.d_model, bias=False)
+        self.o_proj = residual_output(nn.Linear(H * D, c.d_model, bias=False))
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> TitansState:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..block import RMSNorm
 from ..contract import Mixer
+from ..init import residual_output
 from ..rope import apply_rope
 from ..state import tree_map
 from .titans import TitansConfig, TitansMemory, TitansState
@@ -96,6 +97,7 @@ class PersistentAttention(nn.Module):
         super().__init__()
         self.n_heads, self.d_head, self.rope_theta = n_heads, d_model // n_heads, rope_theta
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+        residual_output(self.o_proj)
         self.persistent = nn.Parameter(torch.randn(n_persistent, d_model) * d_model ** -0.5)
         self.persistent._no_weight_decay = True
 
