@@ -137,7 +137,7 @@ def mac_variants(s: Scale) -> dict[str, tuple[str, dict[str, Any], dict[str, Any
     The base task puts the needle one segment back: training sequences of two segments, so at 1x the needle
     sits in the first segment and the query in the second, and at 2x / 4x it is 3 / 7 segments back.
     """
-    base = {"n_heads": 2, "n_persistent": 4, "segment": s.mac_segment}
+    base = {"n_heads": 2, "n_persistent": 4, "segment": s.mac_segment, "memory_input": "attention"}
     res = {**base, "memory_input": "residual"}
     mag = {"n_heads": 2, "n_persistent": 4, "window": s.mac_segment}
     return {

@@ -18,7 +18,7 @@ TOL = 1e-5
 SMALL = {
     "titans_mac": {"segment": 4, "n_persistent": 3, "memory": {"chunk_size": 3, "mem_expansion": 2}},
     "titans_mac_linear": {"segment": 5, "n_persistent": 2, "memory": {"mem_depth": 1, "chunk_size": 2}},
-    "titans_mac_residual": {"segment": 4, "n_persistent": 2, "memory_input": "residual", "memory": {"chunk_size": 3}},
+    "titans_mac_attention": {"segment": 4, "n_persistent": 2, "memory_input": "attention", "memory": {"chunk_size": 3}},
     "titans_mag": {"window": 5, "n_persistent": 3, "prime_memory": True, "memory": {"chunk_size": 4}},
     "titans_mal": {"window": 4, "n_persistent": 2, "prime_memory": True, "memory": {"mem_depth": 1, "chunk_size": 3}},
     "titans_mal_plain": {"window": 4, "n_persistent": 2, "memory": {"chunk_size": 3}},
@@ -128,8 +128,8 @@ def mac_reference(layer, x):
     return torch.cat(outs, 1), state
 
 
-@pytest.mark.parametrize("opts", [SMALL["titans_mac"], SMALL["titans_mac_linear"], SMALL["titans_mac_residual"]],
-                         ids=["mlp", "linear", "residual"])
+@pytest.mark.parametrize("opts", [SMALL["titans_mac"], SMALL["titans_mac_linear"], SMALL["titans_mac_attention"]],
+                         ids=["mlp", "linear", "attention"])
 def test_mac_matches_dense_mask_reference(opts):
     layer, x = make("titans_mac", opts), seq(T=13, seed=5)
     y_ref, mem_ref = mac_reference(layer, x)

@@ -5,8 +5,11 @@ The sequence is cut into segments S^(t) of C tokens; per segment, with M_{t-1} t
 
     1. h_t = M*_{t-1}(q_t),  q_t = S^(t) W_Q                     (read only, no update)
     2. y_t = Attn([P || h_t || S^(t)])                            (queries: the segment tokens)
-    3. M_t = write(M_{t-1}; y_t)                                  (the memory learns from the attention output)
-    4. o_t = RMSNorm(y_t) * sigmoid(RMSNorm(M*_t(y_t)))            (token-level read after each token's own write)
+    3. M_t = write(M_{t-1}; u_t),  u_t = x_t + y_t                (the memory learns from the attention output)
+    4. o_t = RMSNorm(y_t) * sigmoid(RMSNorm(M*_t(u_t)))            (token-level read after each token's own write)
+
+u_t is the residual stream after the attention (``memory_input="residual"``); eq 24 read literally writes the bare
+y_t (``memory_input="attention"``), which at small scale never learned to recall across segments (docs/titans.md).
 
 Mask: P is visible to every query; segment token j sees h_i and x_i of its segment for i <= j.  h_i is computed
 from token i's query, so a fully visible h block would leak future tokens into the past (and could not be decoded);
@@ -40,10 +43,11 @@ MEMORY_INPUTS = ("attention", "residual")
 class TitansMACConfig(TitansHybridConfig):
     # C: tokens per segment (paper: 512); the attention span is N_p + 2 C keys at most.
     segment: int = 512
-    # What step 3 writes to the memory (and step 4 reads it with): "attention", the attention output y_t (eq 24 as
-    # written), or "residual", x_t + y_t (the residual stream after the attention, as a block feeding the next
-    # module sees it).
-    memory_input: str = "attention"
+    # What step 3 writes to the memory (and step 4 reads it with): "residual", x_t + y_t (the residual stream after
+    # the attention), or "attention", the bare attention output y_t (eq 24 read literally).  A 2-layer MAC trained
+    # on the passkey with "attention" never learned to recall across a segment (exact match 0.00), with "residual"
+    # it reached 1.00 at twice the training length: docs/titans.md.
+    memory_input: str = "residual"
 
     def __post_init__(self) -> None:
         super().__post_init__()
