@@ -54,7 +54,9 @@ def niah_claim(model: str) -> Claim:
 
 def mac_claim(variant: str) -> Claim:
     """Target of the MAC study: the paper's >= 98 % passkey, asked here as >= 0.9 EM at 2x."""
-    return Claim("Titans Tab. 2 PK: MAC 99.2/98.8/99.0/98.4 %", _at_least(0.9))
+    if variant.startswith("control-mag"):
+        return Claim(f"Titans Tab. 2 PK: {_TITANS_PK['titans_mag']} %", _at_least(0.9))
+    return Claim(f"Titans Tab. 2 PK: {_TITANS_PK['titans_mac']} %", _at_least(0.9))
 
 
 # Zoology Fig. 2 (read off the figure, spec eval.md): attention ~1.00 at every width and (T, kv).

@@ -69,8 +69,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+Series = list[tuple[str, list[int], list[float | None]]]
+
+
 def _length_table(runs: list[Run], res: dict[str, dict | None], label: Callable[[Run], str],
-                  claim_of: Callable[[Run], Claim], label_name: str = "model") -> tuple[list[str], list[tuple[str, list[int], list[float | None]]]]:
+                  claim_of: Callable[[Run], Claim], label_name: str = "model") -> tuple[list[str], Series]:
     """Rows of exact match at 1x/2x/4x the training length, one per label; also the plotted series."""
     rows, series = [], []
     for name, group in _group(runs, label).items():
@@ -90,7 +93,7 @@ def _length_table(runs: list[Run], res: dict[str, dict | None], label: Callable[
     return _table(header, rows), series
 
 
-def _plot_lengths(series: list[tuple[str, list[int], list[float | None]]], path: Path, title: str) -> Path | None:
+def _plot_lengths(series: Series, path: Path, title: str) -> Path | None:
     pts = [(n, [T / lens[0] for T in lens], m) for n, lens, m in series if any(v is not None for v in m)]
     if not pts:
         return None
