@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-early-stop", action="store_true")
     g.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 autocast on CUDA")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--yes", action="store_true", help="start even when the estimated time exceeds an hour")
     g = p.add_argument_group("text_niah")
     g.add_argument("--checkpoint", type=Path, help="memzoo-train run or checkpoint directory")
     g.add_argument("--lengths", type=_ints, help="context lengths in tokens, generation included")
@@ -278,6 +279,23 @@ def run_and_save(cfg: BenchConfig, out: str | Path, *, device: str = "cpu", run_
     return {**payload, "paths": paths}
 
 
+def _confirm_size(cfg: BenchConfig, device: str, yes: bool) -> bool:
+    """Print the run count and the ETA; False (with how to shrink the sweep) when it exceeds an hour without --yes."""
+    from .estimate import HOUR, estimate_sweep, format_seconds
+
+    est = estimate_sweep(cfg, device)
+    grid = (f"{len(cfg.models)} models x {len(cfg.d_models)} widths x {len(cfg.data)} data x {len(cfg.lrs)} lrs x "
+            f"{len(cfg.seeds)} seeds")
+    print(f"memzoo-bench: {est['runs']} runs ({grid}), at most {est['steps']:,} training steps; estimated at most "
+          f"{format_seconds(est['seconds'])} on {device} (early stopping often ends runs sooner)", flush=True)
+    if est["seconds"] <= HOUR or yes:
+        return True
+    print(f"memzoo-bench: error: this sweep would take more than an hour on {device}; pass --yes to start it, or "
+          "shrink it: fewer --model, --d-model, --seq-len/--kv, --lr/--lr-sweep or --seeds values, --max-steps N, "
+          "or a small preset (--preset ci)", file=sys.stderr)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["memorize"]:
@@ -314,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         device = _device(args.device)
     except (ValueError, TypeError, OSError) as e:
         print(f"memzoo-bench: error: {e}", file=sys.stderr)
+        return 2
+    if not _confirm_size(cfg, device, args.yes):
         return 2
     run_and_save(cfg, args.out, device=device, run_name=args.run_name, plots=not args.no_plots,
                  progress=not args.no_progress, cache=not args.no_cache)

@@ -29,7 +29,8 @@ from torch import Tensor
 from .config import BenchConfig, DataSpec, ModelSpec, TrainConfig
 from .tasks import IGNORE, TASKS, TaskData, make_task
 
-__all__ = ["segment_seed", "load_segment", "evaluate", "slice_metrics", "train_one", "run_bench", "mark_best"]
+__all__ = ["segment_seed", "load_segment", "evaluate", "slice_metrics", "train_step", "train_one", "run_bench",
+           "mark_best", "steps_per_epoch"]
 
 _HALF = 2**31
 
@@ -154,6 +155,33 @@ def _epoch_batches(sizes: list[int], batch_size: int, gen: torch.Generator) -> l
     return [batches[i] for i in order]
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], x: Tensor, y: Tensor,
+               train: TrainConfig, device: torch.device) -> float:
+    """One optimizer step on the batch ``x`` -> ``y`` (``[B, T]`` token ids); returns the loss."""
+    with _autocast(device, train.precision):
+        out = model(x)
+    loss = _loss(out.logits, y)
+    if out.aux_losses:
+        loss = loss + sum(out.aux_losses.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if train.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def trainable(model: torch.nn.Module) -> list[Tensor]:
+    """The parameters the optimizer updates: a wrapper over a frozen backbone (LongMem) trains only its own."""
+    return list(model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters())
+
+
+def steps_per_epoch(data: DataSpec, train: TrainConfig) -> int:
+    """Optimizer steps in one epoch over ``data`` (segments never share a batch)."""
+    batch_size = data.batch_size or train.batch_size
+    return sum(math.ceil(c.num_examples / batch_size) for c in data.train)
+
+
 def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: int, train: TrainConfig, *,
               task: str, device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
               progress: bool = True, desc: str = "") -> dict[str, Any]:
@@ -175,14 +203,12 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
 
     torch.manual_seed(seed)
     model = spec.build(data.vocab_size, d_model).to(device)
-    # A wrapper over a frozen backbone (LongMem) trains only its own parameters.
-    params = list(model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters())
+    params = trainable(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     sizes = [d.inputs.shape[0] for d in train_sets]
     batch_size = data.batch_size or train.batch_size
-    steps_per_epoch = sum(math.ceil(n / batch_size) for n in sizes)
-    total = steps_per_epoch * train.epochs
+    total = steps_per_epoch(data, train) * train.epochs
     if train.max_steps is not None:
         total = min(total, train.max_steps)
 
@@ -202,17 +228,7 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
                     group["lr"] = epoch_lr * warm
                 x = train_sets[seg].inputs[idx].to(device)
                 y = train_sets[seg].labels[idx].to(device)
-                with _autocast(device, train.precision):
-                    out = model(x)
-                loss = _loss(out.logits, y)
-                if out.aux_losses:
-                    loss = loss + sum(out.aux_losses.values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if train.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-                opt.step()
-                losses.append(loss.item())
+                losses.append(train_step(model, opt, params, x, y, train, device))
                 step += 1
                 bar.update(1)
                 if step >= total:

@@ -65,6 +65,8 @@ def test_cli_mqar_ci_learns_and_writes_everything(tmp_path):
     assert [p.name.split("_", 1)[1] for p in plots] == ["acc_vs_dmodel.png", "acc_vs_state.png"]
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in plots)
     assert "best-of-sweep attention" in proc.stdout
+    assert "memzoo-bench: 1 runs (1 models x 1 widths x 1 data x 1 lrs x 1 seeds), at most 750 training steps" \
+        in proc.stdout
 
 
 def _short(task, **train):
