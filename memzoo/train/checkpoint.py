@@ -16,8 +16,10 @@ torch and safetensors: no Accelerate, no transformers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -182,11 +184,47 @@ def clean_stale(out_dir: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+class _TiedWeightsFilter(logging.Filter):
+    """Drops Accelerate's "Removed shared tensor {...} while saving" when every name is a tied parameter the model
+    declares (``lm_head.weight`` tied to the embedding): loading ties them again, so nothing is lost."""
+
+    def __init__(self, tied: set[str]):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Under a process group Accelerate prefixes the rank: "[RANK 0] Removed shared tensor ...".
+        _, found, rest = record.getMessage().partition("Removed shared tensor {")
+        if not found:
+            return True
+        names = set(re.findall(r"'([^']+)'", rest.split("}", 1)[0]))
+        return not (names and names <= self.tied)
+
+
+@contextlib.contextmanager
+def quiet_tied_weights(model: torch.nn.Module | None):
+    """While saving ``model`` (unwrapped), silence Accelerate's warning about its declared tied parameters only."""
+    seen: set[int] = set()
+    tied: set[str] = set()
+    for name, p in (model.named_parameters(remove_duplicate=False) if model is not None else ()):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    log_filter = _TiedWeightsFilter(tied)
+    logger = logging.getLogger("accelerate.utils.other")
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
 def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, keep: int,
-                    carried_state: Any = None) -> Path:
+                    carried_state: Any = None, model: torch.nn.Module | None = None) -> Path:
     """Save everything needed to resume at ``state.step``, atomically; keep the newest ``keep``.
 
-    ``carried_state`` (stream packing) differs per rank, so each rank writes its own leaves.
+    ``carried_state`` (stream packing) differs per rank, so each rank writes its own leaves.  ``model`` (the
+    unwrapped model) names the tied parameters whose removal from the saved state needs no warning.
     """
     root = Path(out_dir, "checkpoints")
     final = root / f"checkpoint_{state.step}"
@@ -195,7 +233,8 @@ def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, ke
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with quiet_tied_weights(model):
+        accelerator.save_state(str(tmp))
     if carried_state is not None:
         leaves = [t.detach().cpu() for t in state_leaves(carried_state)]
         objects = [_object_payload(o) for o in state_objects(carried_state)]

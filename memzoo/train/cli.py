@@ -12,14 +12,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError, TrainConfig, resolve_config, train_presets
+from .config import ConfigError, TrainConfig, check_paths, resolve_config, train_presets
 from .data import DECODE_ERRORS
 
-__all__ = ["main", "prepare_main", "parse_train_args"]
+__all__ = ["main", "prepare_main", "parse_train_args", "check_launch"]
 
 _ALIASES = {"--resume": "ckpt.resume", "--out-dir": "out_dir", "--out_dir": "out_dir"}
 
@@ -67,6 +68,24 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
                 raise ConfigError(f"empty option {arg!r}")
             overrides[dotted] = value
     return resolve_config(preset, file, overrides), print_only
+
+
+def check_launch() -> None:
+    """Under ``accelerate launch`` (or torchrun) asking for more GPU processes than this machine has GPUs, refuse
+    before any work: each process would otherwise train alone on the CPU, all writing one output folder."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return
+    gpus = torch.cuda.device_count()
+    if gpus < local:
+        raise ConfigError(
+            f"launched as {world} processes ({local} on this machine), but this machine has "
+            f"{gpus or 'no'} GPU{'s' if gpus != 1 else ''}: each process would train alone on "
+            f"{'the CPU' if not gpus else 'a shared GPU'}. Run `python -m memzoo.train ...` without accelerate launch "
+            f"on a CPU, or pass --num_processes {max(gpus, 1)} (or a launch config for {gpus or 'no'} GPUs)")
 
 
 def _is_number(text: str) -> bool:
@@ -134,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     try:
+        check_launch()
         cfg, print_only = parse_train_args(argv)
+        check_paths(cfg)
         print(cfg.to_json())
         if print_only:
             return 0
@@ -142,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         train(cfg)
     except ConfigError as e:
-        print(f"memzoo-train: error: {e}", file=sys.stderr)
+        # Under a launcher every process fails alike; one message is enough.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"memzoo-train: error: {e}", file=sys.stderr)
         return 2
     return 0

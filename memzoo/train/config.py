@@ -17,6 +17,7 @@ import difflib
 import functools
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -30,12 +31,12 @@ from ..models.presets import get_preset as get_model_preset
 from ..models.registry import unknown_name
 from ..models.wrappers.hmt import HMTConfig
 from ..models.wrappers.longmem import LongMemConfig
-from .data import DECODE_ERRORS
+from .data import DECODE_ERRORS, source_files
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "SchedConfig", "LoopConfig", "CheckpointConfig", "LogConfig",
     "LongMemTrainConfig", "TrainConfig", "train_presets", "resolve_config", "validate_config", "split_multiple_of",
-    "apply_longmem_backbone",
+    "apply_longmem_backbone", "check_paths",
 ]
 
 PACK_MODES = ("block", "varlen", "stream")
@@ -651,3 +652,27 @@ def validate_config(cfg: TrainConfig) -> None:
         need(d.tokenizer == "byte" or d.tokenizer.startswith("bpe:"),
              f"longmem: data.tokenizer {d.tokenizer!r} would train a new tokenizer; the frozen backbone needs its "
              "own: use 'byte' or 'bpe:<backbone>/tokenizer.json'")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The files a run reads and the folder it writes, checked before anything is built, printed or created."""
+    d = cfg.data
+    if d.source.startswith("file:") and not source_files(d.source):
+        raise ConfigError(f"data.source {d.source!r} matches no files")
+    if d.source.startswith("prepared:"):
+        folder = Path(d.source.removeprefix("prepared:")).expanduser()
+        if not (folder / "meta.json").is_file():
+            raise ConfigError(f"data.source {d.source!r}: {str(folder)!r} holds no meta.json (write it with "
+                              f"memzoo-prepare --out {folder})")
+    if d.tokenizer.startswith("bpe:") and not Path(d.tokenizer.removeprefix("bpe:")).expanduser().exists():
+        raise ConfigError(f"data.tokenizer {d.tokenizer!r}: no such file or folder")
+    init_from = cfg.hmt.init_from if cfg.hmt is not None and cfg.ckpt.resume == "none" else None
+    if init_from and not Path(init_from).is_file():
+        raise ConfigError(f"hmt.init_from {init_from!r}: no such file (train the previous stage first)")
+    out = Path(cfg.out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {str(out)!r} exists and is not a folder")
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {str(out)!r}: {str(parent)!r} is not writable")
+    apply_longmem_backbone(cfg, required=True)

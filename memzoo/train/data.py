@@ -246,6 +246,11 @@ class _Decoder:
                           stacklevel=3)
 
 
+def source_files(source: str) -> list[str]:
+    """The files a ``file:GLOB`` source matches, sorted (``~`` expanded, ``**`` recursive)."""
+    return sorted(glob.glob(os.path.expanduser(source.removeprefix("file:")), recursive=True))
+
+
 def iter_documents(source: str, text_field: str = "text", errors: str = "replace") -> Iterator[str]:
     """The documents of ``source`` (see ``DataConfig.source``) as strings, in a fixed order.
 
@@ -265,7 +270,7 @@ def iter_documents(source: str, text_field: str = "text", errors: str = "replace
             if text is not None:
                 yield text
     elif source.startswith("file:"):
-        files = sorted(glob.glob(os.path.expanduser(source[5:]), recursive=True))
+        files = source_files(source)
         if not files:
             raise FileNotFoundError(f"data.source {source!r} matches no files")
         tabular = [f for f in files if f.endswith((".jsonl", ".json", ".parquet"))]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from .checkpoint import (
     state_objects,
     verify_checkpoint,
 )
-from .config import ConfigError, SchedConfig, TrainConfig, apply_longmem_backbone, validate_config
+from .config import ConfigError, SchedConfig, TrainConfig, apply_longmem_backbone, check_paths, validate_config
 from .data import (
     IGNORE_INDEX,
     Batch,
@@ -235,6 +236,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # LongMem: the model section is the frozen backbone's config; a missing backbone folder fails here.
     cfg = apply_longmem_backbone(cfg, required=True)
     validate_config(cfg)
+    check_paths(cfg)
     # Accelerate keeps its settings in process-wide singletons; a second train() in one process (tests,
     # notebooks) must not inherit the first one's precision or accumulation.  The process group
     # (PartialState) is kept.
@@ -253,6 +255,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     say = acc.print
     world, rank = acc.num_processes, acc.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise ConfigError(f"launched as {launched} processes, but Accelerate formed a group of {world} on "
+                          f"{acc.device}: every process would train alone and write {str(out)!r}; check the launch "
+                          "config against this machine's devices")
     set_seed(t.seed)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -318,6 +325,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                dynamic_ncols=True, desc="train")
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     last_val: float | None = None
+
+    def note(line: str) -> None:
+        # Under the progress bar when it shows, else a plain line.
+        if bar.disable:
+            say(line)
+        else:
+            bar.write(line)
+
     train_loss: float | None = None
     saved_at = state.step if resume is not None else -1
     if state.step < max_steps:
@@ -396,22 +411,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             say(f"step {state.step}: non-finite loss {local_loss}")
 
         if (cfg.log.eval_every and state.step % cfg.log.eval_every == 0) or last:
+            if last:
+                note(f"step {state.step}: final evaluation ({cfg.log.eval_iters} val batches)")
             last_val = evaluate(model, val_packer, cfg, acc, lm)
             acc.log({"loss/val": last_val, "ppl/val": math.exp(min(last_val, 50.0))}, step=state.step)
-            line = f"step {state.step}: val loss {last_val:.4f}, ppl {math.exp(min(last_val, 50.0)):.2f}"
-            if bar.disable:
-                say(line)
-            else:
-                bar.write(line)
+            note(f"step {state.step}: val loss {last_val:.4f}, ppl {math.exp(min(last_val, 50.0)):.2f}")
             model.train()
         if (cfg.ckpt.every and state.step % cfg.ckpt.every == 0) or last:
-            save_checkpoint(acc, out, state, cfg.ckpt.keep, carried)
+            if last:
+                note(f"step {state.step}: saving the checkpoint")
+            save_checkpoint(acc, out, state, cfg.ckpt.keep, carried, lm)
             saved_at = state.step
     bar.close()
 
     if saved_at != state.step:
-        save_checkpoint(acc, out, state, cfg.ckpt.keep, carried)
+        say(f"step {state.step}: saving the checkpoint")
+        save_checkpoint(acc, out, state, cfg.ckpt.keep, carried, lm)
     final = None
+    if cfg.ckpt.export_safetensors:
+        say(f"exporting the model to {out / 'final'}")
     if cfg.ckpt.export_safetensors and longmem_info is not None:
         from .longmem_io import export_longmem
 
@@ -420,12 +438,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         final = export_model(acc, model, cfg.model, out / "final", tok)
     acc.end_training()
     ckpt = latest_checkpoint(out)
-    say(f"done: step {state.step}, train loss {train_loss}, val loss {last_val}\n"
+    say(f"done: step {state.step}, train loss {_rounded(train_loss)}, val loss {_rounded(last_val)}\n"
         f"  checkpoint: {ckpt}\n  metrics:    {out / 'metrics.jsonl'}\n  model:      {final}  "
         f"(memzoo.from_pretrained)")
     return {"step": state.step, "train_loss": train_loss, "val_loss": last_val, "out_dir": str(out),
             "checkpoint": str(ckpt) if ckpt else None, "final": str(final) if final else None,
             "skipped_steps": state.skipped_steps, "tokens_seen": state.tokens_seen}
+
+
+def _rounded(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 def _saved_step(checkpoint: Path) -> int:
