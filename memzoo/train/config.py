@@ -667,8 +667,8 @@ def check_paths(cfg: TrainConfig) -> None:
     if d.tokenizer.startswith("bpe:") and not Path(d.tokenizer.removeprefix("bpe:")).expanduser().exists():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r}: no such file or folder")
     init_from = cfg.hmt.init_from if cfg.hmt is not None and cfg.ckpt.resume == "none" else None
-    if init_from and not Path(init_from).is_file():
-        raise ConfigError(f"hmt.init_from {init_from!r}: no such file (train the previous stage first)")
+    if init_from and not Path(init_from).exists():
+        raise ConfigError(f"hmt.init_from {init_from!r}: no such file or folder (train the previous stage first)")
     out = Path(cfg.out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} exists and is not a folder")
