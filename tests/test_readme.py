@@ -26,3 +26,52 @@ def test_readme_status_table_names_every_mixer():
         assert f"`{name}`" in table and f"`{cls.__name__}`" in table, name
     for wrapper in ("HMT", "LongMem", "DiscreteKVBottleneck"):
         assert f"`{wrapper}`" in table, wrapper
+
+
+def _commands() -> list[list[str]]:
+    """The memzoo command lines of the README's bash blocks (comments dropped, continuations joined)."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[:2] == ["accelerate", "launch"] or "memzoo" in " ".join(argv[:3]):
+                commands.append(argv)
+    return commands
+
+
+COMMANDS = _commands()
+
+
+def test_readme_has_commands():
+    assert any(c[:3] == ["python", "-m", "memzoo.train"] for c in COMMANDS)
+    assert any(c[:1] == ["memzoo-bench"] for c in COMMANDS) and any(c[:1] == ["accelerate"] for c in COMMANDS)
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
+def test_readme_commands_parse(argv):
+    """Every memzoo-train / memzoo-bench command resolves to a valid config (presets, keys, values, grids), and
+    every launch config it names exists; nothing is trained."""
+    from memzoo.eval.cli import _parser, build_config
+    from memzoo.train.cli import parse_train_args
+
+    if argv[:2] == ["accelerate", "launch"]:
+        config = argv[argv.index("--config_file") + 1]
+        assert (README.parent / config).is_file(), config
+        argv = ["python", *argv[argv.index("-m"):]]
+    if argv[0] == "python":
+        argv = argv[1:]
+    tool, args = ({"memzoo-train": "memzoo.train", "memzoo-bench": "memzoo.eval"}.get(argv[0]), argv[1:]) \
+        if not argv[0].startswith("-") else (argv[1], argv[2:])
+    if tool == "memzoo.train" and args[:1] not in (["plot"], ["presets"]):
+        parse_train_args(args)
+    elif tool == "memzoo.eval" and args[:1] != ["memorize"]:
+        build_config(_parser().parse_args(args))
+    else:
+        assert tool in ("memzoo", "memzoo.train", "memzoo.eval", "memzoo.kernels.aot"), argv
+
+
+def test_readme_links_exist():
+    for target in re.findall(r"\]\(((?:docs|examples|benchmarks)/[^)#]+)", README.read_text()):
+        assert (README.parent / target).exists(), target
