@@ -85,7 +85,27 @@ def test_linear_chunk_equals_step_fp64(channel, b, T):
 def test_mlp_chunk_equals_step_fp64(b, T):
     xs, state = mlp_inputs(T=T)
     start_pos = torch.tensor([0, min(2, b - 1)])
-    compare_with_grads(titans_mlp_step_ref, titans_mlp_chunk_ref, xs, state, 1e-10, start_pos, b)
+    compare_with_grads(titans_mlp_step_ref, titans_mlp_chunk_ref, xs, state, 1e-12, start_pos, b)
+
+
+def _mlp_in_two_calls(split):
+    """The chunked MLP form over [0, split) then [split, T), the state (and chunk position) carried across."""
+
+    def run(*args):
+        *xs, state, start_pos, b, cu = args
+        y1, mid = titans_mlp_chunk_ref(*(x[:, :split] for x in xs), state, start_pos, b, cu)
+        y2, end = titans_mlp_chunk_ref(*(x[:, split:] for x in xs), mid, (start_pos + split) % b, b, cu)
+        return torch.cat((y1, y2), 1), end
+
+    return run
+
+
+@pytest.mark.parametrize("split", range(1, 11))
+def test_mlp_split_anywhere_equals_token_loop(split):
+    """Every split point of T = 11 tokens (chunk 4, rows starting at offsets 0 and 3): outputs, final states and
+    every gradient through the carried state equal the token loop over the whole sequence."""
+    xs, state = mlp_inputs(T=11)
+    compare_with_grads(_mlp_in_two_calls(split), titans_mlp_step_ref, xs, state, 1e-12, torch.tensor([0, 3]), 4)
 
 
 def test_linear_gradcheck_tiny():

@@ -72,7 +72,20 @@ def test_mlp_chunk_equals_step(name, b, T):
     xs, state = mlp_inputs(T=T)
     start_pos = torch.tensor([0, min(2, b - 1)])
     compare_with_grads(with_miras(titans_mlp_chunk_ref, miras), with_miras(titans_mlp_step_ref, miras),
-                       xs, state, 1e-10, start_pos, b)
+                       xs, state, 1e-12, start_pos, b)
+
+
+@pytest.mark.parametrize("name", ["l2", "lp3_lq3", "huber"])
+def test_mlp_varlen_chunk_equals_step(name):
+    """Packed rows that stop inside their first chunk, are empty, end on a chunk boundary and run past several
+    chunks: the returned gradient base differs per row, and every gradient flows through it."""
+    miras = MLP_VARIANTS.get(name, MIRAS_L2)
+    xs, state = mlp_inputs(B=1, T=19)
+    state = tuple(torch.cat((s, 0.5 * s, s.flip(-1), -s)) for s in state)
+    cu = torch.tensor([0, 2, 2, 8, 19])
+    start_pos = torch.tensor([1, 0, 2, 3])
+    compare_with_grads(with_miras(titans_mlp_chunk_ref, miras), with_miras(titans_mlp_step_ref, miras),
+                       xs, state, 1e-12, start_pos, 4, cu)
 
 
 def run_linear(xs, state, b=4, miras=MIRAS_L2):

@@ -24,9 +24,9 @@ from .reference import (
     Miras,
     titans_linear_chunk_ref,
     titans_linear_step_ref,
-    titans_mlp_chunk_ref,
     titans_mlp_step_ref,
 )
+from .mlp_chunk import titans_mlp_chunk_ref
 
 __all__ = [
     "Miras", "MIRAS_L2", "titans_linear", "titans_mlp", "titans_linear_chunk_ref", "titans_linear_step_ref",

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..utils import seq_boundaries
 
 __all__ = [
-    "titans_linear_step_ref", "titans_linear_chunk_ref", "titans_mlp_step_ref", "titans_mlp_chunk_ref",
+    "titans_linear_step_ref", "titans_linear_chunk_ref", "titans_mlp_step_ref",
     "layer_norm", "layer_norm_backward", "Miras", "MIRAS_L2",
 ]
 
@@ -103,6 +103,15 @@ class Miras:
         if self.error_map == "huber":
             return r.clamp(-self.huber_delta, self.huber_delta)
         return r
+
+    def error_grad(self, r: Tensor) -> Tensor:
+        """psi'(r), coordinate-wise (the chunked form's hand-written backward needs it)."""
+        if self.error_map == "lp":
+            r2 = r * r
+            return self.p * (r2 + self.lp_eps).pow((self.p - 4) / 2) * ((self.p - 1) * r2 + self.lp_eps)
+        if self.error_map == "huber":
+            return (r.abs() <= self.huber_delta).to(r.dtype)
+        return torch.ones_like(r)
 
     def retain(self, w: Tensor) -> Tensor:
         """The chunk-boundary retention of one weight matrix ``[..., rows, cols]``."""
@@ -375,55 +384,3 @@ def _retain_completed(miras: Miras, w: Tensor, next_chunk: Tensor, c: int) -> Te
     """Retention for the rows whose chunk ``c`` ended (their next token lies in a later chunk); a row that stops
     inside chunk c (or before it) crossed no boundary and keeps its weights."""
     return torch.where((next_chunk > c).view(-1, 1, 1, 1), miras.retain(w), w)
-
-
-def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor,
-                         log_gamma: Tensor, initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int,
-                         cu_seqlens: Tensor | None = None, *,
-                         miras: Miras = MIRAS_L2) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The chunked dual form of the MLP memory (titans.md §2); arguments as ``titans_mlp_step_ref``.
-
-    Per chunk: one MLP forward/backward on the b keys at the base weights gives the rows G_z, G_h; with
-    G^(m) = Lam N^(m) (one per matrix),
-
-        H_q = beta Q A2_0 + f Q S2_0 - (G^(2) * QK^T) G_h,    A_q = gelu(H_q)
-        Z_q = beta A_q A1_0 + f A_q S1_0 - (G^(1) * A_q A^T) G_z,    y = q + LN(Z_q)
-
-    and the chunk-end weights and momenta are the same sums at row b.  A Miras error map replaces the residual in
-    the base backward (G_z, G_h); an "lq" retention maps A1 and A2 at every completed chunk.
-    """
-    if miras.retention == "kl":
-        raise ValueError("retention='kl' is defined for the linear memory only")
-    acc = _acc(q)
-    B, T = q.shape[:2]
-    xs = tuple(x.to(acc) for x in (q, k, v, theta1, theta2, log_eta, log_gamma[..., None]))
-    (q, k, v, th1, th2, log_eta, lg), valid, next_chunk, where = _to_grid(xs, start_pos, chunk_size, cu_seqlens)
-    lam, eta_prod, m, beta = _coefficients(log_eta, lg, valid)
-    lam = lam[..., 0]  # [N, H, NC, b, b]; beta is [N, H, NC, b, 1]
-    nm1, nm2 = eta_prod * th1[..., None, :], eta_prod * th2[..., None, :]
-    f = lam @ m[..., None]  # [N, H, NC, b, 1]
-    g1, g2 = lam @ nm1, lam @ nm2
-    qk = g2 * (q @ k.transpose(-1, -2))
-    b1, a1, s1, b2, a2, s2 = (x.to(acc) for x in initial_state)
-    nb1, nb2 = b1, b2
-    ys = []
-    chunks = zip(*(x.unbind(2) for x in (q, k, v, qk, g1, g2, nm1, nm2, beta, f, m)))
-    for c, (q_c, k_c, v_c, qk_c, g1_c, g2_c, n1_c, n2_c, be_c, f_c, m_c) in enumerate(chunks):
-        act, g_z, g_h = mlp_inner_grads(k_c, v_c, b1, b2, miras)
-        a_q = F.gelu(be_c * (q_c @ a2) + f_c * (q_c @ s2) - qk_c @ g_h)
-        z_q = be_c * (a_q @ a1) + f_c * (a_q @ s1) - (g1_c * (a_q @ act.transpose(-1, -2))) @ g_z
-        ys.append(q_c + layer_norm(z_q))
-        bb, fb, mb = be_c[..., -1, :, None], f_c[..., -1, :, None], m_c[..., -1, None, None]
-        a1, s1, a2, s2 = (
-            bb * a1 + fb * s1 - (act * g1_c[..., -1, :, None]).transpose(-1, -2) @ g_z,
-            mb * s1 - (act * n1_c[..., -1, :, None]).transpose(-1, -2) @ g_z,
-            bb * a2 + fb * s2 - (k_c * g2_c[..., -1, :, None]).transpose(-1, -2) @ g_h,
-            mb * s2 - (k_c * n2_c[..., -1, :, None]).transpose(-1, -2) @ g_h,
-        )
-        if miras.retention != "l2":
-            a1, a2 = _retain_completed(miras, a1, next_chunk, c), _retain_completed(miras, a2, next_chunk, c)
-        b1, b2 = a1, a2
-        hit = (next_chunk == c + 1).view(-1, 1, 1, 1)
-        nb1, nb2 = torch.where(hit, a1, nb1), torch.where(hit, a2, nb2)
-    y = _from_grid(torch.stack(ys, 2), where, B, T)
-    return y, (nb1, a1, s1, nb2, a2, s2)
