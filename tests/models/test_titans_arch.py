@@ -14,6 +14,9 @@ from memzoo.testing import assert_close, assert_states_close
 
 D = 32
 TOL = 1e-5
+# States after a decode loop: the MLP memory's momentum (built from cancelling updates) carries ~2e-5 relative fp32
+# rounding against a float64 run on the decode and on the parallel path alike, so the two are compared at that level.
+STATE_TOL = 5e-5
 
 SMALL = {
     "titans_mac": {"segment": 4, "n_persistent": 3, "memory": {"chunk_size": 3, "mem_expansion": 2}},
@@ -51,7 +54,7 @@ def test_prefill_then_decode_equals_forward(name, opts, prefill):
         y_t, state = layer.step(x[:, t], state)
         ys.append(y_t[:, None])
     assert_close(torch.cat(ys, 1), y_full, TOL, "prefill + decode")
-    assert_states_close(state, s_full, TOL, "decode state")
+    assert_states_close(state, s_full, STATE_TOL, "decode state")
 
 
 @pytest.mark.parametrize("name,opts", [c for c in CASES if "mac" in c.id])
