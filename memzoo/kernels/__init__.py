@@ -2,8 +2,9 @@
 
 Each op folder holds ``reference.py`` (plain PyTorch: a per-step recurrence that reads like the
 paper, plus a chunked form that is the fast CPU path), ``triton_*.py`` (kernels -> launcher ->
-``torch.autograd.Function`` -> public function) and an ``__init__.py`` that dispatches with
-``resolve_impl``.  Op signatures follow flash-linear-attention so users can swap:
+``torch.library`` custom ops -> public function) and an ``__init__.py`` that dispatches with
+``dispatch``: one rule for every op (path, env override, chunk option, T = 0, a debug log line).
+The recurrence ops' signatures follow flash-linear-attention so users can swap:
 ``(q, k, v, *gates, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None)
 -> (o, final_state)`` with inputs ``[B, T, H, K]`` and an fp32 state ``[N, H, K, V]``.
 """
@@ -11,16 +12,25 @@ paper, plus a chunked form that is the fast CPU path), ``triton_*.py`` (kernels 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
+import torch
 from torch import Tensor
 
-__all__ = ["IMPLS", "IMPL_ENV_VAR", "check_chunk_options", "resolve_impl", "triton_available"]
+__all__ = ["IMPLS", "IMPL_ENV_VAR", "EMPTY", "check_chunk_options", "dispatch", "resolve_impl", "triton_available",
+           "with_empty_grads"]
 
 IMPLS = ("auto", "triton", "ref")
 # Users force a path everywhere (e.g. "ref" while debugging) without touching code.
 IMPL_ENV_VAR = "MEMZOO_KERNEL_IMPL"
 
+
+# The path ``dispatch`` returns for a call with no tokens: the op returns empty outputs without running a kernel.
+EMPTY = "empty"
+
+_log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
 
 # Looked up once at import without importing Triton (slow), so torch.compile sees a constant.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -65,3 +75,46 @@ def check_chunk_options(chunk_size: int, impl: str, *, max_chunk: int | None = N
         raise ValueError(f"chunk_size must be a power of two >= 16{upper}, got {chunk_size}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def dispatch(op: str, impl: str, x: Tensor, *, tokens: int, chunk_size: int | None = None,
+             max_chunk: int | None = None, triton: bool = True, auto_ref: bool = False) -> str:
+    """The one dispatch rule of every op: ``"triton"``, ``"ref"`` or ``EMPTY`` for a call on inputs like ``x``.
+
+    Args:
+        op: the op's name, for the log line.
+        impl: ``"auto"`` | ``"triton"`` | ``"ref"``; ``$MEMZOO_KERNEL_IMPL`` overrides ``"auto"`` (``resolve_impl``).
+        x: an input of the call: its device decides ``"auto"``.
+        tokens: the length of the sequence axis; 0 gives ``EMPTY`` (after every check), and the op returns empty
+            outputs whose gradients have the inputs' shapes (``with_empty_grads``), states passed through.
+        chunk_size: the op's chunk (tile) length, checked on every path, so a config that runs on the CPU
+            reference also runs on the GPU: a power of two >= 16, at most ``max_chunk`` when given.
+        triton: False when no Triton kernel covers these inputs: the reference runs whatever ``impl`` says.
+        auto_ref: the kernel covers these inputs only when forced: ``"auto"`` takes the reference.
+
+    The choice is logged once per (op, path) at DEBUG level on the ``memzoo.kernels`` logger (not while
+    torch.compile traces: logging would break the graph; the eager call before compiling logs it).
+    """
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int, got {chunk_size!r}")
+        check_chunk_options(chunk_size, impl, max_chunk=max_chunk)
+    path = resolve_impl(impl, x)
+    if not triton or (auto_ref and impl == "auto"):
+        path = "ref"
+    if tokens == 0:
+        path = EMPTY
+    if not torch.compiler.is_compiling() and (op, path) not in _logged:
+        _logged.add((op, path))
+        _log.debug("%s: the %s path (impl=%r, %s inputs)", op, path, impl, x.device.type)
+    return path
+
+
+def with_empty_grads(out: Tensor, *inputs: Tensor | None) -> Tensor:
+    """``out``, a fresh tensor, tied to ``inputs`` through an empty slice of each: the value is unchanged and
+    backward gives every input that requires grad a zero gradient of its own shape instead of none.  Used by
+    the ops' T = 0 paths."""
+    for t in inputs:
+        if isinstance(t, Tensor) and t.requires_grad:
+            out = out + t.flatten()[:0].sum().to(out.dtype)
+    return out

@@ -11,9 +11,11 @@ import os
 import torch
 from torch import Tensor
 
+from . import with_empty_grads
+
 __all__ = [
     "DEBUG_ENV_VAR", "debug_checks", "check_cu_seqlens", "check_recurrence_inputs", "l2norm", "check_log_gate",
-    "chunk_table",
+    "no_tokens", "chunk_table",
     "flatten_batch", "seq_boundaries", "DOT_PRECISION_ENV_VAR", "DOT_PRECISIONS", "resolve_dot_precision",
 ]
 
@@ -129,6 +131,19 @@ def check_log_gate(g: Tensor | None, name: str = "g") -> None:
     """In debug mode only (it syncs): log-decays must be finite and <= 0."""
     if g is not None and debug_checks() and not bool(((g <= 0) & torch.isfinite(g)).all()):
         raise ValueError(f"{name} must be a log-decay: finite and <= 0 everywhere")
+
+
+def no_tokens(q: Tensor, k: Tensor, v: Tensor, gates: tuple[Tensor | None, ...], initial_state: Tensor | None,
+              output_final_state: bool, n_seq: int) -> tuple[Tensor, Tensor | None]:
+    """The result of an fla-style op on T = 0 tokens: ``o`` ``[B, 0, H, V]`` in q's dtype, and the state passed
+    through (a copy of ``initial_state``, zeros without one); every input gets a gradient of its own shape."""
+    o = v.new_zeros(v.shape, dtype=q.dtype)
+    o = with_empty_grads(o, q, k, v, *gates)
+    if not output_final_state:
+        return o, None
+    if initial_state is not None:
+        return o, initial_state.clone()
+    return o, q.new_zeros(n_seq, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
 
 
 def flatten_batch(x: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,12 @@
+import logging
+
 import pytest
 import torch
+from op_table import IDS, OPS
 
 from memzoo.kernels import IMPL_ENV_VAR, resolve_impl, triton_available
+from memzoo.kernels.gated_delta import chunk_gated_delta_rule
+from memzoo.kernels.gla import chunk_gla, chunk_simple_gla, fused_recurrent_gla
 
 
 def test_auto_on_cpu_is_reference(monkeypatch):
@@ -48,3 +53,66 @@ def test_check_chunk_options():
             check_chunk_options(bad, "auto", **kw)
     with pytest.raises(ValueError, match="impl must be one of"):
         check_chunk_options(64, "cuda")
+
+
+# Every op goes through memzoo.kernels.dispatch: the same env override, log line, T = 0 and chunk-option rules.
+
+
+@pytest.mark.parametrize("op", OPS, ids=IDS)
+def test_every_op_honours_the_environment_override(op, monkeypatch):
+    monkeypatch.setenv(IMPL_ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="impl='triton' needs"):
+        op.run("auto", *op.inputs(5))
+    monkeypatch.setenv(IMPL_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="MEMZOO_KERNEL_IMPL"):
+        op.run("auto", *op.inputs(5))
+
+
+@pytest.mark.parametrize("op", OPS, ids=IDS)
+def test_every_op_logs_its_path_at_debug_level(op, monkeypatch, caplog):
+    import memzoo.kernels as kernels
+
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger="memzoo.kernels"):
+        op.run("auto", *op.inputs(5))
+        op.run("auto", *op.inputs(0))
+        op.run("auto", *op.inputs(5))
+    lines = [r.getMessage() for r in caplog.records if r.name == "memzoo.kernels" and r.levelno == logging.DEBUG]
+    # Once per (op, path): the reference on CPU, and the empty path for T = 0.
+    assert [line.split(" (")[0] for line in lines if line.startswith(op.name + ":")] == [
+        f"{op.name}: the ref path", f"{op.name}: the empty path"]
+
+
+@pytest.mark.parametrize("op", OPS, ids=IDS)
+def test_every_op_takes_zero_tokens(op):
+    inputs = [t.requires_grad_() if op.differentiable and t.is_floating_point() else t for t in op.inputs(0)]
+    three, five = op.run("ref", *op.inputs(3)), op.run("ref", *op.inputs(5))
+    outs = op.run("auto", *inputs)
+    assert len(outs) == len(three)
+    for got, a, b in zip(outs, three, five):
+        # The axes that grow with T are empty, every other size and the dtype are those of a call with tokens.
+        assert got.shape == tuple(0 if m != n else m for m, n in zip(a.shape, b.shape))
+        assert got.dtype == a.dtype
+    for i, s in zip(op.states, outs[len(outs) - len(op.states):]):
+        assert torch.equal(s, inputs[i].detach()), f"state {i} must pass through"
+    if op.differentiable:
+        loss = sum(o.float().sum() for o in outs)
+        leaves = [(i, t) for i, t in enumerate(inputs) if t.requires_grad]
+        grads = torch.autograd.grad(loss, [t for _, t in leaves])
+        for (i, t), gr in zip(leaves, grads):
+            assert gr.shape == t.shape
+            assert torch.equal(gr, torch.ones_like(t) if i in op.states else torch.zeros_like(t)), i
+
+
+@pytest.mark.parametrize("op,chunk_size,match", [
+    (chunk_gated_delta_rule, 48, "power of two"), (chunk_gated_delta_rule, 8, "power of two"),
+    (chunk_gla, 512, "<= 256"), (chunk_simple_gla, 24, "power of two"), (fused_recurrent_gla, 8, "power of two"),
+])
+def test_chunk_options_are_checked_on_every_path(op, chunk_size, match):
+    q = torch.randn(1, 4, 2, 8)
+    gates = (-torch.rand(1, 4, 2), torch.rand(1, 4, 2)) if op is chunk_gated_delta_rule else (
+        -torch.rand(1, 4, 2) if op is chunk_simple_gla else -torch.rand(1, 4, 2, 8),)
+    with pytest.raises(ValueError, match=match):
+        op(q, q, q, *gates, impl="ref", chunk_size=chunk_size)

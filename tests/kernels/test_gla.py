@@ -318,3 +318,15 @@ def test_triton_chunk_compiles_without_graph_breaks():
 
     compiled = torch.compile(fn, fullgraph=True)
     compare(run(compiled, ins, h0, do, dht), run(fn, ins, h0, do, dht), [1e-6] * 7)
+
+
+@needs_triton
+def test_triton_recurrent_op_registration_passes_opcheck():
+    import memzoo.kernels.gla.triton_recurrent  # noqa: F401  (registers memzoo::gla_recurrent_fwd)
+
+    ins, _ = make(1, 20, 2, 32, 32)
+    h0 = torch.randn(2, 2, 32, 32)
+    for want_final in (True, False):
+        result = torch.library.opcheck(torch.ops.memzoo.gla_recurrent_fwd.default,
+                                       (*ins, h0, torch.tensor([0, 7, 20]), 0.5, want_final))
+        assert all(v == "SUCCESS" for v in result.values()), result

@@ -144,3 +144,18 @@ def test_bad_shapes_raise():
         vandermonde(z, z, torch.zeros(3, 3), torch.zeros(3, 3), 4)
     with pytest.raises(ValueError, match="z_re and z_im"):
         vandermonde_transpose(z, torch.zeros(2, 4), torch.zeros(2, 5))
+
+
+@needs_triton
+def test_triton_ops_pass_opcheck():
+    import memzoo.kernels.ssm.triton_vandermonde  # noqa: F401  (registers the memzoo::ssm_* ops)
+
+    z_re, z_im = make_z(2, 4, 6)
+    g = torch.Generator().manual_seed(7)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (z_re, z_im, torch.randn(4, 4, generator=g),
+                                                      torch.randn(4, 4, generator=g))]
+    u = torch.randn(4, 9, generator=g).to(DEVICE).requires_grad_()
+    for op, args in ((torch.ops.memzoo.ssm_vandermonde.default, (*leaves, 9, 1)),
+                     (torch.ops.memzoo.ssm_vandermonde_transpose.default, (*leaves[:2], u, 1))):
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result

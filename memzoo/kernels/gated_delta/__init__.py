@@ -10,11 +10,10 @@ Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv 2412.0646
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .. import resolve_impl
-from ..utils import check_log_gate, check_recurrence_inputs, resolve_dot_precision
+from .. import EMPTY, dispatch
+from ..utils import check_log_gate, check_recurrence_inputs, no_tokens, resolve_dot_precision
 from .reference import chunk_gated_delta_rule_ref, gated_delta_rule_step_ref
 
 __all__ = [
@@ -30,16 +29,6 @@ def _check(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
     n_seq = check_recurrence_inputs(q, k, v, {"g": (g, "BTH"), "beta": (beta, "BTH")}, initial_state, cu_seqlens)
     check_log_gate(g)
     return n_seq
-
-
-def _no_tokens(q, v, initial_state, output_final_state, n_seq):
-    """T == 0: nothing to run; every state passes through unchanged."""
-    o = v.new_zeros(v.shape, dtype=q.dtype)
-    if not output_final_state:
-        return o, None
-    if initial_state is not None:
-        return o, initial_state.clone()
-    return o, q.new_zeros(n_seq, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
 
 
 def chunk_gated_delta_rule(
@@ -68,9 +57,9 @@ def chunk_gated_delta_rule(
     """
     n_seq = _check(q, k, v, g, beta, initial_state, cu_seqlens)
     precision = resolve_dot_precision(precision)
-    path = resolve_impl(impl, q)
-    if q.shape[1] == 0:
-        return _no_tokens(q, v, initial_state, output_final_state, n_seq)
+    path = dispatch("chunk_gated_delta_rule", impl, q, tokens=q.shape[1], chunk_size=chunk_size)
+    if path == EMPTY:
+        return no_tokens(q, k, v, (g, beta), initial_state, output_final_state, n_seq)
     if path == "ref":
         return chunk_gated_delta_rule_ref(
             q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, chunk_size
@@ -94,9 +83,9 @@ def fused_recurrent_gated_delta_rule(
     input requires grad; train with ``chunk_gated_delta_rule``.  ``impl="ref"`` runs the differentiable step loop.
     """
     n_seq = _check(q, k, v, g, beta, initial_state, cu_seqlens)
-    path = resolve_impl(impl, q)
-    if q.shape[1] == 0:
-        return _no_tokens(q, v, initial_state, output_final_state, n_seq)
+    path = dispatch("fused_recurrent_gated_delta_rule", impl, q, tokens=q.shape[1])
+    if path == EMPTY:
+        return no_tokens(q, k, v, (g, beta), initial_state, output_final_state, n_seq)
     if path == "ref":
         return gated_delta_rule_step_ref(
             q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm

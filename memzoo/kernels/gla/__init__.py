@@ -12,39 +12,27 @@ with impl="auto" always do), "triton" the kernels in ``triton_chunk.py`` / ``tri
 
 from __future__ import annotations
 
-import logging
-
-import torch
 from torch import Tensor
 
-from .. import resolve_impl
-from ..utils import check_log_gate, check_recurrence_inputs
+from .. import EMPTY, dispatch
+from ..utils import check_log_gate, check_recurrence_inputs, no_tokens
 from .reference import chunk_gla_ref, gla_step_ref
 
 __all__ = ["chunk_gla", "fused_recurrent_gla", "chunk_simple_gla", "chunk_gla_ref", "gla_step_ref"]
 
-_log = logging.getLogger(__name__)
-_logged: set[tuple[str, str]] = set()
+# The chunk length of every GLA op (the recurrent one switches to the chunked reference beyond it).
+MAX_CHUNK = 256
 
 
-def _check(q, k, v, g, layout, scale, initial_state, cu_seqlens, chunk_size) -> None:
+def _check(op, q, k, v, g, layout, scale, initial_state, cu_seqlens, impl, chunk_size) -> tuple[str, int]:
+    """Validate the inputs; return the path (``dispatch``) and the number of sequences."""
     if g is None:
         raise ValueError("g (the log-decay gate) is required")
-    check_recurrence_inputs(q, k, v, {"g": (g, layout)}, initial_state, cu_seqlens)
+    n_seq = check_recurrence_inputs(q, k, v, {"g": (g, layout)}, initial_state, cu_seqlens)
     check_log_gate(g)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 256 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two in [16, 256], got {chunk_size!r}")
-
-
-def _pick(op: str, impl: str, q: Tensor) -> str:
-    path = resolve_impl(impl, q)
-    # logging is a side effect torch.compile cannot trace; the eager call before compiling logs it
-    if not torch.compiler.is_compiling() and (op, path) not in _logged:
-        _logged.add((op, path))
-        _log.info("memzoo %s: using the %s path", op, path)
-    return path
+    return dispatch(op, impl, q, tokens=q.shape[1], chunk_size=chunk_size, max_chunk=MAX_CHUNK), n_seq
 
 
 def chunk_gla(
@@ -67,8 +55,10 @@ def chunk_gla(
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state None unless ``output_final_state``.
     """
-    _check(q, k, v, g, "BTHK", scale, initial_state, cu_seqlens, chunk_size)
-    if _pick("chunk_gla", impl, q) == "ref":
+    path, n_seq = _check("chunk_gla", q, k, v, g, "BTHK", scale, initial_state, cu_seqlens, impl, chunk_size)
+    if path == EMPTY:
+        return no_tokens(q, k, v, (g,), initial_state, output_final_state, n_seq)
+    if path == "ref":
         return chunk_gla_ref(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     from .triton_chunk import chunk_gla_triton
 
@@ -84,8 +74,11 @@ def fused_recurrent_gla(
     The Triton path has no backward (it raises when an input requires grad: train with ``chunk_gla``).  The
     reference path is autograd-able: the step loop for ``T <= chunk_size``, the chunked reference beyond.
     """
-    _check(q, k, v, g, "BTHK", scale, initial_state, cu_seqlens, chunk_size)
-    if _pick("fused_recurrent_gla", impl, q) == "ref":
+    path, n_seq = _check("fused_recurrent_gla", q, k, v, g, "BTHK", scale, initial_state, cu_seqlens, impl,
+                         chunk_size)
+    if path == EMPTY:
+        return no_tokens(q, k, v, (g,), initial_state, output_final_state, n_seq)
+    if path == "ref":
         ref = gla_step_ref if q.shape[1] <= chunk_size else chunk_gla_ref
         return ref(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     from .triton_recurrent import fused_recurrent_gla_triton
@@ -98,9 +91,11 @@ def chunk_simple_gla(
     output_final_state: bool = False, cu_seqlens: Tensor | None = None, *, impl: str = "auto", chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
     """``chunk_gla`` with one log-decay per head, ``g: [B, T, H]``, broadcast over the key dimension."""
-    _check(q, k, v, g, "BTH", scale, initial_state, cu_seqlens, chunk_size)
+    path, n_seq = _check("chunk_simple_gla", q, k, v, g, "BTH", scale, initial_state, cu_seqlens, impl, chunk_size)
+    if path == EMPTY:
+        return no_tokens(q, k, v, (g,), initial_state, output_final_state, n_seq)
     g_k = g.unsqueeze(-1).expand(*g.shape, q.shape[-1])
-    if _pick("chunk_simple_gla", impl, q) == "ref":
+    if path == "ref":
         return chunk_gla_ref(q, k, v, g_k, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     from .triton_chunk import chunk_gla_triton
 

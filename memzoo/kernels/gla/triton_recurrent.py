@@ -54,17 +54,28 @@ def _fused_recurrent_fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, H: tl.
         tl.store(ht + p_kv, b_h, mask=m_kv)
 
 
-def _launch(q, k, v, g, scale, h0, cu, want_final):
+# A torch.library custom op, so torch.compile sees one opaque call (with the fake below) instead of a graph break.
+@torch.library.custom_op("memzoo::gla_recurrent_fwd", mutates_args=())
+def _recurrent_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu: Tensor, scale: float,
+                      want_final: bool) -> tuple[Tensor, Tensor]:
+    """Packed inputs ``[1, T, H, ...]`` -> (o ``[1, T, H, V]``, ht fp32 ``[N, H, K, V]``, or ``[0, H, K, V]``)."""
     _, _, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
     BK = max(16, triton.next_power_of_2(K))
     o = torch.empty_like(v)
-    ht = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if want_final else None
+    ht = torch.empty(N if want_final else 0, H, K, V, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N, H)
     _fused_recurrent_fwd_kernel[grid](q, k, v, g, o, h0, ht, cu, scale, H=H, K=K, V=V, BK=BK,
                                       USE_H0=h0 is not None, STORE_HT=want_final)
     return o, ht
+
+
+@_recurrent_fwd_op.register_fake
+def _(q, k, v, g, h0, cu, scale, want_final):
+    _, _, H, K = q.shape
+    return torch.empty_like(v), q.new_empty(cu.shape[0] - 1 if want_final else 0, H, K, v.shape[-1],
+                                            dtype=torch.float32)
 
 
 def fused_recurrent_gla_triton(
@@ -89,5 +100,5 @@ def fused_recurrent_gla_triton(
     vf, _ = flatten_batch(v.contiguous(), cu_seqlens)
     gf, _ = flatten_batch(g.contiguous(), cu_seqlens)
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht = _launch(qf, kf, vf, gf, scale, h0, cu, output_final_state)
-    return o.reshape(v.shape), ht
+    o, ht = _recurrent_fwd_op(qf, kf, vf, gf, h0, cu, scale, output_final_state)
+    return o.reshape(v.shape), (ht if output_final_state else None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import resolve_impl
+from .. import EMPTY, dispatch
 from .reference import chunk_priority, chunk_topk_naive, chunk_topk_tiled
 
 __all__ = ["chunk_topk", "chunk_topk_naive", "chunk_topk_tiled", "chunk_priority"]
@@ -73,7 +73,12 @@ def chunk_topk(q: Tensor, keys: Tensor, k: int, *, valid: Tensor | None = None, 
         entries are ``idx = -1``, ``score = -inf``.  Equal scores order by larger stamp, then larger index.
     """
     _check(q, keys, k, valid, stamp, block_n)
-    if resolve_impl(impl, q) == "ref":
+    path = dispatch("chunk_topk", impl, q, tokens=q.shape[2])
+    if path == EMPTY:
+        B, H, T, _ = q.shape
+        return (q.new_full((B, H, T, k), float("-inf"), dtype=torch.float32),
+                q.new_full((B, H, T, k), -1, dtype=torch.int64))
+    if path == "ref":
         return chunk_topk_tiled(q, keys, k, valid=valid, stamp=stamp, block_n=block_n)
     from .triton_topk import chunk_topk_triton
 

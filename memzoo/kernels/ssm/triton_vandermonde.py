@@ -127,53 +127,80 @@ def _fold_rows(x: Tensor, rz: int) -> Tensor:
     return x.reshape(-1, rz, x.shape[-1]).sum(0)
 
 
-class _Vandermonde(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z_re, z_im, w_re, w_im, length, shift):
-        ctx.save_for_backward(z_re, z_im, w_re, w_im)
-        ctx.shift = shift
-        return _vand_fwd(z_re, z_im, w_re, w_im, length, shift)
-
-    @staticmethod
-    def backward(ctx, dk):
-        z_re, z_im, w_re, w_im = ctx.saved_tensors
-        p_re, p_im, q_re, q_im = _vand_reduce(z_re, z_im, dk.float().contiguous(), ctx.shift, True)
-        # K = 2 Re(w V): dK/dw_re = 2 Re V, dK/dw_im = -2 Im V; dK/dz = 2 (l + s) w V (holomorphic in z).
-        dw_re, dw_im = 2 * p_re, -2 * p_im
-        dz_re = _fold_rows(2 * (w_re * q_re - w_im * q_im), z_re.shape[0])
-        dz_im = _fold_rows(-2 * (w_re * q_im + w_im * q_re), z_re.shape[0])
-        return dz_re, dz_im, dw_re, dw_im, None, None
+# Registered as torch.library custom ops (memzoo::ssm_vandermonde, memzoo::ssm_vandermonde_transpose) so that
+# torch.compile sees one opaque op with a fake (shape-only) implementation instead of breaking the graph; each
+# op's backward calls the other.
 
 
-class _VandermondeTranspose(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z_re, z_im, u, shift):
-        s_re, s_im, q_re, q_im = _vand_reduce(z_re, z_im, u, shift, True)
-        ctx.save_for_backward(z_re, z_im, q_re, q_im)
-        ctx.shift, ctx.length = shift, u.shape[1]
-        return s_re, s_im
+@torch.library.custom_op("memzoo::ssm_vandermonde", mutates_args=())
+def _vandermonde_op(z_re: Tensor, z_im: Tensor, w_re: Tensor, w_im: Tensor, length: int, shift: int) -> Tensor:
+    return _vand_fwd(z_re, z_im, w_re, w_im, length, shift)
 
-    @staticmethod
-    def backward(ctx, ds_re, ds_im):
-        z_re, z_im, q_re, q_im = ctx.saved_tensors
-        ds_re = torch.zeros_like(q_re) if ds_re is None else ds_re.float().contiguous()
-        ds_im = torch.zeros_like(q_im) if ds_im is None else ds_im.float().contiguous()
-        # du[l] = Re(conj(dS) V[l]) summed over n = a Vandermonde product with w = conj(dS) / 2.
-        du = _vand_fwd(z_re, z_im, 0.5 * ds_re, -0.5 * ds_im, ctx.length, ctx.shift)
-        # dS/dz = Q (holomorphic): dz_re = Re(conj(dS) Q), dz_im = Re(conj(dS) i Q).
-        dz_re = _fold_rows(ds_re * q_re + ds_im * q_im, z_re.shape[0])
-        dz_im = _fold_rows(ds_im * q_re - ds_re * q_im, z_re.shape[0])
-        return dz_re, dz_im, du, None
+
+@_vandermonde_op.register_fake
+def _(z_re, z_im, w_re, w_im, length, shift):
+    return w_re.new_empty(w_re.shape[0], length, dtype=torch.float32)
+
+
+@torch.library.custom_op("memzoo::ssm_vandermonde_transpose", mutates_args=())
+def _transpose_op(z_re: Tensor, z_im: Tensor, u: Tensor, shift: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(S_re, S_im, Q_re, Q_im)``, each fp32 ``[R, N]``: the sum and its derivative in z."""
+    return _vand_reduce(z_re, z_im, u, shift, True)
+
+
+@_transpose_op.register_fake
+def _(z_re, z_im, u, shift):
+    return tuple(u.new_empty(u.shape[0], z_re.shape[1], dtype=torch.float32) for _ in range(4))
+
+
+def _vandermonde_setup(ctx, inputs, output) -> None:
+    z_re, z_im, w_re, w_im, _, shift = inputs
+    ctx.save_for_backward(z_re, z_im, w_re, w_im)
+    ctx.shift = shift
+
+
+def _vandermonde_backward(ctx, dk):
+    z_re, z_im, w_re, w_im = ctx.saved_tensors
+    p_re, p_im, q_re, q_im = _transpose_op(z_re, z_im, dk.float().contiguous(), ctx.shift)
+    # K = 2 Re(w V): dK/dw_re = 2 Re V, dK/dw_im = -2 Im V; dK/dz = 2 (l + s) w V (holomorphic in z).
+    dw_re, dw_im = 2 * p_re, -2 * p_im
+    dz_re = _fold_rows(2 * (w_re * q_re - w_im * q_im), z_re.shape[0])
+    dz_im = _fold_rows(-2 * (w_re * q_im + w_im * q_re), z_re.shape[0])
+    return dz_re, dz_im, dw_re, dw_im, None, None
+
+
+def _transpose_setup(ctx, inputs, output) -> None:
+    z_re, z_im, u, shift = inputs
+    ctx.save_for_backward(z_re, z_im, output[2], output[3])
+    ctx.shift, ctx.length = shift, u.shape[1]
+
+
+def _transpose_backward(ctx, ds_re, ds_im, dq_re, dq_im):
+    # Q is an intermediate the public function drops: its gradients are None or zero.
+    z_re, z_im, q_re, q_im = ctx.saved_tensors
+    ds_re = torch.zeros_like(q_re) if ds_re is None else ds_re.float().contiguous()
+    ds_im = torch.zeros_like(q_im) if ds_im is None else ds_im.float().contiguous()
+    # du[l] = Re(conj(dS) V[l]) summed over n = a Vandermonde product with w = conj(dS) / 2.
+    du = _vandermonde_op(z_re, z_im, 0.5 * ds_re, -0.5 * ds_im, ctx.length, ctx.shift)
+    # dS/dz = Q (holomorphic): dz_re = Re(conj(dS) Q), dz_im = Re(conj(dS) i Q).
+    dz_re = _fold_rows(ds_re * q_re + ds_im * q_im, z_re.shape[0])
+    dz_im = _fold_rows(ds_im * q_re - ds_re * q_im, z_re.shape[0])
+    return dz_re, dz_im, du, None
+
+
+_vandermonde_op.register_autograd(_vandermonde_backward, setup_context=_vandermonde_setup)
+_transpose_op.register_autograd(_transpose_backward, setup_context=_transpose_setup)
 
 
 def vandermonde_triton(z_re: Tensor, z_im: Tensor, w_re: Tensor, w_im: Tensor, length: int, shift: int = 0
                        ) -> Tensor:
     """Fused ``vandermonde_ref``: fp32 ``[R, L]``; inputs are cast to contiguous fp32."""
     args = [t.float().contiguous() for t in (z_re, z_im, w_re, w_im)]
-    return _Vandermonde.apply(*args, length, shift)
+    return _vandermonde_op(*args, length, shift)
 
 
 def vandermonde_transpose_triton(z_re: Tensor, z_im: Tensor, u: Tensor, shift: int = 0) -> tuple[Tensor, Tensor]:
     """Fused ``vandermonde_transpose_ref``: fp32 ``(S_re, S_im)`` ``[R, N]``."""
     args = [t.float().contiguous() for t in (z_re, z_im, u)]
-    return _VandermondeTranspose.apply(*args, shift)
+    s_re, s_im, _, _ = _transpose_op(*args, shift)
+    return s_re, s_im

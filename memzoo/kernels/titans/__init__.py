@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import resolve_impl
+from .. import EMPTY, dispatch, with_empty_grads
 from ..utils import check_log_gate, check_recurrence_inputs, resolve_dot_precision
 from .reference import (
     MIRAS_L2,
@@ -61,6 +61,13 @@ def _check_states(initial_state, shapes: list[tuple[int, ...]]) -> None:
             raise TypeError(f"initial_state[{i}] must be float32 (or float64 for oracle checks), got {s.dtype}")
 
 
+def _no_tokens(q: Tensor, v: Tensor, others: tuple[Tensor, ...], initial_state: tuple[Tensor, ...]
+               ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """T = 0: an empty ``[B, 0, H, V]`` output (zero gradients of the inputs' shapes) and the state passed through."""
+    y = with_empty_grads(v.new_zeros(v.shape, dtype=q.dtype), q, v, *others)
+    return y, tuple(s.clone() for s in initial_state)
+
+
 def titans_linear(
     q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_gamma: Tensor,
     initial_state: tuple[Tensor, Tensor, Tensor], start_pos: Tensor, chunk_size: int = 16,
@@ -93,11 +100,12 @@ def titans_linear(
     if impl == "triton" and not miras.is_titans:
         raise ValueError(f"the Triton kernel implements the l2 error map and l2 retention only, got "
                          f"error_map={miras.error_map!r}, retention={miras.retention!r}; use impl='auto' or 'ref'")
-    path = resolve_impl(impl, q)
-    if not miras.is_titans:
-        path = "ref"
     # The kernel covers the per-head decay; under "auto" a channel-wise decay takes the reference.
-    if path == "triton" and (log_gamma.dim() == 3 or impl == "triton"):
+    path = dispatch("titans_linear", impl, q, tokens=q.shape[1], triton=miras.is_titans,
+                    auto_ref=log_gamma.dim() == 4)
+    if path == EMPTY:
+        return _no_tokens(q, v, (k, theta, log_eta, log_gamma), initial_state)
+    if path == "triton":
         from .triton_chunk import titans_linear_triton
 
         return titans_linear_triton(q, k, v, theta, log_eta, log_gamma, initial_state, start_pos, chunk_size,
@@ -132,7 +140,9 @@ def titans_mlp(
         raise ValueError("initial_state must be a tuple of 6 tensors (A1_base, A1, S1, A2_base, A2, S2)")
     E = initial_state[0].shape[-2]
     _check_states(initial_state, [(n_seq, H, E, K)] * 3 + [(n_seq, H, K, E)] * 3)
-    resolve_impl(impl, q)
+    # No Triton kernel for the MLP memory: every impl runs the reference.
+    if dispatch("titans_mlp", impl, q, tokens=q.shape[1], triton=False) == EMPTY:
+        return _no_tokens(q, v, (k, theta1, theta2, log_eta, log_gamma), initial_state)
     y, state = titans_mlp_chunk_ref(q, k, v, theta1, theta2, log_eta, log_gamma, initial_state, start_pos,
                                     chunk_size, cu_seqlens, miras=miras)
     return y.to(q.dtype), state
