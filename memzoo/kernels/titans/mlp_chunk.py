@@ -105,9 +105,9 @@ def _weights_after(x: Tensor, lhs: Tensor, rhs: Tensor, scale: Tensor, f_end: Te
     """Write ``X' = [beta_b W + f_b S | m_b S] - lhs^T rhs`` into ``out`` ``[2, N, H, E, 2D]``."""
     D = x.shape[-1] // 2
     torch.mul(x, scale, out=out)
-    out[..., :D].addcmul_(f_end, x[..., D:])
     for i in range(2):
         out[i].flatten(0, 1).baddbmm_(lhs[i].mT.flatten(0, 1), rhs[i].flatten(0, 1), alpha=-1)
+    out[..., :D].addcmul_(f_end, x[..., D:])
     return out
 
 
