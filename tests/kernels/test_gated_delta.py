@@ -206,6 +206,21 @@ def test_triton_chunk_long_sequence_small_heads():
     _triton_vs_reference(1, 4097, 16, 64, "normal", False, True, "f32-ieee", "cpu")
 
 
+@needs_triton
+def test_triton_chunk_survives_extreme_decay(monkeypatch):
+    # exp(G_i - G_j) with G_j = -30 j would overflow to inf wherever a kernel failed to mask the exponent (above the
+    # diagonal, or on the padded rows of the last chunk: T = 50 leaves 14 of chunk 64); inf * 0 is NaN. The backward
+    # is the fused kernels, no torch.func.
+    monkeypatch.setattr(torch.func, "vjp", None)
+    ins, h0 = make_inputs(1, 50, 2, 32, 32, gate="zero")
+    ins[3] = torch.full_like(ins[3], -30.0)
+    do, dht = torch.randn(1, 50, 2, 32), torch.randn(1, 2, 32, 32)
+    tri = run(chunk_gated_delta_rule, ins, h0, do, dht, chunk_size=64, impl="triton", precision="ieee")
+    step = run(gated_delta_rule_step_ref, [x.double() for x in ins], h0, do.double(), dht)
+    for name, a, b in zip(NAMES, tri, step):
+        check(a.double(), b, 1e-5, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["f32-ieee", "f32-tf32", "bf16"])
 @pytest.mark.parametrize("B,T,D,chunk_size,gate,l2,use_h0", TRITON_CASES)

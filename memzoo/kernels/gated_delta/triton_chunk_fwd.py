@@ -29,10 +29,24 @@ from torch import Tensor
 
 from ..triton_utils import autotune_or_fixed
 
-__all__ = ["forward_states", "forward_output", "MAX_CHUNK"]
+__all__ = ["forward_states", "forward_output", "chunk_start", "MAX_CHUNK"]
 
 # Four 16-row sub-blocks per chunk.
 MAX_CHUNK = 64
+
+
+@triton.jit
+def chunk_start(table, cu_seqlens, i_r, BT: tl.constexpr):
+    """Chunk-table row i_r -> (its sequence, < 0 for a surplus row; the chunk's first token; tokens from there to the
+    sequence end), int64 scalars."""
+    i_r64 = tl.cast(i_r, tl.int64)
+    i_n = tl.load(table + 2 * i_r64).to(tl.int64)
+    i_c = tl.load(table + 2 * i_r64 + 1).to(tl.int64)
+    i_s = tl.maximum(i_n, 0)  # surplus rows read sequence 0's bounds, then exit
+    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_s + 1).to(tl.int64)
+    t0 = bos + i_c * BT
+    return i_n, t0, eos - t0
 
 
 @triton.jit
@@ -251,8 +265,8 @@ def _state_tile_update(p_k, b_h, b_vd, b_decay, o_i, m_t, i_kt: tl.constexpr, H:
     return tl.dot(tl.trans(b_k), b_vd.to(b_k.dtype), b_h * b_decay, input_precision=DOT_PRECISION)
 
 
-# The state passes' configs (forward here, reverse in triton_chunk.py). One stage by default: pipelining the
-# chunk loop double-buffers the fp32 w and k tiles (spills at K = 256 in fp32).
+# The state passes' configs (forward here, reverse in triton_chunk.py with its own default). One stage by default:
+# pipelining the chunk loop double-buffers the fp32 w and k tiles (spills at K = 256 in fp32).
 STATE_CONFIGS = [
     triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (2, 4) for s in (1, 2, 3)
 ]
