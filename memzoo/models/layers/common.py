@@ -21,7 +21,7 @@ from .conv import ShortConvolution
 
 __all__ = [
     "HeadDims", "GatedRMSNorm", "short_convs", "apply_short_convs", "chunked_memory_flops", "needs_grad",
-    "init_mamba2_decay", "QKVMemoryMixer",
+    "init_mamba2_decay", "QKVMemoryState", "QKVMemoryMixer",
 ]
 
 # Mamba-2's initialisation: A ~ U(0, 16) per head, dt ~ log-uniform in [DT_MIN, DT_MAX].
@@ -40,6 +40,17 @@ class HeadDims:
     @property
     def head_v(self) -> int:
         return int(self.expand_v * self.head_k)
+
+    def check_head_dims(self) -> None:
+        """Raise a ``ValueError`` unless the heads split into positive whole widths (for ``__post_init__``)."""
+        if self.d_model <= 0 or self.n_heads <= 0:
+            raise ValueError(f"d_model and n_heads must be positive, got {self.d_model}, {self.n_heads}")
+        if self.d_head is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set d_head)")
+        if self.head_k <= 0:
+            raise ValueError(f"d_head must be positive, got {self.head_k}")
+        if self.expand_v <= 0 or self.expand_v * self.head_k != self.head_v:
+            raise ValueError(f"expand_v={self.expand_v} times d_head={self.head_k} must be a positive integer")
 
 
 class GatedRMSNorm(nn.Module):
@@ -114,16 +125,25 @@ def init_mamba2_decay(A_log: Tensor, dt_bias: Tensor) -> None:
     dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
+class QKVMemoryState(NamedTuple):
+    """The state of a ``QKVMemoryMixer``; each layer subclasses it so that another layer's state is refused."""
+
+    conv_q: Tensor | None  # [B, W-1, H*K] last inputs of the q conv (None without short conv)
+    conv_k: Tensor | None  # [B, W-1, H*K]
+    conv_v: Tensor | None  # [B, W-1, H*V]
+    memory: Tensor  # [B, H, K, V] fp32
+
+
 class QKVMemoryMixer(Mixer):
     """A mixer that projects q/k/v (optionally through short convs), runs one op over an fp32 memory
     ``[B, H, K, V]`` and returns ``o_proj(GatedRMSNorm(o) * SiLU(g_proj(x)))``.
 
     Subclasses call ``build_qkv`` then ``build_out`` in ``__init__`` and implement ``recur``: the op on the
-    head-split q/k/v.  Class attributes: ``state_class``, a NamedTuple ``(conv_q, conv_k, conv_v, memory)``, and
+    head-split q/k/v.  Class attributes: ``state_class``, a subclass of ``QKVMemoryState``, and
     ``silu_without_conv``, whether q/k/v pass through SiLU when there are no convs.
     """
 
-    state_class: ClassVar[type[NamedTuple]]
+    state_class: ClassVar[type[QKVMemoryState]]
     silu_without_conv: ClassVar[bool]
 
     def build_qkv(self, key_dim: int, value_dim: int) -> None:

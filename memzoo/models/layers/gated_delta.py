@@ -17,7 +17,7 @@ Packed sequences (``cu_seqlens``) may start from a state with one row per sequen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,15 @@ from ...kernels import check_chunk_options
 from ...kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 # HeadDims and GatedRMSNorm are re-exported from here for code written before ``common`` held them.
-from .common import GatedRMSNorm, HeadDims, QKVMemoryMixer, chunked_memory_flops, init_mamba2_decay, needs_grad
+from .common import (
+    GatedRMSNorm,
+    HeadDims,
+    QKVMemoryMixer,
+    QKVMemoryState,
+    chunked_memory_flops,
+    init_mamba2_decay,
+    needs_grad,
+)
 
 __all__ = ["HeadDims", "GatedDeltaNetConfig", "GatedDeltaState", "GatedDeltaNet", "GatedRMSNorm"]
 
@@ -53,14 +61,7 @@ class GatedDeltaNetConfig(HeadDims):
     impl: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.d_model <= 0 or self.n_heads <= 0:
-            raise ValueError(f"d_model and n_heads must be positive, got {self.d_model}, {self.n_heads}")
-        if self.d_head is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set d_head)")
-        if self.head_k <= 0:
-            raise ValueError(f"d_head must be positive, got {self.head_k}")
-        if self.expand_v <= 0 or self.expand_v * self.head_k != self.head_v:
-            raise ValueError(f"expand_v={self.expand_v} times d_head={self.head_k} must be a positive integer")
+        self.check_head_dims()
         if self.conv_size < 1:
             raise ValueError(f"conv_size must be >= 1, got {self.conv_size}")
         if self.norm_eps <= 0:
@@ -68,12 +69,10 @@ class GatedDeltaNetConfig(HeadDims):
         check_chunk_options(self.chunk_size, self.impl)
 
 
+class GatedDeltaState(QKVMemoryState):
+    """(conv_q, conv_k, conv_v, memory): the q/k/v conv tails and the fp32 delta-rule memory ``[B, H, K, V]``."""
 
-class GatedDeltaState(NamedTuple):
-    conv_q: Tensor | None  # [B, W-1, H*K] last inputs of the q conv (None without short conv)
-    conv_k: Tensor | None  # [B, W-1, H*K]
-    conv_v: Tensor | None  # [B, W-1, H*V]
-    memory: Tensor  # [B, H, K, V] fp32
+    __slots__ = ()
 
 
 class GatedDeltaNet(QKVMemoryMixer):

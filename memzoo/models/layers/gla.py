@@ -17,7 +17,7 @@ Packed sequences (``cu_seqlens``) may start from a state with one row per sequen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ...kernels import check_chunk_options
 from ...kernels.gla import chunk_gla, fused_recurrent_gla
 from ..init import keep_init
-from .common import QKVMemoryMixer, chunked_memory_flops, needs_grad
+from .common import QKVMemoryMixer, QKVMemoryState, chunked_memory_flops, needs_grad
 
 __all__ = ["GatedLinearAttentionConfig", "GLAState", "GatedLinearAttention"]
 
@@ -91,11 +91,10 @@ class GatedLinearAttentionConfig:
         return self.value_dim // self.n_heads
 
 
-class GLAState(NamedTuple):
-    conv_q: Tensor | None  # [B, W-1, H*K] last inputs of the q conv (None without short conv)
-    conv_k: Tensor | None  # [B, W-1, H*K]
-    conv_v: Tensor | None  # [B, W-1, H*V]
-    memory: Tensor  # [B, H, K, V] fp32
+class GLAState(QKVMemoryState):
+    """(conv_q, conv_k, conv_v, memory): the q/k/v conv tails and the fp32 linear-attention memory ``[B, H, K, V]``."""
+
+    __slots__ = ()
 
 
 class GatedLinearAttention(QKVMemoryMixer):

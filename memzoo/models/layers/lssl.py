@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..contract import Mixer
 from ..init import residual_output
 from .s4d import compute_dtype, fft_causal_conv
-from .ssm_init import HIPPO_MEASURES, hippo, log_uniform_dt
+from .ssm_init import HIPPO_MEASURES, check_steps, hippo, log_uniform_dt
 
 __all__ = ["LSSLConfig", "LSSLState", "LSSL", "krylov"]
 
@@ -54,12 +54,7 @@ class LSSLConfig:
             raise ValueError(f"d_model and d_state must be positive, got {self.d_model}, {self.d_state}")
         if self.measure not in HIPPO_MEASURES:
             raise ValueError(f"measure must be one of {HIPPO_MEASURES}, got {self.measure!r}")
-        if self.disc not in ("zoh", "bilinear"):
-            raise ValueError(f"disc must be 'zoh' or 'bilinear', got {self.disc!r}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
-        if self.ssm_lr_scale < 0:
-            raise ValueError(f"ssm_lr_scale must be >= 0, got {self.ssm_lr_scale}")
+        check_steps(self.disc, self.dt_min, self.dt_max, self.ssm_lr_scale)
 
 
 class LSSLState(NamedTuple):

@@ -86,12 +86,7 @@ class MoMConfig(HeadDims):
     impl: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.d_model <= 0 or self.n_heads <= 0:
-            raise ValueError(f"d_model and n_heads must be positive, got {self.d_model}, {self.n_heads}")
-        if self.d_head is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set d_head)")
-        if self.head_k <= 0 or self.expand_v <= 0 or self.expand_v * self.head_k != self.head_v:
-            raise ValueError(f"d_head={self.head_k} and expand_v={self.expand_v} must give positive whole widths")
+        self.check_head_dims()
         if self.num_memories < 1:
             raise ValueError(f"num_memories must be >= 1, got {self.num_memories}")
         if not 1 <= self.topk <= self.num_memories:

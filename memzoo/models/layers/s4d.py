@@ -28,7 +28,7 @@ from ...kernels import IMPLS
 from ...kernels.ssm import vandermonde, vandermonde_transpose
 from ..contract import Mixer
 from ..init import residual_output
-from .ssm_init import S4D_INITS, cdiv, cexp, clog, cmul, log_uniform_dt, s4d_init
+from .ssm_init import S4D_INITS, cdiv, cexp, check_steps, clog, cmul, log_uniform_dt, s4d_init
 
 __all__ = ["S4DConfig", "S4DState", "S4D", "fft_causal_conv", "compute_dtype"]
 
@@ -57,12 +57,9 @@ class S4DConfig:
             raise ValueError(f"d_state must be an even integer >= 2 (complex pairs), got {self.d_state}")
         if self.init not in S4D_INITS:
             raise ValueError(f"init must be one of {S4D_INITS}, got {self.init!r}")
-        if self.disc not in ("zoh", "bilinear"):
-            raise ValueError(f"disc must be 'zoh' or 'bilinear', got {self.disc!r}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
-        if self.ssm_lr_scale < 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"need ssm_lr_scale >= 0 and 0 <= dropout < 1, got {self.ssm_lr_scale}, {self.dropout}")
+        check_steps(self.disc, self.dt_min, self.dt_max, self.ssm_lr_scale)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"need 0 <= dropout < 1, got {self.dropout}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 

@@ -15,7 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["S4D_INITS", "HIPPO_MEASURES", "hippo", "s4d_init", "log_uniform_dt", "cmul", "cdiv", "cexp", "clog"]
+__all__ = ["S4D_INITS", "HIPPO_MEASURES", "DISCRETISATIONS", "check_steps", "hippo", "s4d_init", "log_uniform_dt",
+           "cmul", "cdiv", "cexp", "clog"]
 
 S4D_INITS = ("lin", "inv", "legs", "real")
 HIPPO_MEASURES = ("legs", "legt")
@@ -83,6 +84,19 @@ def s4d_init(init: str, n_modes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         b_diag = v[:, keep].conj().T @ b.to(torch.complex128)
         return half, lam[keep], b_diag.real.contiguous(), b_diag.imag.contiguous()
     raise ValueError(f"init must be one of {S4D_INITS}, got {init!r}")
+
+
+DISCRETISATIONS = ("zoh", "bilinear")
+
+
+def check_steps(disc: str, dt_min: float, dt_max: float, ssm_lr_scale: float) -> None:
+    """The discretisation options shared by the SSM configs (S4D, LSSL); a ``ValueError`` names the bad one."""
+    if disc not in DISCRETISATIONS:
+        raise ValueError(f"disc must be 'zoh' or 'bilinear', got {disc!r}")
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+    if ssm_lr_scale < 0:
+        raise ValueError(f"ssm_lr_scale must be >= 0, got {ssm_lr_scale}")
 
 
 def log_uniform_dt(n: int, dt_min: float, dt_max: float) -> Tensor:
