@@ -221,6 +221,21 @@ def test_triton_chunk_survives_extreme_decay(monkeypatch):
         check(a.double(), b, 1e-5, name)
 
 
+@needs_triton
+def test_triton_chunk_key_and_value_dims_differ():
+    # K = 80: partial K tiles in every kernel (state tiles of 64, the backward's K tiles of 32); V = 16: one V tile.
+    # Varlen with an empty sequence and per-sequence states, against the float64 chunked reference.
+    ins, _ = make_inputs(1, 37, 2, 80, 16)
+    cu = torch.tensor([0, 5, 5, 37])
+    h0, dht = torch.randn(3, 2, 80, 16), torch.randn(3, 2, 80, 16)
+    do = torch.randn(1, 37, 2, 16)
+    tri = run(chunk_gated_delta_rule, ins, h0, do, dht, cu_seqlens=cu, chunk_size=32, impl="triton", precision="ieee")
+    ref = run(chunk_gated_delta_rule, [x.double() for x in ins], h0, do.double(), dht, cu_seqlens=cu, chunk_size=32,
+              impl="ref")
+    for name, a, b in zip(NAMES, tri, ref):
+        assert_close(a.double(), b, 1e-5, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["f32-ieee", "f32-tf32", "bf16"])
 @pytest.mark.parametrize("B,T,D,chunk_size,gate,l2,use_h0", TRITON_CASES)
