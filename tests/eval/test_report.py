@@ -7,6 +7,7 @@ import json
 import pytest
 
 from memzoo.eval.cli import main as bench_main
+from memzoo.eval.harness import train_one
 from memzoo.eval.report import load_result, run_path
 from memzoo.eval.report_page import cell
 from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
@@ -76,3 +77,13 @@ def test_cell_shows_mean_spread_missing_seeds_and_pending():
 def test_unknown_study_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown studies"):
         _report(tmp_path, "--only", "nope")
+
+
+@pytest.mark.slow
+def test_mac_learns_recall_across_segments():
+    # The MAC study's residual row (docs/titans.md): the needle one segment back in training, tested at 2x the
+    # training length, where it lies up to three segments back and only the memory can bring it over.
+    run = next(r for r in build_suite("cpu") if r.key == "mac-residual-s0")
+    rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task, progress=False)
+    two_x = 2 * run.labels["train_len"]
+    assert rec["metrics"][f"seq_len={two_x}"]["exact_match"] >= 0.9, rec["curve"]
