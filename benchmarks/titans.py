@@ -6,6 +6,9 @@ GPU (default when CUDA is present), bf16 inputs, T in {2048, 8192}, 16 heads of 
   fla's naive Titans reference and titans-pytorch's NeuralMemory (each only if installed).
 CPU (``--cpu``): our chunked references vs our token-loop specification and fla's naive chunked reference:
     python benchmarks/titans.py --cpu --cpu-shape 2,512,4,64
+Layers (``--layers``, CPU or GPU): one default ``titans`` layer (MLP memory) forward+backward against a
+``gated_delta`` layer of the same d_model and heads, both in this run, median of ``--reps``:
+    python benchmarks/titans.py --layers --T 4096 --reps 5
 
 Ratios are peer_ms / ours_ms (above 1.0: memzoo is faster).  Results go to
 ``benchmarks/results/titans-<device>-<date>.json``.
@@ -14,7 +17,9 @@ Ratios are peer_ms / ours_ms (above 1.0: memzoo is faster).  Results go to
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -125,6 +130,47 @@ def cpu(shape, reps):
     return {"mode": "cpu", "shape_BTHD": list(shape), "chunk_size": 16, "rows": rows}
 
 
+def cpu_time_ms(fn, reps):
+    """Median CPU time of this process for ``fn`` in milliseconds (one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1e3)
+    return statistics.median(times)
+
+
+def layers(T, d_model, n_heads, reps, cuda):
+    """Forward+backward of one default ``titans`` layer vs one ``gated_delta`` layer, ratio titans / gated_delta."""
+    from memzoo.models import build_mixer
+
+    device = "cuda" if cuda else "cpu"
+    if not cuda:
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(1, T, d_model, device=device)
+    rows = []
+    for name in ("titans", "gated_delta"):
+        layer = build_mixer(name, d_model, {"n_heads": n_heads}).to(device)
+
+        def fwd_bwd(layer=layer):
+            y, _ = layer(x.detach().requires_grad_())
+            y.square().sum().backward()
+
+        row = {"op": f"{name} layer (d_model {d_model}, {n_heads} heads)", "T": T,
+               "fwdbwd_ms": time_ms(fwd_bwd, cuda=cuda, reps=reps)}
+        if not cuda:
+            # CPU time of this process as well: on a shared machine it moves less with the other load than wall time.
+            row["fwdbwd_cpu_ms"] = cpu_time_ms(fwd_bwd, reps)
+        row["peak_mb"] = peak_mb(fwd_bwd, cuda)
+        rows.append(row)
+    rows[0]["ratio_vs_gated_delta"] = rows[0]["fwdbwd_ms"] / rows[1]["fwdbwd_ms"]
+    if not cuda:
+        rows[0]["cpu_ratio_vs_gated_delta"] = rows[0]["fwdbwd_cpu_ms"] / rows[1]["fwdbwd_cpu_ms"]
+    return {"mode": "layers-" + device, "reps": reps, "threads": torch.get_num_threads(), "rows": rows}
+
+
 def gpu(reps):
     rows = []
     for T in (2048, 8192):
@@ -166,14 +212,24 @@ def main(argv=None):
     p.add_argument("--cpu", action="store_true", help="CPU mode (default without CUDA)")
     p.add_argument("--cpu-shape", default="2,512,4,64", help="B,T,H,D for the CPU mode")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--layers", action="store_true", help="titans layer vs gated_delta layer, forward+backward")
+    p.add_argument("--T", type=int, default=4096, help="sequence length for --layers")
+    p.add_argument("--d-model", type=int, default=256, help="d_model for --layers (heads: --heads)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--note", default=None, help="free text stored in the result (load, baseline numbers)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
-    if args.cpu or not torch.cuda.is_available():
+    if args.layers:
+        cuda = torch.cuda.is_available() and not args.cpu
+        result = layers(args.T, args.d_model, args.heads, args.reps, cuda)
+    elif args.cpu or not torch.cuda.is_available():
         result = cpu(tuple(int(x) for x in args.cpu_shape.split(",")), args.reps)
     else:
         result = gpu(args.reps)
-    print_table(result["rows"], ["op", "T", "fwd_ms", "fwdbwd_ms", "vs_floor", "peak_mb", "speedup_vs_token_loop_fwd",
-                                 "speedup_vs_fla_naive_fwd", "error"])
+    if args.note:
+        result["note"] = args.note
+    print_table(result["rows"], ["op", "T", "fwd_ms", "fwdbwd_ms", "vs_floor", "peak_mb", "ratio_vs_gated_delta",
+                                 "fwdbwd_cpu_ms", "cpu_ratio_vs_gated_delta", "speedup_vs_token_loop_fwd", "speedup_vs_fla_naive_fwd", "error"])
     if not args.no_save:
         print(write_result("titans-" + result["mode"], result))
 

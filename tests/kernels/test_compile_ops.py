@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from op_table import OPS
+from op_table import IDS, OPS
 
 from memzoo.kernels import IMPL_ENV_VAR
 from memzoo.testing import assert_close
@@ -38,14 +38,7 @@ def _compare(op, impl: str, backward: bool, tokens: int) -> None:
         assert_close(a, b, 1e-5, f"{op.name} grad {i}")
 
 
-# The MLP memory's chunked reference writes its weights with out= into views (kernels/titans/mlp_chunk.py,
-# _weights_after), which Dynamo refuses in a full graph; strict, so the mark goes once that is traceable.
-REF_CASES = [pytest.param(op, id=op.name, marks=pytest.mark.xfail(
-    strict=True, raises=torch._dynamo.exc.Unsupported, reason="titans_mlp's chunked reference writes with out="))
-    if op.name == "titans_mlp" else pytest.param(op, id=op.name) for op in OPS]
-
-
-@pytest.mark.parametrize("op", REF_CASES)
+@pytest.mark.parametrize("op", OPS, ids=IDS)
 def test_reference_path_compiles_fullgraph(op, monkeypatch, one_thread):
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
     # Few tokens: the per-token reference loops unroll into the graph, and what is checked is the dispatch around them.

@@ -111,109 +111,158 @@ def _weights_after(x: Tensor, lhs: Tensor, rhs: Tensor, scale: Tensor, f_end: Te
     return out
 
 
-class _MLPChunks(torch.autograd.Function):
+def _chunks_forward(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, miras):
     """The walk over chunks and the reads.
 
     Inputs (chunk first, ``[NC, N, H, b, ...]``): qq = [beta Q | f Q] ``[.., 2D]``, m2 = G^(2) * QK^T and
     g1 = G^(1) ``[.., b]``, k, v ``[.., D]``; x0 ``[2, N, H, E, 2D]``; base0 ``[2, N, H, E, D]``; ends
     ``[NC, N, H, 3]`` = (beta_b, f_b, m_b); g_end, n_end ``[NC, 2, N, H, b]``; next_chunk ``[N]``; miras.
     Returns p = A_q [A1 | S1] ``[NC, N, H, b, 2D]`` and corr = (G^(1) * A_q A^T) G_z ``[NC, N, H, b, D]`` (so
-    Z_q = beta p_W + f p_S - corr), the final state ``[2, N, H, E, 2D]`` and the gradient base of the next token
-    ``[2, N, H, E, D]`` (the start of the chunk holding it).
+    Z_q = beta p_W + f p_S - corr), the final state ``[2, N, H, E, 2D]``, the gradient base of the next token
+    ``[2, N, H, E, D]`` (the start of the chunk holding it), then what the backward reads: every chunk's start
+    state ``[2, NC + 1, N, H, E, 2D]``, act, g_z, g_h, h, z, u (base pass) and h_q, a_q (reads).
     """
+    NC, N, H, b, D = k.shape
+    E = x0.shape[-2]
+    xs = x0.new_empty(2, NC + 1, N, H, E, 2 * D)
+    act, g_h = k.new_empty(NC, N, H, b, E), k.new_empty(NC, N, H, b, E)
+    g_z, z = k.new_empty(NC, N, H, b, D), k.new_empty(NC, N, H, b, D)
+    h, u = k.new_empty(NC, N, H, b, E), k.new_empty(NC, N, H, b, E)
+    scale = _scale(ends, D)
+    xs[:, 0] = x0
+    base = base0
+    for c in range(NC):
+        act[c], g_z[c], g_h[c], h[c], z[c], u[c] = _base_pass(k[c], v[c], base[0], base[1], miras)
+        lhs, _, rhs = _update_operands(act[c], g_z[c], g_h[c], k[c], g_end[c], n_end[c])
+        x = _weights_after(xs[:, c], lhs, rhs, scale[c], ends[c, ..., 1, None, None], xs[:, c + 1])
+        if miras.retention != "l2":
+            x[..., :D] = _retain_completed(miras, x[..., :D], next_chunk, c)
+        base = x[..., :D]
+    n = torch.arange(N, device=k.device)
+    base_end = torch.where((next_chunk == 0).view(-1, 1, 1, 1), base0, xs[:, next_chunk, n, ..., :D])
+    # The reads of every chunk at once, against its start state.
+    h_q = qq @ xs[1, :NC].mT - m2 @ g_h  # [NC, N, H, b, E]
+    a_q = F.gelu(h_q)
+    p = a_q @ xs[0, :NC]  # [NC, N, H, b, 2D]
+    corr = (g1 * (a_q @ act.mT)) @ g_z  # [NC, N, H, b, D]
+    return p, corr, xs[:, NC].clone(), base_end, xs, act, g_z, g_h, h, z, u, h_q, a_q
 
-    @staticmethod
-    def forward(ctx, qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, miras):
-        NC, N, H, b, D = k.shape
-        E = x0.shape[-2]
-        xs = x0.new_empty(2, NC + 1, N, H, E, 2 * D)
-        act, g_h = k.new_empty(NC, N, H, b, E), k.new_empty(NC, N, H, b, E)
-        g_z, z = k.new_empty(NC, N, H, b, D), k.new_empty(NC, N, H, b, D)
-        h, u = k.new_empty(NC, N, H, b, E), k.new_empty(NC, N, H, b, E)
-        scale = _scale(ends, D)
-        xs[:, 0] = x0
-        base = base0
-        for c in range(NC):
-            act[c], g_z[c], g_h[c], h[c], z[c], u[c] = _base_pass(k[c], v[c], base[0], base[1], miras)
-            lhs, _, rhs = _update_operands(act[c], g_z[c], g_h[c], k[c], g_end[c], n_end[c])
-            x = _weights_after(xs[:, c], lhs, rhs, scale[c], ends[c, ..., 1, None, None], xs[:, c + 1])
-            if miras.retention != "l2":
-                x[..., :D] = _retain_completed(miras, x[..., :D], next_chunk, c)
-            base = x[..., :D]
-        n = torch.arange(N, device=k.device)
-        base_end = torch.where((next_chunk == 0).view(-1, 1, 1, 1), base0, xs[:, next_chunk, n, ..., :D])
-        # The reads of every chunk at once, against its start state.
-        h_q = qq @ xs[1, :NC].mT - m2 @ g_h  # [NC, N, H, b, E]
-        a_q = F.gelu(h_q)
-        p = a_q @ xs[0, :NC]  # [NC, N, H, b, 2D]
-        corr = (g1 * (a_q @ act.mT)) @ g_z  # [NC, N, H, b, D]
-        ctx.miras = miras
-        ctx.save_for_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, act, g_z, g_h, h, z, u,
-                              h_q, a_q)
-        return p, corr, xs[:, NC].clone(), base_end
 
-    @staticmethod
-    def backward(ctx, d_p, d_corr, d_end, d_base_end):
-        qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, act, g_z, g_h, h, z, u, h_q, a_q = ctx.saved_tensors
-        miras = ctx.miras
-        NC, D = k.shape[0], k.shape[-1]
-        # The reads' backward, every chunk at once; only their state gradients wait for the reverse walk.
-        s1 = a_q @ act.mT  # [NC, N, H, b, b]
-        d_mask = d_corr @ g_z.mT
-        d_g1, d_s1 = d_mask * s1, d_mask * g1
-        d_gz = (g1 * s1).mT @ d_corr
-        d_hq = (d_p @ xs[0, :NC].mT + d_s1 @ act) * _gelu_grad(h_q)
-        d_act = d_s1.mT @ a_q
-        d_qq = d_hq @ xs[1, :NC]
-        d_m2 = -(d_hq @ g_h.mT)
-        d_gh = -(m2.mT @ d_hq)
-        factors = _base_factors(k, v, h, z, u, miras)
-        scale = _scale(ends, D)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        d_ends, d_gend, d_nend = torch.empty_like(ends), torch.empty_like(g_end), torch.empty_like(n_end)
+def _chunks_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, act, g_z, g_h, h, z, u, h_q, a_q,
+                     d_p, d_corr, d_end, d_base_end, miras):
+    """The gradients of ``_chunks_forward``'s inputs (qq, m2, g1, k, v, x0, base0, ends, g_end, n_end)."""
+    NC, D = k.shape[0], k.shape[-1]
+    # The reads' backward, every chunk at once; only their state gradients wait for the reverse walk.
+    s1 = a_q @ act.mT  # [NC, N, H, b, b]
+    d_mask = d_corr @ g_z.mT
+    d_g1, d_s1 = d_mask * s1, d_mask * g1
+    d_gz = (g1 * s1).mT @ d_corr
+    d_hq = (d_p @ xs[0, :NC].mT + d_s1 @ act) * _gelu_grad(h_q)
+    d_act = d_s1.mT @ a_q
+    d_qq = d_hq @ xs[1, :NC]
+    d_m2 = -(d_hq @ g_h.mT)
+    d_gh = -(m2.mT @ d_hq)
+    factors = _base_factors(k, v, h, z, u, miras)
+    scale = _scale(ends, D)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    d_ends, d_gend, d_nend = torch.empty_like(ends), torch.empty_like(g_end), torch.empty_like(n_end)
 
-        # The returned base is the start of chunk next_chunk (the initial base where that is 0): rows by chunk.
-        rows_at = [[] for _ in range(NC + 1)]
-        for n, c in enumerate(next_chunk.tolist()):
-            rows_at[c].append(n)
-        carry = d_end.clone()  # d of the state after chunk c (= before chunk c + 1)
-        carry[:, rows_at[NC], ..., :D] += d_base_end[:, rows_at[NC]]
-        dx, prod = torch.empty_like(carry), torch.empty_like(carry)
-        for c in reversed(range(NC)):
-            x = xs[:, c]
-            lhs, rows, rhs = _update_operands(act[c], g_z[c], g_h[c], k[c], g_end[c], n_end[c])
-            f_end = ends[c, ..., 1, None, None]
-            if miras.retention != "l2":
-                w = _weights_after(x, lhs, rhs, scale[c], f_end, prod)[..., :D]
-                with torch.enable_grad():
-                    w = w.detach().requires_grad_()
-                    (carry[..., :D],) = torch.autograd.grad(_retain_completed(miras, w, next_chunk, c), w,
-                                                            carry[..., :D])
-            d_lhs = -(rhs @ carry.mT)  # [2, N, H, b, E]
-            d_rhs = -(lhs @ carry)  # [2, N, H, b, 2D]
-            d_gend[c] = (d_rhs[..., :D] * rows).sum(-1)
-            d_nend[c] = (d_rhs[..., D:] * rows).sum(-1)
-            d_rows = d_rhs[..., :D] * g_end[c, ..., None] + d_rhs[..., D:] * n_end[c, ..., None]
-            # d beta_b, d f_b, d m_b: <dW', W>, <dW', S>, <dS', S> summed over both matrices.
-            torch.mul(carry, x, out=prod)
-            d_ends[c, ..., 0::2] = prod.unflatten(-1, (2, D)).sum((0, -3, -1))
-            torch.mul(carry[..., :D], x[..., D:], out=prod[..., :D])
-            d_ends[c, ..., 1] = prod[..., :D].sum((0, -2, -1))
-            torch.mul(carry, scale[c], out=dx)
-            dx[0].flatten(0, 1).baddbmm_(a_q[c].mT.flatten(0, 1), d_p[c].flatten(0, 1))
-            dx[1].flatten(0, 1).baddbmm_(d_hq[c].mT.flatten(0, 1), qq[c].flatten(0, 1))
-            dx[..., D:].addcmul_(f_end, carry[..., :D])
-            base = base0 if c == 0 else x[..., :D]
-            dk_c, dv[c], d_b1, d_b2 = _base_pass_vjp(k[c], base[0], base[1], act[c], g_z[c], [x[c] for x in factors],
-                                                     d_act[c] + d_lhs[0], d_gz[c] + d_rows[0], d_gh[c] + d_lhs[1])
-            dk[c] = dk_c + d_rows[1]
-            d_base = d_base0 = torch.stack((d_b1, d_b2)) if c == 0 else dx[..., :D]
-            if c > 0:
-                d_base[0] += d_b1
-                d_base[1] += d_b2
-            d_base[:, rows_at[c]] += d_base_end[:, rows_at[c]]
-            carry, dx = dx, carry
-        return d_qq, d_m2, d_g1, dk, dv, carry, d_base0, d_ends, d_gend, d_nend, None, None
+    # The returned base is the start of chunk next_chunk (the initial base where that is 0): rows by chunk.
+    rows_at = [[] for _ in range(NC + 1)]
+    for n, c in enumerate(next_chunk.tolist()):
+        rows_at[c].append(n)
+    carry = d_end.clone()  # d of the state after chunk c (= before chunk c + 1)
+    carry[:, rows_at[NC], ..., :D] += d_base_end[:, rows_at[NC]]
+    dx, prod = torch.empty_like(carry), torch.empty_like(carry)
+    for c in reversed(range(NC)):
+        x = xs[:, c]
+        lhs, rows, rhs = _update_operands(act[c], g_z[c], g_h[c], k[c], g_end[c], n_end[c])
+        f_end = ends[c, ..., 1, None, None]
+        if miras.retention != "l2":
+            w = _weights_after(x, lhs, rhs, scale[c], f_end, prod)[..., :D]
+            done = (next_chunk > c).view(-1, 1, 1, 1)
+            carry[..., :D] = torch.where(done, miras.retain_vjp(w, carry[..., :D]), carry[..., :D])
+        d_lhs = -(rhs @ carry.mT)  # [2, N, H, b, E]
+        d_rhs = -(lhs @ carry)  # [2, N, H, b, 2D]
+        d_gend[c] = (d_rhs[..., :D] * rows).sum(-1)
+        d_nend[c] = (d_rhs[..., D:] * rows).sum(-1)
+        d_rows = d_rhs[..., :D] * g_end[c, ..., None] + d_rhs[..., D:] * n_end[c, ..., None]
+        # d beta_b, d f_b, d m_b: <dW', W>, <dW', S>, <dS', S> summed over both matrices.
+        torch.mul(carry, x, out=prod)
+        d_ends[c, ..., 0::2] = prod.unflatten(-1, (2, D)).sum((0, -3, -1))
+        torch.mul(carry[..., :D], x[..., D:], out=prod[..., :D])
+        d_ends[c, ..., 1] = prod[..., :D].sum((0, -2, -1))
+        torch.mul(carry, scale[c], out=dx)
+        dx[0].flatten(0, 1).baddbmm_(a_q[c].mT.flatten(0, 1), d_p[c].flatten(0, 1))
+        dx[1].flatten(0, 1).baddbmm_(d_hq[c].mT.flatten(0, 1), qq[c].flatten(0, 1))
+        dx[..., D:].addcmul_(f_end, carry[..., :D])
+        base = base0 if c == 0 else x[..., :D]
+        dk_c, dv[c], d_b1, d_b2 = _base_pass_vjp(k[c], base[0], base[1], act[c], g_z[c], [x[c] for x in factors],
+                                                 d_act[c] + d_lhs[0], d_gz[c] + d_rows[0], d_gh[c] + d_lhs[1])
+        dk[c] = dk_c + d_rows[1]
+        d_base = d_base0 = torch.stack((d_b1, d_b2)) if c == 0 else dx[..., :D]
+        if c > 0:
+            d_base[0] += d_b1
+            d_base[1] += d_b2
+        d_base[:, rows_at[c]] += d_base_end[:, rows_at[c]]
+        carry, dx = dx, carry
+    return [d_qq, d_m2, d_g1, dk, dv, carry, d_base0, d_ends, d_gend, d_nend]
+
+
+def _miras_args(miras: Miras) -> tuple:
+    return miras.error_map, miras.p, miras.lp_eps, miras.huber_delta, miras.retention, miras.q, miras.lq_eps
+
+
+# Custom ops, so that torch.compile sees one opaque call (no graph break in the chunk walk) with its backward.
+@torch.library.custom_op("memzoo::titans_mlp_chunks", mutates_args=())
+def _chunks_op(qq: Tensor, m2: Tensor, g1: Tensor, k: Tensor, v: Tensor, x0: Tensor, base0: Tensor, ends: Tensor,
+               g_end: Tensor, n_end: Tensor, next_chunk: Tensor, error_map: str, p: float, lp_eps: float,
+               huber_delta: float, retention: str, q: float, lq_eps: float) -> list[Tensor]:
+    miras = Miras(error_map, p, lp_eps, huber_delta, retention, q, lq_eps)
+    return list(_chunks_forward(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, miras))
+
+
+@_chunks_op.register_fake
+def _(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, *miras):
+    NC, N, H, b, D = k.shape
+    E = x0.shape[-2]
+    hidden = [k.new_empty(NC, N, H, b, E) for _ in range(6)]
+    return [torch.empty_like(qq), torch.empty_like(k), torch.empty_like(x0), torch.empty_like(base0),
+            x0.new_empty(2, NC + 1, N, H, E, 2 * D), hidden[0], torch.empty_like(k), hidden[1], hidden[2],
+            torch.empty_like(k), hidden[3], hidden[4], hidden[5]]
+
+
+@torch.library.custom_op("memzoo::titans_mlp_chunks_bwd", mutates_args=())
+def _chunks_bwd_op(qq: Tensor, m2: Tensor, g1: Tensor, k: Tensor, v: Tensor, base0: Tensor, ends: Tensor,
+                   g_end: Tensor, n_end: Tensor, next_chunk: Tensor, xs: Tensor, act: Tensor, g_z: Tensor,
+                   g_h: Tensor, h: Tensor, z: Tensor, u: Tensor, h_q: Tensor, a_q: Tensor, d_p: Tensor,
+                   d_corr: Tensor, d_end: Tensor, d_base_end: Tensor, error_map: str, p: float, lp_eps: float,
+                   huber_delta: float, retention: str, q: float, lq_eps: float) -> list[Tensor]:
+    miras = Miras(error_map, p, lp_eps, huber_delta, retention, q, lq_eps)
+    return _chunks_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, act, g_z, g_h, h, z, u,
+                            h_q, a_q, d_p, d_corr, d_end, d_base_end, miras)
+
+
+@_chunks_bwd_op.register_fake
+def _(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, *rest):
+    return [torch.empty_like(x) for x in (qq, m2, g1, k, v, xs[:, 0], base0, ends, g_end, n_end)]
+
+
+def _setup_context(ctx, inputs, output):
+    qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk = inputs[:11]
+    ctx.save_for_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, *output[4:])
+    ctx.miras = inputs[11:]
+
+
+def _backward(ctx, grads):
+    saved = ctx.saved_tensors
+    d_p, d_corr = (torch.zeros_like(x) if d is None else d for d, x in ((grads[0], saved[0]), (grads[1], saved[3])))
+    d_end = torch.zeros_like(saved[10][:, 0]) if grads[2] is None else grads[2]
+    d_base_end = torch.zeros_like(saved[5]) if grads[3] is None else grads[3]
+    return (*_chunks_bwd_op(*saved, d_p, d_corr, d_end, d_base_end, *ctx.miras), None, *(None,) * 7)
+
+
+_chunks_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _scale(ends: Tensor, D: int) -> Tensor:
@@ -251,8 +300,8 @@ def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2
     base0 = torch.stack((b1, b2.mT))  # [2, N, H, E, D]
     D = q.shape[-1]
     qq = torch.cat((beta * q, f * q), -1)  # [NC, N, H, b, 2D]
-    p, corr, x_end, base = _MLPChunks.apply(qq, g2 * (q @ k.mT), g1, k, v, x0, base0, ends, g_end, n_end,
-                                            next_chunk, miras)
+    p, corr, x_end, base = _chunks_op(qq, g2 * (q @ k.mT), g1, k, v, x0, base0, ends, g_end, n_end, next_chunk,
+                                      *_miras_args(miras))[:4]
     z_q = beta * p[..., :D] + f * p[..., D:] - corr
     y = _from_grid((q + layer_norm(z_q)).movedim(0, 2), where, B, T)
     state = (base[0], x_end[0, ..., :D], x_end[0, ..., D:], base[1].mT, x_end[1, ..., :D].mT, x_end[1, ..., D:].mT)

@@ -113,6 +113,21 @@ class Miras:
             return (r.abs() <= self.huber_delta).to(r.dtype)
         return torch.ones_like(r)
 
+    def retain_vjp(self, w: Tensor, g: Tensor) -> Tensor:
+        """The gradient of ``<g, retain(w)>`` with respect to ``w`` (lq and l2; the chunked MLP form's backward).
+
+        lq: with n = sum |w|^q + lq_eps and c = n^(-(q - 2)/q), retain(w) = c w, so the gradient is
+        c g - (q - 2) <g, w> n^(-(2q - 2)/q) |w|^(q - 2) w.
+        """
+        if self.retention == "kl":
+            raise ValueError("retain_vjp covers the l2 and lq retentions")
+        if self.retention == "lq":
+            norm_q = w.abs().pow(self.q).sum((-2, -1), keepdim=True) + self.lq_eps
+            gw = (g * w).sum((-2, -1), keepdim=True)
+            return (norm_q.pow(-(self.q - 2) / self.q) * g
+                    - (self.q - 2) * gw * norm_q.pow(-(2 * self.q - 2) / self.q) * w.abs().pow(self.q - 2) * w)
+        return g
+
     def retain(self, w: Tensor) -> Tensor:
         """The chunk-boundary retention of one weight matrix ``[..., rows, cols]``."""
         if self.retention == "lq":
