@@ -46,7 +46,8 @@ def _floats(text: str) -> tuple[float, ...]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memzoo-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=sorted(TASKS), help="which benchmark (also: memorize and report, with their own options)")
+    p.add_argument("task", choices=sorted(TASKS),
+                   help="which benchmark (also: memorize and report, with their own options)")
     p.add_argument("--preset", help="named configuration (see --list-presets); default: the task's paper protocol")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument("--config", type=Path, help="a BenchConfig JSON file (as written in results/<run>.json)")

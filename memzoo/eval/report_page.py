@@ -216,7 +216,8 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
     except ValueError:
         folder = str(results_dir)
     cpu_h = sum(p["cpu_s"] for p in done) / 3600
-    commits = sorted({(p["environment"].get("git_commit") or "?")[:10] for p in done})
+    commits = sorted({(p["environment"].get("git_commit") or "?")[:10]
+                      + (" (uncommitted changes)" if p["environment"].get("git_dirty") else "") for p in done})
     machines = sorted({f"{p['environment'].get('device_name')} x{p['environment'].get('cpu_count')}" for p in done})
     by_study = _group(runs, lambda r: r.study)
     lines = [
@@ -242,9 +243,12 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                                       lambda r: claims["mac"](r.labels["variant"]), "MAC variant")
         png = _plot_lengths(series, img / f"results-{preset}-mac.png", f"Titans MAC variants, passkey ({preset})")
         lines += _section("Titans MAC: cross-segment passkey recall",
-                          "One change at a time from the paper's MAC layer (section 4.1); the needle must cross at "
-                          "least one segment boundary at 2x and 4x. The experiments and what they show: "
-                          "[titans.md](titans.md).", folder, "mac-<variant>-s<seed>",
+                          "One change at a time from the paper's MAC layer (section 4.1): `paper` writes the memory "
+                          "with the bare attention output (eq. 24 read literally, `memory_input=\"attention\"`), "
+                          "`residual` with x + y (the default); `control-mag` is a MAG layer on the same task. "
+                          "Training sequences are two segments, so the needle is one to seven segments back. "
+                          "The experiments and what they show: [titans.md](titans.md).", folder,
+                          "mac-<variant>-s<seed>",
                           [*table, "", *_img(page, png, "MAC variants: exact match vs length")])
     if "niah" in by_study:
         table, series = _length_table(by_study["niah"], res, lambda r: r.labels["model"],
