@@ -65,8 +65,8 @@ def test_each_residual_output_is_rescaled_and_nothing_else(name):
 
 
 def test_mac_retrieval_projection_is_drawn_at_the_residual_std():
-    # Not a projection into the residual stream, but drawn like one: at the full init_std the MAC passkey run of
-    # docs/titans.md (mac-residual-s0) stopped learning cross-segment recall (EM at 2x 1.00 -> 0.00).
+    # Not a projection into the residual stream, but drawn like one: the draw of the MAC passkey study
+    # (docs/titans.md); at the full init_std its seed-0 run never learned cross-segment recall.
     model = _model(("titans_mac",))
     h_o = model.blocks[0].mixer.h_o_proj
     assert is_residual_output(h_o)
