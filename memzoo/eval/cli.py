@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-config", action="store_true", help="print the resolved config as JSON and exit")
     g = p.add_argument_group("models")
     g.add_argument("--model", help="comma-separated mixer names or '+'-joined layer patterns, "
-                                   "e.g. attention,gated_delta+attention; prefix 'hmt:' to wrap one in HMT, "
-                                   "'longmem:' to train a LongMem SideNet over it (frozen random backbone)")
+                                   "e.g. attention,gated_delta+attention; prefix a wrapper's name to wrap one: "
+                                   "'hmt:' (HMT), 'longmem:' (a LongMem SideNet over it, frozen random backbone)")
     g.add_argument("--mixer-opts", type=json.loads, help='JSON {mixer: {option: value}}, e.g. \'{"attention": '
                                                           '{"n_heads": 1}}\'')
     g.add_argument("--n-layers", type=int)
@@ -114,6 +114,8 @@ def _replace_all(segments: tuple[Any, ...], **changes: Any) -> tuple[Any, ...]:
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
     """The preset (or ``--config`` file) with the command-line overrides applied."""
+    from ..models.wrappers.base import WRAPPERS
+
     # A count of 0 is an error, not "use the preset's value" (the overrides below test truthiness).
     for flag in ("n_layers", "epochs", "batch_size", "max_steps", "train_len", "train_examples", "test_examples",
                  "vocab", "lr_sweep", "samples", "max_new_tokens"):
@@ -140,7 +142,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         names = [m.strip() for m in args.model.split(",")] if args.model else ["+".join(base.pattern)]
         models = []
         for name in names:
-            pattern = tuple(p.strip() for p in name.removeprefix("hmt:").removeprefix("longmem:").split("+"))
+            prefix, sep, rest = name.partition(":")
+            pattern = tuple(p.strip() for p in (rest if sep and prefix in WRAPPERS else name).split("+"))
             mixers = {k: v for k, v in base.mixers.items() if k in pattern}
             mixers.update({k: v for k, v in opts.items() if k in pattern})
             models.append(ModelSpec.parse(name, mixers, n_layers=args.n_layers or base.n_layers,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +41,15 @@ def log_lrs(low: float, high: float, n: int) -> tuple[float, ...]:
     return tuple(float(f"{10 ** (a + (b - a) * i / (n - 1)):.6g}") for i in range(n))
 
 
-# HMT sized for tasks of 32-512 tokens: 16-token segments, 4 sensory tokens, a 32-slot cache.
-HMT_BENCH_DEFAULTS: dict[str, Any] = {"segment_len": 16, "n_sensory": 4, "cache_size": 32, "recall_dim": 32}
-# LongMem sized for the same tasks: 32-token segments, a 4096-token bank per row, 8 chunks of 4 tokens per query.
-LONGMEM_BENCH_DEFAULTS: dict[str, Any] = {"segment_len": 32, "capacity": 4096, "chunk_size": 4, "n_chunks": 8}
+def _bench_defaults(name: str) -> dict[str, Any]:
+    from memzoo.models.wrappers.base import WRAPPERS
+
+    return dict(WRAPPERS[name].bench_defaults)
+
+
+# Each wrapper's options sized for the synthetic tasks (``Wrapper.bench_defaults``), under their old names.
+HMT_BENCH_DEFAULTS: dict[str, Any] = _bench_defaults("hmt")
+LONGMEM_BENCH_DEFAULTS: dict[str, Any] = _bench_defaults("longmem")
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,13 @@ class ModelSpec:
     d_ff: int | None = 0
     # Display name; defaults to the pattern joined by "+" (wrapped as "hmt(...)" / "longmem(...)").
     name: str = ""
-    # HMTConfig options: wrap the LM in HMT segment recurrence (memzoo.models.wrappers.hmt); None = plain LM.
+    # A model-level wrapper around the LM: {"name": NAME, **options}, NAME one of memzoo.models.WRAPPERS
+    # ("hmt", "longmem"); None = the plain LM.  LongMem's "backbone" (a memzoo export folder) is the frozen
+    # backbone; without it the backbone is the freshly built, randomly initialised LM of this pattern (an
+    # ablation, not the paper's setting).
+    wrapper: dict[str, Any] | None = None
+    # Deprecated (one release): hmt={...} / longmem={...} are wrapper={"name": "hmt", ...}.
     hmt: dict[str, Any] | None = None
-    # LongMemConfig options plus an optional "backbone" (a memzoo export folder): train a LongMem SideNet over a
-    # frozen backbone (memzoo.models.wrappers.longmem).  Without "backbone" the frozen backbone is the freshly
-    # built, randomly initialised LM of this pattern: an ablation, not the paper's setting.
     longmem: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -80,69 +88,57 @@ class ModelSpec:
         object.__setattr__(self, "mixers", mixers)
         if self.n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
-        if self.hmt is not None:
-            from memzoo.models.wrappers.hmt import HMTConfig
-
-            HMTConfig(**self.hmt)
-        if self.longmem is not None:
-            if self.hmt is not None:
-                raise ValueError("a ModelSpec takes hmt or longmem, not both")
-            self.longmem_config()
+        legacy = [k for k in ("hmt", "longmem") if getattr(self, k) is not None]
+        if legacy:
+            if len(legacy) > 1 or self.wrapper is not None:
+                raise ValueError("a ModelSpec takes one wrapper: wrapper=, hmt= or longmem=")
+            warnings.warn(f"ModelSpec({legacy[0]}=...) is deprecated; use wrapper={{'name': '{legacy[0]}', ...}}",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "wrapper", {"name": legacy[0], **getattr(self, legacy[0])})
+            object.__setattr__(self, legacy[0], None)
+        if self.wrapper is not None:
+            self.wrapper_config()
         if not self.name:
             name = "+".join(pattern)
-            wrapper = "hmt" if self.hmt is not None else "longmem" if self.longmem is not None else None
-            object.__setattr__(self, "name", f"{wrapper}({name})" if wrapper else name)
+            object.__setattr__(self, "name", f"{self.wrapper['name']}({name})" if self.wrapper else name)
 
-    def longmem_config(self) -> Any:
-        """``longmem`` without ``backbone`` as a ``LongMemConfig`` (checks the options)."""
-        from memzoo.models.wrappers.longmem import LongMemConfig
+    def wrapper_config(self) -> tuple[type, Any]:
+        """(the wrapper class, its config) for ``wrapper`` (checks the options)."""
+        from memzoo.models.wrappers.base import resolve_wrapper
 
-        if not isinstance(self.longmem, dict):
-            raise TypeError(f"longmem must be a dict of LongMemConfig fields, got {type(self.longmem).__name__}")
-        opts = {k: v for k, v in self.longmem.items() if k != "backbone"}
-        return from_fields(LongMemConfig, opts, "longmem")
+        if not isinstance(self.wrapper, dict):
+            raise TypeError(f"wrapper must be a dict with a 'name' and the wrapper's options, got "
+                            f"{type(self.wrapper).__name__}")
+        return resolve_wrapper(self.wrapper)
 
     @classmethod
     def parse(cls, text: str, mixers: dict[str, dict[str, Any]] | None = None, **kw: Any) -> ModelSpec:
-        """``"attention"``, a pattern ``"gated_delta+gated_delta+attention"``, or either behind
-        ``"hmt:"`` to wrap it in HMT with ``HMT_BENCH_DEFAULTS`` (sized for the synthetic tasks), or behind
-        ``"longmem:"`` to train a LongMem SideNet over it (frozen at random init) with ``LONGMEM_BENCH_DEFAULTS``."""
-        if text.startswith("hmt:"):
-            text = text[len("hmt:"):]
-            kw.setdefault("hmt", dict(HMT_BENCH_DEFAULTS))
-        elif text.startswith("longmem:"):
-            text = text[len("longmem:"):]
-            kw.setdefault("longmem", dict(LONGMEM_BENCH_DEFAULTS))
+        """``"attention"``, a pattern ``"gated_delta+gated_delta+attention"``, or either behind a wrapper's name
+        (``"hmt:attention"``, ``"longmem:attention"``) to wrap it with that wrapper's ``bench_defaults`` (sized for
+        the synthetic tasks; LongMem's backbone is then this pattern, frozen at random init)."""
+        from memzoo.models.wrappers.base import WRAPPERS
+
+        prefix, sep, rest = text.partition(":")
+        if sep and prefix in WRAPPERS:
+            text = rest
+            kw.setdefault("wrapper", {"name": prefix, **WRAPPERS[prefix].bench_defaults})
         return cls(pattern=tuple(p.strip() for p in text.split("+")), mixers=mixers or {}, **kw)
 
     def build(self, vocab_size: int, d_model: int) -> Any:
-        """The model: ``build_model(model_config(...))``, wrapped in HMT when ``hmt`` is set.
-
-        With ``longmem``: a ``LongMem`` over a frozen backbone, the ``backbone`` export when given (its
-        width and depth replace ``d_model`` / ``n_layers``), else this spec's LM at random init.
-        """
+        """The model: ``build_model(model_config(...))``, or the wrapper's ``build`` around it (the same build path
+        as memzoo-train's; a wrapper with a backbone of its own may replace the width and depth)."""
         from memzoo.models import build_model
 
-        if self.longmem is not None:
-            from memzoo.models.wrappers.longmem import LongMem
-
-            path = self.longmem.get("backbone")
-            if path is None:
-                backbone = build_model(self.model_config(vocab_size, d_model))
-            else:
-                from memzoo.train.checkpoint import from_pretrained
-
-                backbone = from_pretrained(path)
-                if backbone.config.vocab_size < vocab_size:
-                    raise ValueError(f"longmem backbone {path!r} has vocab_size {backbone.config.vocab_size} < the "
-                                     f"task's {vocab_size}")
-            return LongMem(backbone, self.longmem_config())
-        model = build_model(self.model_config(vocab_size, d_model))
-        if self.hmt is None:
-            return model
-        from memzoo.models.wrappers.hmt import HMT, HMTConfig
-
-        return HMT(model, HMTConfig(**self.hmt))
+        model_config = self.model_config(vocab_size, d_model)
+        if self.wrapper is None:
+            return build_model(model_config)
+        cls, config = self.wrapper_config()
+        model_config = cls.backbone_config(model_config, config, required=True)
+        model = cls.build(model_config, config, say=lambda *a, **k: None)
+        if model_config.vocab_size < vocab_size:
+            raise ValueError(f"{self.name}: the backbone has vocab_size {model_config.vocab_size} < the task's "
+                             f"{vocab_size}")
+        return model
 
     def model_config(self, vocab_size: int, d_model: int) -> Any:
         from memzoo.models import ModelConfig

@@ -250,7 +250,7 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
 
     return {
         "model": spec.name, "pattern": list(spec.pattern), "mixers": spec.mixers, "n_layers": spec.n_layers,
-        "hmt": spec.hmt, "longmem": spec.longmem,
+        "wrapper": spec.wrapper,
         "d_ff": spec.d_ff, "d_model": d_model, "lr": lr, "seed": seed, "batch_size": batch_size,
         "train_segments": [asdict(c) for c in data.train], "test_segments": [asdict(c) for c in data.test],
         "train_seeds": train_seeds, "test_seeds": test_seeds,

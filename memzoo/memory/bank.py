@@ -8,7 +8,7 @@ rows) and a ring buffer makes eviction a pointer move.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,11 +36,13 @@ def _check_int(name: str, value: object, minimum: int = 1) -> None:
 class KVMemoryBank:
     """A ring buffer of token keys/values per batch row, with one mean key per chunk of ``chunk_size`` tokens.
 
-    A plain class, not an ``nn.Module``: the bank is transient and never enters a ``state_dict`` or checkpoint.
+    A plain class, not an ``nn.Module``: the bank never enters a ``state_dict``.  It is a pytree node of
+    ``memzoo.models.state`` (``_tree_flatten``): every tensor is batch-first, so ``tree_map``, ``detach_state``,
+    ``index_state`` and the trainer's checkpoint of a carried state treat it like any other recurrent state.
 
     Each row has its own write pointer (``ptr``, in chunks) and count of chunks written since its last reset
     (``n_written``); ``append`` writes at the pointer and wraps around, so the oldest chunks are overwritten first.
-    ``stamp`` holds a write counter shared by all rows (strictly increasing within a row), which breaks score ties
+    ``stamp`` holds the row's write counter (``clock``, strictly increasing within a row), which breaks score ties
     toward the most recent chunk.  ``reset`` marks a row's chunks invalid and rewinds its pointer; the stale data
     stays in place but is never returned.
 
@@ -52,7 +54,7 @@ class KVMemoryBank:
 
     Tensors: ``keys``, ``values`` ``[B, H, M, d]``; ``chunk_keys`` ``[B, H, M/csz, d]`` in the bank dtype (the mean of
     the stored token keys, computed in fp32 and rounded once); ``valid`` bool and ``stamp`` int64 ``[B, M/csz]``;
-    ``ptr``, ``n_written`` int64 ``[B]``.
+    ``ptr``, ``n_written``, ``clock`` int64 ``[B]``.
     """
 
     def __init__(self, batch_size: int, n_heads: int, d_head: int, capacity: int, chunk_size: int = 4, *,
@@ -78,8 +80,8 @@ class KVMemoryBank:
         self.stamp = torch.zeros(B, C, device=device, dtype=torch.int64)
         self.ptr = torch.zeros(B, device=device, dtype=torch.int64)
         self.n_written = torch.zeros(B, device=device, dtype=torch.int64)
-        # Chunks written so far by any row: the next stamp.
-        self.clock = 0
+        # Chunks written so far by each row, resets included: the row's next stamp.
+        self.clock = torch.zeros(B, device=device, dtype=torch.int64)
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +102,23 @@ class KVMemoryBank:
 
     def _tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in
-                ("keys", "values", "chunk_keys", "valid", "stamp", "ptr", "n_written")}
+                ("keys", "values", "chunk_keys", "valid", "stamp", "ptr", "n_written", "clock")}
+
+    def _tree_flatten(self) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """The bank as a pytree node (``memzoo.models.state``): its batch-first tensors and its sizes."""
+        return tuple(self._tensors().values()), (self.n_heads, self.d_head, self.capacity, self.chunk_size)
+
+    @classmethod
+    def _tree_unflatten(cls, sizes: tuple[int, ...], leaves: Any) -> KVMemoryBank:
+        out = cls.__new__(cls)
+        out.n_heads, out.d_head, out.capacity, out.chunk_size = sizes
+        out.n_chunks = out.capacity // out.chunk_size
+        names = ("keys", "values", "chunk_keys", "valid", "stamp", "ptr", "n_written", "clock")
+        for name, t in zip(names, leaves, strict=True):
+            setattr(out, name, t)
+        # (A map that returns no tensors, e.g. state_leaves collecting them, leaves no batch size.)
+        out.batch_size = out.keys.shape[0] if isinstance(out.keys, Tensor) else None
+        return out
 
     def _rows(self, rows: Tensor | None, name: str) -> Tensor:
         """Indices of the selected rows (int64 ``[b]``) for a bool ``[B]`` mask."""
@@ -154,10 +172,10 @@ class KVMemoryBank:
         ck = k.float().unflatten(2, (nw, csz)).mean(3).to(self.dtype)  # [b, H, nw, d]
         self.chunk_keys.index_put_((ib, ih, slot[:, None, :]), ck)
         self.valid[b[:, None], slot] = True
-        self.stamp[b[:, None], slot] = self.clock + skip + arange
+        self.stamp[b[:, None], slot] = self.clock[b, None] + skip + arange
         self.ptr[b] = (self.ptr[b] + nc) % C
         self.n_written[b] += nc
-        self.clock += nc
+        self.clock[b] += nc
 
     @torch.no_grad()
     def reset(self, mask: Tensor) -> None:
@@ -259,7 +277,6 @@ class KVMemoryBank:
         out = KVMemoryBank.__new__(KVMemoryBank)
         out.batch_size, out.n_heads, out.d_head = batch_size, self.n_heads, self.d_head
         out.capacity, out.chunk_size, out.n_chunks = self.capacity, self.chunk_size, self.n_chunks
-        out.clock = self.clock
         return out
 
     def __repr__(self) -> str:

@@ -1,6 +1,8 @@
 """Recurrent state as a pytree: helpers that work for every layer without knowing it.
 
-A state is ``None``, a tensor, or a (named) tuple / list / dict of states. Every tensor leaf is
+A state is ``None``, a tensor, a (named) tuple / list / dict of states, or an object that flattens
+itself (``obj._tree_flatten() -> (leaves, aux)``, ``type(obj)._tree_unflatten(aux, leaves)``, e.g.
+LongMem's ``KVMemoryBank``). Every tensor leaf is
 batch-first, so the trainer can detach it (truncated backprop), reorder it by batch index (beam
 search, dropping finished rows) or reset chosen rows (document boundaries) without any
 layer-specific code.
@@ -30,6 +32,9 @@ def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
         return type(tree)(tree_map(fn, t) for t in tree)
     if isinstance(tree, dict):
         return {k: tree_map(fn, v) for k, v in tree.items()}
+    if hasattr(tree, "_tree_flatten"):
+        leaves, aux = tree._tree_flatten()
+        return type(tree)._tree_unflatten(aux, [tree_map(fn, t) for t in leaves])
     return tree
 
 

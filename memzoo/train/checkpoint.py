@@ -2,7 +2,8 @@
 
     out/checkpoints/checkpoint_{step}/   model, optimizer, scheduler, RNG, trainer_state (+ stream_state_{rank}.pt)
     out/final/                           model.safetensors + config.json + tokenizer files
-                                         (LongMem: SideNet only + longmem.json, see longmem_io.py)
+                                         (+ wrapper.json for a wrapper, which chooses what it saves:
+                                         HMT everything, LongMem the SideNet only)
 
 A checkpoint is written to ``checkpoints/.tmp_checkpoint_{step}`` and renamed once every rank has
 finished, so a folder named ``checkpoint_{step}`` is always complete and an interrupted save leaves
@@ -33,8 +34,7 @@ from ..models.config import ModelConfig
 from ..models.state import state_leaves, tree_map
 
 __all__ = ["TrainState", "CheckpointError", "CheckpointWarning", "latest_checkpoint", "resumable_checkpoint",
-           "save_checkpoint", "verify_checkpoint", "write_manifest", "export_model", "from_pretrained",
-           "state_objects"]
+           "save_checkpoint", "verify_checkpoint", "write_manifest", "export_model", "from_pretrained"]
 
 MANIFEST = "manifest.json"
 
@@ -237,10 +237,7 @@ def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, ke
         accelerator.save_state(str(tmp))
     if carried_state is not None:
         leaves = [t.detach().cpu() for t in state_leaves(carried_state)]
-        objects = [_object_payload(o) for o in state_objects(carried_state)]
-        # A state holding plain objects of tensors (LongMem's KVMemoryBank) stores their attributes too.
-        payload = {"leaves": leaves, "objects": objects} if objects else leaves
-        torch.save(payload, tmp / f"stream_state_{accelerator.process_index}.pt")
+        torch.save(leaves, tmp / f"stream_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         Path(tmp, "trainer_state.json").write_text(json.dumps(state.state_dict(), indent=2))
@@ -262,45 +259,15 @@ def load_carried_state(checkpoint: str | Path, rank: int, template: Any) -> Any:
     if not path.is_file():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    objects: list[dict[str, Any]] = []
     if isinstance(payload, dict):
-        payload, objects = payload["leaves"], payload["objects"]
-    targets = state_objects(template)
-    if len(targets) != len(objects):
-        raise ValueError(f"{path}: saved {len(objects)} state objects, the model's state has {len(targets)}")
-    for obj, saved in zip(targets, objects):
-        for name, value in saved.items():
-            current = getattr(obj, name, None)
-            if isinstance(value, torch.Tensor):
-                value = value.to(current.device if isinstance(current, torch.Tensor) else "cpu")
-            setattr(obj, name, value)
+        raise CheckpointError(f"{path}: a carried state written by an older memzoo (its LongMem bank stored apart); "
+                              "this version cannot resume it: start the run again or resume with that version")
+    if len(payload) != len(state_leaves(template)):
+        # (Shapes may differ: a fresh state's caches are empty.)
+        raise CheckpointError(f"{path}: the saved carried state has {len(payload)} tensors, this model's state "
+                              f"{len(state_leaves(template))}")
     leaves = iter(payload)
     return tree_map(lambda t: next(leaves).to(t.device), template)
-
-
-def state_objects(tree: Any) -> list[Any]:
-    """Non-tensor objects with attributes inside a state pytree (e.g. a ``KVMemoryBank``), depth first."""
-    if tree is None or isinstance(tree, (torch.Tensor, str, bytes, int, float, bool)):
-        return []
-    if isinstance(tree, (tuple, list)):
-        return [o for t in tree for o in state_objects(t)]
-    if isinstance(tree, dict):
-        return [o for t in tree.values() for o in state_objects(t)]
-    return [tree] if hasattr(tree, "__dict__") else []
-
-
-def _object_payload(obj: Any) -> dict[str, Any]:
-    """The tensor and number attributes of a state object, as ``torch.load(weights_only=True)`` reads them."""
-    out: dict[str, Any] = {}
-    for name, value in vars(obj).items():
-        if isinstance(value, torch.Tensor):
-            out[name] = value.detach().cpu()
-        elif isinstance(value, (bool, int, float, str)) or value is None:
-            out[name] = value
-        else:
-            raise TypeError(f"cannot checkpoint attribute {name!r} ({type(value).__name__}) of the carried "
-                            f"{type(obj).__name__}")
-    return out
 
 
 def _clean_key(key: str) -> str:
@@ -314,22 +281,30 @@ def _clean_key(key: str) -> str:
     return key
 
 
-def export_model(accelerator: Any, model: torch.nn.Module, config: ModelConfig, directory: str | Path,
-                 tokenizer: Any = None) -> Path | None:
+def export_model(accelerator: Any, model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path | None:
     """Write ``model.safetensors`` + ``config.json`` (+ tokenizer) for ``from_pretrained``; every rank calls it.
 
     ``get_state_dict`` gathers sharded (FSDP, ZeRO-3) weights.  The tied head is dropped, since
-    safetensors refuses tensors that share memory; ``from_pretrained`` re-ties it.
+    safetensors refuses tensors that share memory; ``from_pretrained`` re-ties it.  A wrapper
+    (``memzoo.models.wrappers``) also writes ``wrapper.json`` and chooses which tensors it saves.
     """
     from safetensors.torch import save_file
+
+    from ..models.wrappers.base import Wrapper, export_wrapper
 
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
+    lm = accelerator.unwrap_model(model, keep_torch_compile=False)
     directory = Path(directory)
     tmp = staging_folder(directory)
     tensors = {_clean_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
+    if isinstance(lm, Wrapper):
+        config = lm.export_config()
+        tensors = export_wrapper(lm, tensors, tmp, directory)
+    else:
+        config = lm.config
     if config.tie_embeddings:
         # A wrapped backbone (HMT) stores its tied head as "backbone.lm_head.weight".
         for key in [k for k in tensors if k == "lm_head.weight" or k.endswith(".lm_head.weight")]:
@@ -362,7 +337,8 @@ def publish_folder(tmp: Path, directory: Path, accelerator: Any = None, tokenize
 
 def from_pretrained(path: str | Path, *, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, config: ModelConfig | None = None) -> Any:
-    """Load a ``LanguageModel`` saved by ``memzoo-train`` (``final/``) or an Accelerate checkpoint folder.
+    """Load a ``LanguageModel`` (or a wrapper around one) saved by ``memzoo-train`` (``final/``) or an
+    Accelerate checkpoint folder.
 
     Args:
         path: a folder holding ``model.safetensors`` (and ``config.json``), or the file itself.
@@ -377,21 +353,24 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
     from safetensors.torch import load_file
 
     from ..models import build_model
+    from ..models.wrappers.base import load_wrapper, read_wrapper_meta
+    from ..models.wrappers.longmem_io import LONGMEM_FILE, load_longmem
 
     path = Path(path)
     directory = path.parent if path.suffix == ".safetensors" else path
-    if (directory / "longmem.json").is_file() and config is None:
-        # A LongMem SideNet export (memzoo.train.longmem_io): rebuilt over its recorded, hash-checked backbone.
-        from .longmem_io import load_longmem
-
+    meta = read_wrapper_meta(directory) if config is None else None
+    if meta is None and config is None and (directory / LONGMEM_FILE).is_file():
+        # A LongMem export written before the wrapper protocol.
         return load_longmem(directory, device=device, dtype=dtype)
     weights = path if path.suffix == ".safetensors" else directory / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"from_pretrained: no model.safetensors at {str(path)!r}")
     if config is None:
         config = _find_config(directory)
-    model = build_model(config)
     tensors = {_clean_key(k): v for k, v in load_file(str(weights)).items()}
+    if meta is not None:
+        return load_wrapper(directory, meta, tensors, config).to(device=device, dtype=dtype).eval()
+    model = build_model(config)
     if config.tie_embeddings:
         # Writers keep one name of a tied pair: ours keeps embed.weight, others may keep lm_head.weight.
         if "embed.weight" not in tensors and "lm_head.weight" in tensors:

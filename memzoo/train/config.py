@@ -20,6 +20,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +30,13 @@ from ..models.config import ModelConfig
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.presets import get_preset as get_model_preset
 from ..models.registry import unknown_name
-from ..models.wrappers.hmt import HMTConfig
-from ..models.wrappers.longmem import LongMemConfig
+from ..models.wrappers.base import resolve_wrapper
 from .data import DECODE_ERRORS, source_files
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "SchedConfig", "LoopConfig", "CheckpointConfig", "LogConfig",
-    "LongMemTrainConfig", "TrainConfig", "train_presets", "resolve_config", "validate_config", "split_multiple_of",
-    "apply_longmem_backbone", "check_paths",
+    "TrainConfig", "train_presets", "resolve_config", "validate_config", "split_multiple_of", "apply_wrapper_backbone",
+    "check_paths",
 ]
 
 PACK_MODES = ("block", "varlen", "stream")
@@ -132,22 +132,6 @@ class LogConfig:
     progress: bool = True
 
 
-@dataclass(frozen=True)
-class LongMemTrainConfig(LongMemConfig):
-    """``LongMemConfig`` plus the frozen backbone to wrap (``--longmem.backbone PATH --longmem.capacity 1024``).
-
-    ``backbone``: a memzoo export folder (``memzoo-train``'s ``final/``, loadable by ``memzoo.from_pretrained``).
-    Its ``config.json`` replaces the ``model`` section.  ``None`` wraps a randomly initialised ``model``
-    (smoke tests only: the SideNet then learns on top of an untrained backbone).
-    """
-
-    backbone: str | None = None
-
-    def longmem_config(self) -> LongMemConfig:
-        """The plain ``LongMemConfig`` (without ``backbone``) that ``LongMem`` takes."""
-        return LongMemConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LongMemConfig)})
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -157,10 +141,9 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # Wrap the model in HMT (memzoo.models.wrappers.hmt); None trains the bare language model.
-    hmt: HMTConfig | None = None
-    # Train a LongMem SideNet over a frozen backbone (memzoo.models.wrappers.longmem); None = no wrapper.
-    longmem: LongMemTrainConfig | None = None
+    # A model-level wrapper around the model: {"name": NAME, **its options}, NAME one of memzoo.models.WRAPPERS
+    # ("hmt", "longmem"); --wrapper.name hmt --wrapper.segment_len 64 on the command line.  None: the bare model.
+    wrapper: dict[str, Any] | None = None
     out_dir: str = "runs/default"
     # The training preset this config started from (recorded, not interpreted).
     preset: str | None = None
@@ -179,7 +162,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return _build(cls, d, "")
+        return _build(cls, _legacy_wrappers(d, "config"), "")
+
+    def resolved_wrapper(self) -> tuple[type, Any] | None:
+        """(the wrapper class, its config) for ``wrapper``, or None for the bare model."""
+        if self.wrapper is None:
+            return None
+        try:
+            return resolve_wrapper(self.wrapper)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def tokens_per_step(self) -> int:
@@ -289,12 +281,10 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
         if k not in known:
             raise _unknown(key, known)
         hint = hints[k]
-        optional = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]) and isinstance(v, dict):
-            # HMTConfig | None, LongMemTrainConfig | None given as a mapping.
-            hint = optional[0]
         if hint is ModelConfig:
             kwargs[k] = _build_model(v, key)
+        elif k == "wrapper" and cls is TrainConfig:
+            kwargs[k] = _build_wrapper(v, key)
         elif dataclasses.is_dataclass(hint):
             kwargs[k] = _build(hint, v, key + ".")
         else:
@@ -323,6 +313,49 @@ def _build_model(d: Any, key: str) -> ModelConfig:
         raise ConfigError(f"{key}: {e}") from None
 
 
+def _build_wrapper(d: Any, key: str) -> dict[str, Any] | None:
+    """``{"name": ..., **options}`` with each option converted to its field's type (strings from the command line)."""
+    from ..models.wrappers.base import WRAPPERS
+
+    if d is None or (isinstance(d, str) and d.lower() in ("none", "null")):
+        return None
+    try:
+        if not isinstance(d, dict) or d.get("name") not in WRAPPERS:
+            resolve_wrapper(d, key)  # raises, naming the problem
+        hints = _hints(WRAPPERS[d["name"]].config_class)
+        options = {k: _coerce(v, hints[k], f"{key}.{k}") if k in hints else v for k, v in d.items() if k != "name"}
+        cls, config = resolve_wrapper({"name": d["name"], **options}, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {"name": cls.name, **dataclasses.asdict(config)}
+
+
+# Sections of configs written before the wrapper protocol: ``hmt: {...}`` is ``wrapper: {name: hmt, ...}``.
+_LEGACY_WRAPPER_SECTIONS = ("hmt", "longmem")
+
+
+def _legacy_wrappers(layer: dict[str, Any], where: str) -> dict[str, Any]:
+    """``layer`` with old ``hmt`` / ``longmem`` sections moved into ``wrapper`` (a DeprecationWarning each)."""
+    if not any(k in layer for k in _LEGACY_WRAPPER_SECTIONS):
+        return layer
+    layer = dict(layer)
+    for name in _LEGACY_WRAPPER_SECTIONS:
+        if name not in layer:
+            continue
+        value = layer.pop(name)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            continue
+        warnings.warn(f"{where}: the config section {name!r} is deprecated and will be removed in the next release; "
+                      f"write it as wrapper: {{name: {name}, ...}} (--wrapper.name {name} --wrapper.FIELD VALUE)",
+                      DeprecationWarning, stacklevel=3)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of {name} options, got {value!r}")
+        if layer.get("wrapper") not in (None, {}) and layer["wrapper"].get("name") not in (None, name):
+            raise ConfigError(f"set either wrapper or {name}, not both")
+        layer["wrapper"] = {**(layer.get("wrapper") or {}), "name": name, **value}
+    return layer
+
+
 def _merge(base: dict[str, Any], layer: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Merge ``layer`` into a copy of ``base``; a ``model.preset`` key first replaces the model section."""
     out = dict(base)
@@ -335,7 +368,11 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], prefix: str = "") -> dic
                 out["model"] = get_model_preset(name).to_dict()
             except ValueError as e:
                 raise ConfigError(f"model.preset: {e}") from None
-        if isinstance(v, dict) and v and isinstance(out.get(k), dict):
+        if key == "wrapper" and isinstance(v, dict) and isinstance(out.get(k), dict) and \
+                v.get("name", out[k].get("name")) != out[k].get("name"):
+            # Another wrapper replaces the section (its options are not the previous wrapper's).
+            out[k] = v
+        elif isinstance(v, dict) and v and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v, key + ".")
         else:
             # An empty mapping replaces (--model.mixers {} clears the preset's mixer options).
@@ -426,8 +463,8 @@ def _hmt(stage: int) -> TrainConfig:
     model = ModelConfig(vocab_size=320, d_model=128, n_layers=4, pattern=("attention",),
                         mixers={"attention": {"n_heads": 2}})
     segment_len = 64
-    hmt = HMTConfig(segment_len=segment_len, n_sensory=16, cache_size=300, recall_dim=32, use_recall=stage == 2,
-                    init_from=None if stage == 1 else "runs/hmt-stage-1/final/model.safetensors")
+    hmt = {"name": "hmt", "segment_len": segment_len, "n_sensory": 16, "cache_size": 300, "recall_dim": 32,
+           "use_recall": stage == 2, "init_from": None if stage == 1 else "runs/hmt-stage-1/final/model.safetensors"}
     return TrainConfig(
         model=model,
         data=DataConfig(seq_len=segment_len * (4 if stage == 1 else 15), segment_len=segment_len,
@@ -437,7 +474,7 @@ def _hmt(stage: int) -> TrainConfig:
         train=LoopConfig(max_steps=200 if stage == 1 else 500, micro_bs=2),
         ckpt=CheckpointConfig(every=100, keep=2),
         log=LogConfig(every=10, eval_every=100, eval_iters=10),
-        hmt=hmt, out_dir=f"runs/hmt-stage-{stage}", preset=f"hmt_stage_{stage}",
+        wrapper=hmt, out_dir=f"runs/hmt-stage-{stage}", preset=f"hmt_stage_{stage}",
     )
 
 
@@ -451,8 +488,8 @@ def _longmem_tiny() -> TrainConfig:
     model = ModelConfig(vocab_size=320, d_model=128, n_layers=4, pattern=("attention",),
                         mixers={"attention": {"n_heads": 2}})
     segment_len = 32
-    longmem = LongMemTrainConfig(backbone="runs/tiny-attention/final", segment_len=segment_len, reduction=2,
-                                 capacity=1024, chunk_size=4, n_chunks=8)
+    longmem = {"name": "longmem", "backbone": "runs/tiny-attention/final", "segment_len": segment_len,
+               "reduction": 2, "capacity": 1024, "chunk_size": 4, "n_chunks": 8}
     return TrainConfig(
         model=model,
         data=DataConfig(seq_len=segment_len * 8, segment_len=segment_len, detach_every=1, pack="stream"),
@@ -461,7 +498,7 @@ def _longmem_tiny() -> TrainConfig:
         train=LoopConfig(max_steps=300, micro_bs=4),
         ckpt=CheckpointConfig(every=100, keep=2),
         log=LogConfig(every=10, eval_every=100, eval_iters=10),
-        longmem=longmem, out_dir="runs/longmem-tiny", preset="longmem_tiny",
+        wrapper=longmem, out_dir="runs/longmem-tiny", preset="longmem_tiny",
     )
 
 
@@ -519,7 +556,7 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         parts = dotted.split(".")
-        if parts[0] not in _SECTIONS:
+        if parts[0] not in _SECTIONS and parts[0] not in _LEGACY_WRAPPER_SECTIONS:
             raise _unknown(dotted, list(_SECTIONS))
         node = nested
         for p in parts[:-1]:
@@ -548,37 +585,32 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None,
     else:
         base = TrainConfig().to_dict()
     if file is not None:
-        base = _merge(base, load_config_file(file))
+        base = _merge(base, _legacy_wrappers(load_config_file(file), f"--config {file}"))
     if overrides:
-        base = _merge(base, _nest(overrides))
-    cfg = apply_longmem_backbone(TrainConfig.from_dict(base))
+        base = _merge(base, _legacy_wrappers(_nest(overrides), "command line"))
+    cfg = apply_wrapper_backbone(TrainConfig.from_dict(base))
     validate_config(cfg)
     return cfg
 
 
-def apply_longmem_backbone(cfg: TrainConfig, *, required: bool = False) -> TrainConfig:
-    """With ``longmem.backbone`` set, the ``model`` section becomes the backbone's ``config.json``.
+def apply_wrapper_backbone(cfg: TrainConfig, *, required: bool = False) -> TrainConfig:
+    """The ``model`` section the wrapper's backbone has (LongMem over an export: the export's ``config.json``).
 
-    A backbone folder that does not exist (yet) leaves the config as it is, unless ``required``
-    (the trainer), which raises a ``ConfigError`` naming the two-stage recipe.
+    A backbone that does not exist yet leaves the config as it is, unless ``required`` (the trainer).
     """
-    if cfg.longmem is None or cfg.longmem.backbone is None:
+    wrapper = cfg.resolved_wrapper()
+    if wrapper is None:
         return cfg
-    path = Path(cfg.longmem.backbone)
-    found = path / "config.json" if path.is_dir() else None
-    if found is None or not found.is_file():
-        if required:
-            raise ConfigError(
-                f"longmem.backbone {cfg.longmem.backbone!r} is not a memzoo export folder (model.safetensors + "
-                "config.json): pretrain and export a backbone first (memzoo-train --preset tiny writes "
-                "runs/tiny-attention/final), or pass --longmem.backbone none to wrap a randomly initialised "
-                "model (smoke tests only)")
-        return cfg
+    cls, config = wrapper
     try:
-        model = ModelConfig.from_json(found.read_text())
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"longmem.backbone: cannot read {str(found)!r}: {e}") from None
-    return dataclasses.replace(cfg, model=model)
+        model = cls.backbone_config(cfg.model, config, required=required)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg if model == cfg.model else dataclasses.replace(cfg, model=model)
+
+
+# The name before the wrapper protocol (LongMem was the only wrapper with a backbone of its own).
+apply_longmem_backbone = apply_wrapper_backbone
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -633,25 +665,13 @@ def validate_config(cfg: TrainConfig) -> None:
         need(d.pack != "varlen",
              "data.segment_len needs data.pack 'block' or 'stream': a varlen row resets its state at every "
              "document through cu_seqlens, so there is no state to carry between segments")
-    if cfg.hmt is not None:
-        seg = cfg.hmt.segment_len
-        need(d.pack != "varlen", "hmt needs data.pack 'block' or 'stream' (it does not take cu_seqlens)")
-        need(d.seq_len % seg == 0 and (d.segment_len is None or d.segment_len % seg == 0),
-             f"data.seq_len={d.seq_len} and data.segment_len={d.segment_len} must be multiples of "
-             f"hmt.segment_len={seg}, so that trainer segments and HMT segments line up")
-    if cfg.longmem is not None:
-        seg = cfg.longmem.segment_len
-        need(cfg.hmt is None, "set either hmt or longmem, not both")
-        need(d.pack == "stream",
-             f"longmem needs data.pack 'stream' (each row a persistent document stream whose bank carries over "
-             f"batches and resets at document starts), got {d.pack!r}")
-        need(d.segment_len is not None and d.segment_len % seg == 0,
-             f"longmem needs data.segment_len set to a multiple of longmem.segment_len={seg}, got "
-             f"{d.segment_len}: bank resets happen at trainer segment starts and must fall on LongMem segment "
-             "boundaries")
-        need(d.tokenizer == "byte" or d.tokenizer.startswith("bpe:"),
-             f"longmem: data.tokenizer {d.tokenizer!r} would train a new tokenizer; the frozen backbone needs its "
-             "own: use 'byte' or 'bpe:<backbone>/tokenizer.json'")
+    wrapper = cfg.resolved_wrapper()
+    if wrapper is not None:
+        try:
+            wrapper[0].check_data(wrapper[1], pack=d.pack, seq_len=d.seq_len, segment_len=d.segment_len,
+                                  tokenizer=d.tokenizer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_paths(cfg: TrainConfig) -> None:
@@ -666,13 +686,16 @@ def check_paths(cfg: TrainConfig) -> None:
                               f"memzoo-prepare --out {folder})")
     if d.tokenizer.startswith("bpe:") and not Path(d.tokenizer.removeprefix("bpe:")).expanduser().exists():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r}: no such file or folder")
-    init_from = cfg.hmt.init_from if cfg.hmt is not None and cfg.ckpt.resume == "none" else None
-    if init_from and not Path(init_from).exists():
-        raise ConfigError(f"hmt.init_from {init_from!r}: no such file or folder (train the previous stage first)")
+    wrapper = cfg.resolved_wrapper()
+    if wrapper is not None:
+        try:
+            wrapper[0].check_paths(wrapper[1], resuming=cfg.ckpt.resume != "none")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     out = Path(cfg.out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} exists and is not a folder")
     parent = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"out_dir {str(out)!r}: {str(parent)!r} is not writable")
-    apply_longmem_backbone(cfg, required=True)
+    apply_wrapper_backbone(cfg, required=True)

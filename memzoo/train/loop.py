@@ -29,8 +29,7 @@ from torch import Tensor, nn
 
 from ..models import build_model
 from ..models.state import detach_state, state_leaves
-from ..models.wrappers.hmt import HMT
-from ..models.wrappers.longmem import LongMem
+from ..models.wrappers.base import Wrapper
 from .checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -42,10 +41,9 @@ from .checkpoint import (
     load_carried_state,
     resumable_checkpoint,
     save_checkpoint,
-    state_objects,
     verify_checkpoint,
 )
-from .config import ConfigError, SchedConfig, TrainConfig, apply_longmem_backbone, check_paths, validate_config
+from .config import ConfigError, SchedConfig, TrainConfig, apply_wrapper_backbone, check_paths, validate_config
 from .data import (
     IGNORE_INDEX,
     Batch,
@@ -65,7 +63,7 @@ __all__ = ["train", "run_segments", "reset_model_state", "lr_factor", "param_gro
 def reset_model_state(model: nn.Module, state: tuple[Any, ...], mask: Tensor) -> tuple[Any, ...]:
     """Fresh state for the rows where ``mask`` ``[B]`` is true, in every layer (each mixer's ``reset_state``).
 
-    A model-level wrapper (HMT) that defines ``reset_state`` resets its own state.
+    A model-level wrapper (``memzoo.models.wrappers``) resets its own state.
     """
     if not bool(mask.any()):
         return state
@@ -191,8 +189,13 @@ def _check_model(cfg: TrainConfig, model: Any, tok: Any) -> None:
     if cfg.data.seq_len % model.split_multiple:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be a multiple of the model's "
                           f"split_multiple={model.split_multiple}")
-    if cfg.data.pack == "stream" and not isinstance(model, LongMem):
-        # LongMem's carried state is its bank (bounded by longmem.capacity); the backbone restarts every segment.
+    if cfg.data.pack == "stream" and isinstance(model, Wrapper):
+        try:
+            model.state_size(None)
+        except ValueError:
+            raise ConfigError(f"data.pack='stream' carries the state across batches, but the {model.name} wrapper's "
+                              "state grows without bound") from None
+    elif cfg.data.pack == "stream":
         for name, m in zip(cfg.model.layer_types, model.mixers):
             try:
                 m.state_size(None)
@@ -233,8 +236,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from .tracking import JSONLTracker, flat_config, peak_flops, resolve_trackers, trim_metrics
 
-    # LongMem: the model section is the frozen backbone's config; a missing backbone folder fails here.
-    cfg = apply_longmem_backbone(cfg, required=True)
+    # A wrapper with a backbone of its own (LongMem): the model section is that backbone's config; a missing
+    # backbone folder fails here.
+    cfg = apply_wrapper_backbone(cfg, required=True)
     validate_config(cfg)
     check_paths(cfg)
     # Accelerate keeps its settings in process-wide singletons; a second train() in one process (tests,
@@ -267,22 +271,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
 
     tok, train_tokens, val_tokens = _load_data(cfg, acc, out, resume is not None)
-    longmem_info = None
-    if cfg.longmem is not None:
-        from .longmem_io import build_longmem
-
-        model, longmem_info = build_longmem(cfg.model, cfg.longmem, say)
-        say(f"LongMem over the frozen backbone {longmem_info['path'] or '(random init)'} "
-            f"(sha256 {longmem_info['sha256'][:12]}): training {model.added_parameters():,} SideNet parameters, "
-            f"{sum(p.numel() for p in model.backbone.parameters()):,} backbone parameters frozen")
+    wrapper = cfg.resolved_wrapper()
+    if wrapper is not None:
+        cls, wrapper_config = wrapper
+        model = cls.build(cfg.model, wrapper_config, resume=resume is not None, say=say)
+        say(model.describe())
     else:
         model = build_model(cfg.model)
-    if cfg.hmt is not None:
-        model = HMT(model, cfg.hmt)
-        if cfg.hmt.init_from and resume is None:
-            model.load_stage1(cfg.hmt.init_from)
-        say(f"HMT adds {model.added_parameters():,} parameters ({100 * model.parameter_overhead():.2f}% of the "
-            f"backbone)")
     _check_model(cfg, model, tok)
     tokens_per_step = cfg.tokens_per_step * world
     max_steps = t.max_steps if t.max_tokens is None else -(-t.max_tokens // tokens_per_step)
@@ -399,8 +394,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if aux_sum.item() != 0.0:
                 metrics["moe/aux_loss"] = totals[2].item()
             if carried is not None:
-                metrics["mem/state_bytes"] = (sum(x.numel() * x.element_size() for x in state_leaves(carried))
-                                              + sum(getattr(o, "nbytes", 0) for o in state_objects(carried)))
+                metrics["mem/state_bytes"] = sum(x.numel() * x.element_size() for x in state_leaves(carried))
             acc.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             if not cfg.log.progress:
@@ -430,12 +424,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     final = None
     if cfg.ckpt.export_safetensors:
         say(f"exporting the model to {out / 'final'}")
-    if cfg.ckpt.export_safetensors and longmem_info is not None:
-        from .longmem_io import export_longmem
-
-        final = export_longmem(acc, model, out / "final", longmem_info, tok)
-    elif cfg.ckpt.export_safetensors:
-        final = export_model(acc, model, cfg.model, out / "final", tok)
+        final = export_model(acc, model, out / "final", tok)
     acc.end_training()
     ckpt = latest_checkpoint(out)
     say(f"done: step {state.step}, train loss {_rounded(train_loss)}, val loss {_rounded(last_val)}\n"

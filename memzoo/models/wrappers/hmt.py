@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..contract import resolve_config
 from ..lm import IGNORE_INDEX, LMOutput, check_labels, check_max_new_tokens, check_token_ids, decode_loop
 from ..state import detach_state, index_state, state_batch_size, state_leaves, tree_map
+from .base import Wrapper, register_wrapper
 
 __all__ = ["HMT", "HMTConfig", "HMTState", "recall"]
 
@@ -111,13 +112,47 @@ def recall(summary: Tensor, cache: Tensor, valid: Tensor, w_q: Tensor, w_k: Tens
     return torch.where(any_valid, out, fallback.to(cache.dtype))
 
 
-class HMT(nn.Module):
+@register_wrapper
+class HMT(Wrapper):
     """HMT around ``backbone``; ``forward(input_ids, state=None, labels=None) -> LMOutput``.
 
     The input is cut into segments of ``config.segment_len`` tokens; a trailing shorter piece is
     a (short) segment of its own.  Calls chained through ``state`` therefore equal one call on
     the concatenation whenever the split points are multiples of ``segment_len``.
     """
+
+    name = "hmt"
+    config_class = HMTConfig
+    # 16-token segments, 4 sensory tokens, a 32-slot cache.
+    bench_defaults = {"segment_len": 16, "n_sensory": 4, "cache_size": 32, "recall_dim": 32}
+
+    @classmethod
+    def build(cls, model_config: Any, config: HMTConfig, *, resume: bool = False, say: Any = print) -> HMT:
+        """HMT around a fresh backbone; stage 2 (``init_from``) loads the stage-1 weights unless resuming."""
+        model = super().build(model_config, config, resume=resume, say=say)
+        if config.init_from and not resume:
+            model.load_stage1(config.init_from)
+        return model
+
+    @classmethod
+    def check_data(cls, config: HMTConfig, *, pack: str, seq_len: int, segment_len: int | None,
+                   tokenizer: str) -> None:
+        if pack == "varlen":
+            raise ValueError("hmt needs data.pack 'block' or 'stream' (it does not take cu_seqlens)")
+        seg = config.segment_len
+        if seq_len % seg or (segment_len is not None and segment_len % seg):
+            raise ValueError(f"data.seq_len={seq_len} and data.segment_len={segment_len} must be multiples of "
+                             f"the hmt segment_len={seg}, so that trainer segments and HMT segments line up")
+
+    @classmethod
+    def check_paths(cls, config: HMTConfig, *, resuming: bool) -> None:
+        if config.init_from and not resuming and not Path(config.init_from).exists():
+            raise ValueError(f"hmt init_from {config.init_from!r}: no such file or folder (train the previous stage "
+                             "first)")
+
+    def describe(self) -> str:
+        overhead = 100 * self.parameter_overhead()
+        return f"HMT adds {self.added_parameters():,} parameters ({overhead:.2f}% of the backbone)"
 
     def __init__(self, backbone: nn.Module, config: HMTConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -158,10 +193,6 @@ class HMT(nn.Module):
     @property
     def split_multiple(self) -> int:
         return self.config.segment_len
-
-    def added_parameters(self) -> int:
-        """Parameters HMT adds to the backbone: 2 d d_h + 2 d with recall, d without."""
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("backbone."))
 
     def parameter_overhead(self) -> float:
         """Added parameters as a fraction of the backbone's (unique) parameters."""

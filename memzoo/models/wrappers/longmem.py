@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ from ..contract import resolve_config
 from ..layers.attention import Attention
 from ..layers.memory_attention import MemoryAugmentedAttention
 from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, check_labels, check_max_new_tokens, check_token_ids, decode_loop
+from .base import Wrapper, register_wrapper
 
 __all__ = ["LongMem", "LongMemConfig", "LongMemState", "SideNet"]
 
@@ -59,6 +61,10 @@ class LongMemConfig:
     bank_dtype: str | None = None
     # False: no retrieval (gate forced to 0) and no bank writes: the memory-free baseline.
     use_memory: bool = True
+    # Where the frozen backbone comes from when the wrapper is built from a config (memzoo-train, memzoo-bench):
+    # a memzoo export folder, whose config.json replaces the run's model section; None = the model section at
+    # random init (smoke tests and ablations: the SideNet then learns on top of an untrained backbone).
+    backbone: str | None = None
 
     def __post_init__(self) -> None:
         if self.segment_len < 1 or self.chunk_size < 1 or self.n_chunks < 1 or self.reduction < 1:
@@ -233,13 +239,120 @@ def _adapter(backbone: nn.Module, memory_layer: int | None) -> _MemzooBackbone |
                     f"got {type(backbone).__name__}")
 
 
-class LongMem(nn.Module):
+@register_wrapper
+class LongMem(Wrapper):
     """LongMem around a frozen ``backbone``; ``forward(input_ids, state=None, labels=None) -> LMOutput``.
 
     Calls chained through ``state`` equal one call on the concatenation at any split: the ids of an
     incomplete segment are kept in the state and re-run with the next call's tokens (the bank is
     written only when a segment completes), so ``generate`` equals greedy decoding by full forwards.
     """
+
+    name = "longmem"
+    config_class = LongMemConfig
+    # 32-token segments, a 4096-token bank per row, 8 chunks of 4 tokens per query.
+    bench_defaults = {"segment_len": 32, "capacity": 4096, "chunk_size": 4, "n_chunks": 8}
+
+    @classmethod
+    def backbone_config(cls, model_config: Any, config: LongMemConfig, *, required: bool = False) -> Any:
+        """With ``config.backbone`` set, the backbone export's ``config.json`` (the run's model section is
+        replaced); a folder that does not exist yet leaves ``model_config`` unless ``required``."""
+        from ..config import ModelConfig
+
+        if config.backbone is None:
+            return model_config
+        found = Path(config.backbone) / "config.json"
+        if not found.is_file():
+            if required:
+                raise ValueError(
+                    f"longmem backbone {config.backbone!r} is not a memzoo export folder (model.safetensors + "
+                    "config.json): pretrain and export a backbone first (memzoo-train --preset tiny writes "
+                    "runs/tiny-attention/final), or set the backbone to none to wrap a randomly initialised "
+                    "model (smoke tests only)")
+            return model_config
+        try:
+            return ModelConfig.from_json(found.read_text())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"longmem backbone: cannot read {str(found)!r}: {e}") from None
+
+    @classmethod
+    def build(cls, model_config: Any, config: LongMemConfig, *, resume: bool = False, say: Any = print) -> LongMem:
+        """LongMem over the frozen backbone ``config.backbone`` (or a random backbone of ``model_config``, with a
+        loud warning); records the backbone's path and weight hash for the export."""
+        from ...train.checkpoint import from_pretrained
+        from .. import build_model
+        from .longmem_io import weights_hash
+
+        if config.backbone is None:
+            backbone = build_model(model_config)
+            bar = "!" * 100
+            say(f"{bar}\n!! the LongMem backbone is None: the frozen backbone is RANDOMLY INITIALISED and UNTRAINED. "
+                f"Useful for smoke tests only;\n!! pretrain and export one (memzoo-train --preset tiny) and pass "
+                f"--wrapper.backbone <out_dir>/final.\n{bar}")
+        else:
+            backbone = from_pretrained(config.backbone)
+            if backbone.config.vocab_size < model_config.vocab_size:
+                raise ValueError(f"longmem backbone {config.backbone!r} has vocab_size {backbone.config.vocab_size} "
+                                 f"< the {model_config.vocab_size} the model section asks for")
+        model = cls(backbone, config)
+        model.backbone_record = {"path": config.backbone, "sha256": weights_hash(backbone)}
+        return model
+
+    @classmethod
+    def check_data(cls, config: LongMemConfig, *, pack: str, seq_len: int, segment_len: int | None,
+                   tokenizer: str) -> None:
+        if pack != "stream":
+            raise ValueError(f"longmem needs data.pack 'stream' (each row a persistent document stream whose bank "
+                             f"carries over batches and resets at document starts), got {pack!r}")
+        if segment_len is None or segment_len % config.segment_len:
+            raise ValueError(f"longmem needs data.segment_len set to a multiple of the longmem segment_len="
+                             f"{config.segment_len}, got {segment_len}: bank resets happen at trainer segment starts "
+                             "and must fall on LongMem segment boundaries")
+        if not (tokenizer == "byte" or tokenizer.startswith("bpe:")):
+            raise ValueError(f"longmem: data.tokenizer {tokenizer!r} would train a new tokenizer; the frozen backbone "
+                             "needs its own: use 'byte' or 'bpe:<backbone>/tokenizer.json'")
+
+    def describe(self) -> str:
+        record = getattr(self, "backbone_record", None) or {"path": self.config.backbone, "sha256": "?" * 12}
+        return (f"LongMem over the frozen backbone {record['path'] or '(random init)'} (sha256 "
+                f"{record['sha256'][:12]}): training {self.added_parameters():,} SideNet parameters, "
+                f"{sum(p.numel() for p in self.backbone.parameters()):,} backbone parameters frozen")
+
+    def export_tensors(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The SideNet only: the backbone stays where the record points."""
+        return {k[len("side."):]: v for k, v in state.items() if k.startswith("side.")}
+
+    def export_meta(self, state: dict[str, Tensor], directory: Path) -> dict[str, Any]:
+        """The backbone's record; its hash is checked against the one taken at build time (a changed hash
+        means the "frozen" backbone was updated).  A random backbone is first written next to the export."""
+        from .longmem_io import save_backbone, weights_hash
+
+        record = getattr(self, "backbone_record", None)
+        if record is None:
+            raise RuntimeError("LongMem.export_meta needs a LongMem made by LongMem.build (it records the backbone)")
+        # The gathered state dict, not self.backbone: under FSDP / ZeRO-3 the live parameters are shards.
+        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        live = weights_hash(backbone_state, self.backbone.config.tie_embeddings)
+        if live != record["sha256"]:
+            raise RuntimeError(f"LongMem export: the frozen backbone's weights changed during training "
+                               f"(sha256 {record['sha256'][:12]} -> {live[:12]})")
+        path = record["path"]
+        if path is None:
+            path = str(save_backbone(self.backbone, Path(directory).parent / "random_backbone", backbone_state))
+        return {"backbone": {"path": path, "abs_path": str(Path(path).resolve()), "sha256": record["sha256"],
+                             "random_init": record["path"] is None, "model": self.backbone.config.to_dict()},
+                "sidenet_parameters": self.added_parameters()}
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict[str, Any], tensors: dict[str, Tensor], model_config: Any) -> LongMem:
+        from .longmem_io import longmem_backbone
+
+        model = cls(longmem_backbone(meta, directory), LongMemConfig(**meta["config"]))
+        missing, unexpected = model.side.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"LongMem export {str(directory)!r}: SideNet weights do not match: missing {missing}, "
+                             f"unexpected {unexpected}")
+        return model
 
     def __init__(self, backbone: nn.Module, config: LongMemConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -278,6 +391,9 @@ class LongMem(nn.Module):
     def added_parameters(self) -> int:
         """Parameters LongMem adds to the backbone (the SideNet, memory gate included)."""
         return sum(p.numel() for p in self.side.parameters())
+
+    def export_config(self) -> Any:
+        return self.backbone.config
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -342,10 +458,6 @@ class LongMem(nn.Module):
                              f"{self.config.segment_len} tokens): documents must start on segment boundaries")
         state.bank.reset(mask)
         return state
-
-    def index_state(self, state: LongMemState, index: Tensor) -> LongMemState:
-        """Select / reorder batch rows (a new bank holding the chosen rows)."""
-        return LongMemState(state.bank.index_select(index), state.open_ids.index_select(0, index))
 
     def forward(self, input_ids: Tensor, state: LongMemState | None = None, labels: Tensor | None = None, *,
                 cu_seqlens: Tensor | None = None, output_hidden: bool = False) -> LMOutput:
