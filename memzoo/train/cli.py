@@ -3,7 +3,7 @@
     memzoo-train --preset tiny                                    # CPU, minutes, embedded corpus
     memzoo-train --preset tiny --model.d_model 192 --optim.lr=1e-3 --out_dir runs/wider
     memzoo-train --config run.yaml --resume auto                  # CLI > file > preset > defaults
-    memzoo-train --preset longmem_tiny --longmem.backbone runs/tiny-attention/final   # LongMem SideNet, frozen backbone
+    memzoo-train --preset longmem_tiny --wrapper.backbone runs/tiny-attention/final   # LongMem SideNet, frozen backbone
     memzoo-train presets                                          # list the training presets
     memzoo-train plot runs/a runs/b --out loss.png                # loss curves
     memzoo-train prepare --source stdlib-code --out data/code     # = memzoo-prepare: {train,val}.bin + meta.json
