@@ -17,7 +17,6 @@ Ratios are peer_ms / ours_ms (above 1.0: memzoo is faster).  Results go to
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -130,17 +129,6 @@ def cpu(shape, reps):
     return {"mode": "cpu", "shape_BTHD": list(shape), "chunk_size": 16, "rows": rows}
 
 
-def cpu_time_ms(fn, reps):
-    """Median CPU time of this process for ``fn`` in milliseconds (one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) * 1e3)
-    return statistics.median(times)
-
-
 def layers(T, d_model, n_heads, reps, cuda):
     """Forward+backward of one default ``titans`` layer vs one ``gated_delta`` layer, ratio titans / gated_delta."""
     from memzoo.models import build_mixer
@@ -162,7 +150,7 @@ def layers(T, d_model, n_heads, reps, cuda):
                "fwdbwd_ms": time_ms(fwd_bwd, cuda=cuda, reps=reps)}
         if not cuda:
             # CPU time of this process as well: on a shared machine it moves less with the other load than wall time.
-            row["fwdbwd_cpu_ms"] = cpu_time_ms(fwd_bwd, reps)
+            row["fwdbwd_cpu_ms"] = time_ms(fwd_bwd, cuda=False, reps=reps, clock=time.process_time)
         row["peak_mb"] = peak_mb(fwd_bwd, cuda)
         rows.append(row)
     rows[0]["ratio_vs_gated_delta"] = rows[0]["fwdbwd_ms"] / rows[1]["fwdbwd_ms"]

@@ -252,6 +252,8 @@ def _setup_context(ctx, inputs, output):
     qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk = inputs[:11]
     ctx.save_for_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, *output[4:])
     ctx.miras = inputs[11:]
+    # The outputs past the fourth are saved for the backward only: no zero gradients for them.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grads):
