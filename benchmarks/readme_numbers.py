@@ -3,8 +3,9 @@
 Each command runs in a fresh interpreter from the repository root.  For each one the result records the
 wall time, the CPU time of the child processes (user + system, from ``getrusage``), the 1-minute load average
 before and after, and the score the docs quote (read from the command's own output files).  On an idle machine
-the wall time of these single-process commands is at most about their CPU time (less when two threads
-overlap); on a shared machine wall time grows with the load and CPU time much less, so both are kept.
+the wall time of these single-process commands is about their CPU time; on a shared machine wall time grows
+with the load and CPU time much less, so both are kept.  The commands run with one thread by default: with two,
+threads that wait for each other on a busy machine burn CPU time too, and neither number means much.
 
     python benchmarks/readme_numbers.py                       # every command (tens of minutes on 2 cores)
     python benchmarks/readme_numbers.py --only quickstart,mqar-ci --save
@@ -69,7 +70,7 @@ def _readme_block() -> str:
     return next(b for b in blocks if "build_model(" in b)
 
 
-def run(name: str) -> dict:
+def run(name: str, threads: int | None = 1) -> dict:
     command, argv, score = COMMANDS[name]
     if argv is None:
         argv = ["-c", _readme_block()]
@@ -79,13 +80,14 @@ def run(name: str) -> dict:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0:
             raise SystemExit(f"{command} failed:\n{proc.stderr[-3000:]}")
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        row = {"name": name, "command": command, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+        row = {"name": name, "command": command, "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
         if score is not None:
             row.update(score(out))
@@ -97,6 +99,9 @@ def run(name: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help=f"comma-separated subset of {', '.join(COMMANDS)}")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of the commands (default 1: CPU time is then not inflated by threads "
+                        "waiting for each other on a busy machine; 0 = torch's default, one per core)")
     p.add_argument("--save", action="store_true", help="write results/readme-numbers-<device>-<date>.json")
     a = p.parse_args()
     names = a.only.split(",") if a.only else list(COMMANDS)
@@ -105,14 +110,15 @@ def main() -> None:
         raise SystemExit(f"unknown command name(s) {unknown}; choose from {', '.join(COMMANDS)}")
     rows = []
     for name in names:
-        rows.append(run(name))
+        rows.append(run(name, a.threads or None))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows, ["name", "wall_s", "cpu_s", "load_before", "load_after"])
     if a.save:
         import torch
 
-        print(write_result("readme-numbers", {"cores": os.cpu_count(), "torch_threads_default": torch.get_num_threads(),
-                                              "rows": rows}))
+        name = "readme-numbers" + (f"-{a.only.replace(',', '-')}" if a.only else "")
+        print(write_result(name, {"cores": os.cpu_count(), "torch_threads_default": torch.get_num_threads(),
+                                  "rows": rows}))
 
 
 if __name__ == "__main__":

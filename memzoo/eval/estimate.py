@@ -36,17 +36,23 @@ def format_seconds(s: float) -> str:
     return f"{s / (24 * HOUR):.0f} days"
 
 
-def _batch(data: DataSpec, train: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    # A batch of each train segment; the longest one stands for all (an upper bound).
-    batch_size = data.batch_size or train.batch_size
-    samples = [make_task(dataclasses.replace(c, num_examples=batch_size), seed=0) for c in data.train]
+def _batch(data: DataSpec, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``rows`` examples of each train segment; the longest one stands for all (an upper bound).
+    samples = [make_task(dataclasses.replace(c, num_examples=rows), seed=0) for c in data.train]
     longest = max(samples, key=lambda d: d.inputs.shape[1])
     return longest.inputs, longest.labels
 
 
-def time_step(spec: ModelSpec, d_model: int, data: DataSpec, train: TrainConfig, device: torch.device) -> float:
-    """Seconds of one training step of ``spec`` at width ``d_model`` on a batch of ``data`` (after a first step)."""
-    x, y = (t.to(device) for t in _batch(data, train))
+def time_step(spec: ModelSpec, d_model: int, data: DataSpec, train: TrainConfig, device: torch.device,
+              max_rows: int = 16) -> float:
+    """Seconds of one training step of ``spec`` at width ``d_model`` on a batch of ``data`` (after a first step).
+
+    A batch of more than ``max_rows`` rows is timed at ``max_rows`` and scaled linearly (small batches cost a
+    little more per row, so the scaled time errs high).
+    """
+    batch_size = data.batch_size or train.batch_size
+    rows = min(batch_size, max_rows)
+    x, y = (t.to(device) for t in _batch(data, rows))
     torch.manual_seed(0)
     model = spec.build(data.vocab_size, d_model).to(device)
     params = trainable(model)
@@ -55,7 +61,7 @@ def time_step(spec: ModelSpec, d_model: int, data: DataSpec, train: TrainConfig,
     t0 = time.perf_counter()
     # train_step ends with loss.item(), which waits for the device.
     train_step(model, opt, params, x, y, train, device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) * batch_size / rows
 
 
 def _shape(data: DataSpec, train: TrainConfig) -> tuple[int, float]:
