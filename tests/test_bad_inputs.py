@@ -321,6 +321,8 @@ def _bench_cases():
          r"pattern: unknown mixer 'transformer'"),
         ("bench-d-model-text", lambda e: bench("mqar", "--d-model", "abc", "--dump-config"), ValueError,
          r"argument --d-model: expected comma-separated integers, got 'abc'"),
+        ("bench-threads-negative", lambda e: bench("mqar", "--threads", "-1", "--dump-config"), ValueError,
+         r"--threads must be >= 0 \(0 = one per core\), got -1"),
         ("bench-d-model-negative", lambda e: bench("mqar", "--d-model", "-8", "--dump-config"), ValueError,
          r"d_models must be positive"),
         ("bench-mixer-opts-list", lambda e: bench("mqar", "--mixer-opts", "[1]", "--dump-config"), ValueError,

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 autocast on CUDA")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--yes", action="store_true", help="start even when the estimated time exceeds an hour")
+    g.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: these small models gain little from a second thread, and threads "
+                        "waiting for each other stall when other work shares the cores; 0 = one per core)")
     g = p.add_argument_group("text_niah")
     g.add_argument("--checkpoint", type=Path, help="memzoo-train run or checkpoint directory")
     g.add_argument("--lengths", type=_ints, help="context lengths in tokens, generation included")
@@ -329,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             from .cil import main_cil
 
             return main_cil(args)
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0 = one per core), got {args.threads}")
         cfg = build_config(args)
         if args.dump_config:
             print(json.dumps(cfg.to_dict(), indent=1))
@@ -337,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"memzoo-bench: error: {e}", file=sys.stderr)
         return 2
+    if device == "cpu" and args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not _confirm_size(cfg, device, args.yes):
         return 2
     run_and_save(cfg, args.out, device=device, run_name=args.run_name, plots=not args.no_plots,

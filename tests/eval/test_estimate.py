@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from memzoo.eval import cli, estimate
 from memzoo.eval.config import ModelSpec
@@ -69,5 +70,8 @@ def test_cli_refuses_a_sweep_over_an_hour_without_yes(tmp_path, monkeypatch, cap
     captured = capsys.readouterr()
     assert "192 runs" in captured.out and "estimated at most 3 days on cpu" in captured.out
     assert "pass --yes" in captured.err and "--seeds" in captured.err and not out.exists()
+    # The CPU thread count is set before the estimate (1 unless --threads says otherwise).
+    assert torch.get_num_threads() == 1 and cli.main([*argv, "--threads", "2"]) == 2
+    assert torch.get_num_threads() == 2
     assert cli.main([*argv, "--yes"]) == 0
     assert list((out / "results").glob("mqar-ci-*.json"))
