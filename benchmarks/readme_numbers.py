@@ -57,6 +57,7 @@ COMMANDS = {
                                                             "--no-progress", "--out", "{out}"], _mqar_score),
     "niah-ci": ("memzoo-bench niah --preset ci", ["-m", "memzoo.eval", "niah", "--preset", "ci", "--no-progress",
                                                   "--out", "{out}"], _niah_score),
+    "cil-ci": ("memzoo-bench cil --preset ci", ["-m", "memzoo.eval", "cil", "--preset", "ci", "--out", "{out}"], None),
     "train-tiny": ("python -m memzoo.train --preset tiny", ["-m", "memzoo.train", "--preset", "tiny",
                                                              "--log.progress", "false", "--out_dir", "{out}"],
                    _train_score),

@@ -1,6 +1,6 @@
 """Train a small memzoo language model on text that ships with Python, then sample from it.
 
-    python examples/quickstart.py                      # attention-tiny, 500 steps, ~15 s on 2 CPU cores
+    python examples/quickstart.py                      # attention-tiny, 500 steps, about 28 s of CPU time
     python examples/quickstart.py --preset attention-small --steps 2000 --device cuda
 
 Byte-level tokens (vocabulary 256), so no tokenizer files are needed; the corpus is Python's own

@@ -75,3 +75,36 @@ def test_readme_commands_parse(argv):
 def test_readme_links_exist():
     for target in re.findall(r"\]\(((?:docs|examples|benchmarks)/[^)#]+)", README.read_text()):
         assert (README.parent / target).exists(), target
+
+
+def _recorded() -> dict:
+    """The newest ``benchmarks/readme_numbers.py`` row of each command."""
+    import json
+
+    rows = {}
+    for path in sorted((README.parent / "benchmarks" / "results").glob("readme-numbers-*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            rows[row["name"]] = row
+    return rows
+
+
+def _about(seconds: float) -> str:
+    return f"{round(seconds)} s" if seconds < 90 else f"{round(seconds / 60)} min"
+
+
+def test_quoted_times_and_scores_are_the_recorded_measurements():
+    """Re-measuring (benchmarks/readme_numbers.py --save) without updating the README and docs fails here."""
+    rows = _recorded()
+    readme = README.read_text()
+    docs = (README.parent / "docs" / "benchmarks.md").read_text()
+    training = (README.parent / "docs" / "training.md").read_text()
+    mqar, niah, tiny = rows["mqar-ci"], rows["niah-ci"], rows["train-tiny"]
+    assert f"`examples/quickstart.py` (about {_about(rows['quickstart']['cpu_s'])} of CPU time)" in readme
+    assert f"From Python (about {_about(rows['readme-build-model']['cpu_s'])} of CPU time" in readme
+    assert (f"(accuracy {mqar['accuracy']} after {mqar['steps']} steps, about {_about(mqar['cpu_s'])} of CPU "
+            "time)") in readme
+    assert f"in about {_about(tiny['cpu_s'])} of CPU time:" in readme
+    assert f"about {_about(tiny['cpu_s'])} of CPU time" in training
+    assert f"# {_about(mqar['cpu_s'])} of CPU time (one thread): attention reaches {mqar['accuracy']}" in docs
+    assert (f"8 epochs ({niah['steps']} steps, {_about(niah['cpu_s'])} of CPU time) end at "
+            f"{niah['exact_match']:.0%} exact match, {niah['accuracy']:.2f} token accuracy") in docs
