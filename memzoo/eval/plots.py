@@ -78,7 +78,12 @@ def plot_acc_vs_state(summary: list[dict[str, Any]], path: str | Path, title: st
                     marker="o", capsize=3, label=model)
     ax.set_xscale("log")
     ax.set_xlabel("state bytes per sequence (4 x state_size, longest test length)")
-    ax.set_ylabel(rows[0]["metric"])
+    return _finish_score_axis(ax, rows[0]["metric"], title, fig, path, plt)
+
+
+def _finish_score_axis(ax: Any, metric: str, title: str | None, fig: Any, path: str | Path, plt: Any) -> Path:
+    """A score axis in [0, 1] with grid, legend and title, saved."""
+    ax.set_ylabel(metric)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -135,13 +140,7 @@ def plot_acc_vs_length(summary: list[dict[str, Any]], path: str | Path, title: s
                     marker="o", capsize=3, label=f"{model} d={d}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length")
-    ax.set_ylabel(rows[0]["metric"])
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path, plt)
+    return _finish_score_axis(ax, rows[0]["metric"], title, fig, path, plt)
 
 
 def _save(fig: Any, path: str | Path, plt: Any, tight: bool = True) -> Path:

@@ -24,3 +24,23 @@ def small_config(out_dir: Path, preset: str = "tiny", **overrides: Any) -> Train
     }
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return resolve_config(preset, overrides={k: str(v) if not isinstance(v, str) else v for k, v in base.items()})
+
+
+def poison_third_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the trainer's model return NaN embeddings on its third forward call (one non-finite step)."""
+    import memzoo
+    import memzoo.train.loop as loop
+
+    calls = {"n": 0}
+
+    def poisoned(config: Any) -> Any:
+        model = memzoo.build_model(config)
+
+        def hook(module: Any, args: Any, out: Any) -> Any:
+            calls["n"] += 1
+            return out * float("nan") if calls["n"] == 3 else out
+
+        model.embed.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned)

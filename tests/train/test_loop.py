@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import poison_third_forward, small_config
 
 import memzoo
 from memzoo.models import MIXERS
@@ -130,21 +130,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(overrides, tmp_pa
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    import memzoo.train.loop as loop
-
-    calls = {"n": 0}
-
-    def poisoned(config):
-        model = memzoo.build_model(config)
-
-        def hook(module, args, out):
-            calls["n"] += 1
-            return out * float("nan") if calls["n"] == 3 else out
-
-        model.embed.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(loop, "build_model", poisoned)
+    poison_third_forward(monkeypatch)
     summary = train(small_config(tmp_path, train__max_steps=5, ckpt__export_safetensors=True))
     recs = [r for r in read_metrics(tmp_path) if "loss/train" in r]
     assert [r["optim/skipped_steps"] for r in recs] == [0, 0, 1, 1, 1]
