@@ -9,6 +9,7 @@ import torch
 
 import memzoo
 from memzoo.kernels import triton_available
+from memzoo.models.wrappers.base import WRAPPERS
 
 
 def _first_line(fn) -> str:
@@ -28,7 +29,8 @@ def main() -> None:
 
     print(f"memzoo {memzoo.__version__} (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     print("mixers:   " + ", ".join(f"{name} ({cls.__name__})" for name, cls in sorted(memzoo.MIXERS.items())))
-    print("wrappers: DiscreteKVBottleneck, HMT, LongMem")
+    print("wrappers: " + ", ".join(f"{name} ({cls.__name__})" for name, cls in sorted(WRAPPERS.items()))
+          + '; block FFN slot: dkvb (DiscreteKVBottleneck, ModelConfig(ffn="dkvb"))')
     print('model presets: model shapes, <mixer>-<size> (memzoo.build_model("attention-tiny"), '
           "memzoo-train --model.preset NAME)")
     for name, fn in sorted(memzoo.PRESETS.items()):

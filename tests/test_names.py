@@ -7,6 +7,7 @@ import memzoo
 from memzoo.__main__ import main as memzoo_main
 from memzoo.eval.presets import get_preset as bench_preset
 from memzoo.models.registry import build_mixer
+from memzoo.models.wrappers.base import WRAPPERS
 from memzoo.train import ConfigError, resolve_config, train_presets
 
 
@@ -15,8 +16,8 @@ def test_every_mixer_and_wrapper_importable_by_class_name():
         assert getattr(memzoo, cls.__name__) is cls, name
         assert getattr(memzoo, cls.config_class.__name__) is cls.config_class, name
         assert cls.__name__ in memzoo.__all__
-    for wrapper in ("HMT", "LongMem", "DiscreteKVBottleneck"):
-        assert wrapper in memzoo.__all__ and isinstance(getattr(memzoo, wrapper), type)
+    for cls in (*WRAPPERS.values(), memzoo.DiscreteKVBottleneck):
+        assert getattr(memzoo, cls.__name__) is cls and cls.__name__ in memzoo.__all__
 
 
 @pytest.mark.parametrize("call, match", [

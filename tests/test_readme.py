@@ -24,8 +24,10 @@ def test_readme_status_table_names_every_mixer():
     table = README.read_text().split("## Status", 1)[1].split("\n\n", 2)[1]
     for name, cls in memzoo.MIXERS.items():
         assert f"`{name}`" in table and f"`{cls.__name__}`" in table, name
-    for wrapper in ("HMT", "LongMem", "DiscreteKVBottleneck"):
-        assert f"`{wrapper}`" in table, wrapper
+    from memzoo.models.wrappers.base import WRAPPERS
+
+    for cls in (*WRAPPERS.values(), memzoo.DiscreteKVBottleneck):
+        assert f"wrapper `{cls.__name__}`" in table, cls
 
 
 def _commands() -> list[list[str]]:
