@@ -283,3 +283,18 @@ def test_triton_varlen_with_empty_sequence():
     cu = torch.tensor([0, 9, 9, 40])
     xs, state = linear_inputs(B=1, T=40, K=16, V=16, dtype=torch.float32, n_seq=3, seed=5)
     compare_with_grads(_triton_linear, _ref_linear, xs, state, 2e-5, torch.tensor([0, 4, 7]), 16, cu)
+
+
+def test_mlp_chunk_op_passes_opcheck(monkeypatch):
+    """The MLP walk's custom op: schema, fake tensors, autograd registration and AOT dispatch."""
+    import memzoo.kernels.titans.mlp_chunk as mlp_chunk
+
+    calls = []
+    op = mlp_chunk._chunks_op
+    monkeypatch.setattr(mlp_chunk, "_chunks_op", lambda *args: calls.append(args) or op(*args))
+    xs, state = mlp_inputs(T=9)
+    titans_mlp_chunk_ref(*xs, state, torch.tensor([0, 2]), 4)
+    args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                 for a in calls[0])
+    result = torch.library.opcheck(torch.ops.memzoo.titans_mlp_chunks.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
