@@ -152,6 +152,7 @@ def mac_variants(s: Scale) -> dict[str, tuple[str, dict[str, Any], dict[str, Any
         "paper-np16": ("titans_mac", {**base, "n_persistent": 16}, {}),
         "paper-4seg": ("titans_mac", base, {"train_segments": 4}),
         "residual-4seg": ("titans_mac", res, {"train_segments": 4}),
+        "residual-4seg-3xsteps": ("titans_mac", res, {"train_segments": 4, "steps_factor": 3}),
         "paper-d128": ("titans_mac", base, {"d_model": 2 * s.d_models[0]}),
     }
 
