@@ -41,7 +41,7 @@ def off_diagonal_cosine(v: torch.Tensor) -> float:
 
 def measure(memory_input: str, seed: int, ids: torch.Tensor) -> dict:
     torch.manual_seed(seed)
-    opts = {"segment": SEGMENT, "n_persistent": 4, "n_heads": 2, "memory_input": memory_input}
+    opts = {"segment_len": SEGMENT, "n_persistent": 4, "n_heads": 2, "memory_input": memory_input}
     model = LanguageModel(ModelConfig(vocab_size=64, d_model=D, n_layers=2, pattern=("titans_mac",),
                                       mixers={"titans_mac": opts}, d_ff=0))
     layer = model.blocks[0].mixer

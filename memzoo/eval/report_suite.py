@@ -78,7 +78,7 @@ def _zoo(s: Scale) -> dict[str, ModelSpec]:
         "mom": ModelSpec(("mom",)),
         "titans_linear": ModelSpec(("titans",), {"titans": {"n_heads": 2, "mem_depth": 1}}, name="titans_linear"),
         "titans_mlp": ModelSpec(("titans",), {"titans": {"n_heads": 2}}, name="titans_mlp"),
-        "titans_mac": ModelSpec(("titans_mac",), {"titans_mac": {**hybrid, "segment": w}}),
+        "titans_mac": ModelSpec(("titans_mac",), {"titans_mac": {**hybrid, "segment_len": w}}),
         "titans_mag": ModelSpec(("titans_mag",), {"titans_mag": {**hybrid, "window": w}}),
         "titans_mal": ModelSpec(("titans_mal",), {"titans_mal": {**hybrid, "window": w}}),
         "s4d": ModelSpec(("s4d",)),
@@ -137,7 +137,7 @@ def mac_variants(s: Scale) -> dict[str, tuple[str, dict[str, Any], dict[str, Any
     The base task puts the needle one segment back: training sequences of two segments, so at 1x the needle
     sits in the first segment and the query in the second, and at 2x / 4x it is 3 / 7 segments back.
     """
-    base = {"n_heads": 2, "n_persistent": 4, "segment": s.mac_segment, "memory_input": "attention"}
+    base = {"n_heads": 2, "n_persistent": 4, "segment_len": s.mac_segment, "memory_input": "attention"}
     res = {**base, "memory_input": "residual"}
     mag = {"n_heads": 2, "n_persistent": 4, "window": s.mac_segment}
     return {

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -151,6 +152,28 @@ def check_field_types(owner: str, config_class: type, values: dict[str, Any]) ->
                             f"{' or None' if optional else ''}, got {value!r} ({type(value).__name__})")
 
 
+def renamed_options(owner: str, config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the old names of renamed fields replaced by the new ones, a ``DeprecationWarning`` each.
+
+    A config class lists its renames in ``_renamed_fields`` (old -> new); they are accepted for one release.
+    """
+    renamed = getattr(config_class, "_renamed_fields", None)
+    if not renamed or not any(k in renamed for k in values):
+        return values
+    out = {}
+    for key, value in values.items():
+        new = renamed.get(key)
+        if new is None:
+            out[key] = value
+            continue
+        if new in values:
+            raise TypeError(f"{owner}: {key!r} is the old name of {new!r}; pass only {new!r}")
+        warnings.warn(f"{owner}: the option {key!r} is now {new!r}; the old name will be removed in the next release",
+                      DeprecationWarning, stacklevel=4)
+        out[new] = value
+    return out
+
+
 def resolve_config(owner: str, config_class: type, config: Any, kwargs: dict[str, Any]) -> Any:
     """The config a module was built with: ``config`` itself, or ``config_class(**kwargs)``, never both.
 
@@ -158,6 +181,7 @@ def resolve_config(owner: str, config_class: type, config: Any, kwargs: dict[str
         TypeError: both were given, ``config`` is not a ``config_class``, or a keyword has the wrong type.
     """
     if config is None:
+        kwargs = renamed_options(owner, config_class, kwargs)
         check_field_types(owner, config_class, kwargs)
         return config_class(**kwargs)
     if kwargs:

@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from .contract import Mixer, check_field_types
+from .contract import Mixer, check_field_types, renamed_options
 from .layers import TitansMAC, TitansMAG, TitansMAL
 from .layers.attention import Attention
 from .layers.gated_delta import GatedDeltaNet
@@ -56,6 +56,7 @@ def mixer_config(name: str, d_model: int, overrides: dict[str, Any] | None = Non
     overrides = dict(overrides or {})
     if "d_model" in overrides:
         raise ValueError(f"mixer {name!r}: d_model is set by the model, not per mixer")
+    overrides = renamed_options(f"mixer {name!r}", cls.config_class, overrides)
     try:
         check_field_types(f"mixer {name!r}", cls.config_class, {"d_model": d_model, **overrides})
         return cls.config_class(d_model=d_model, **overrides)

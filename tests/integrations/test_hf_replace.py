@@ -61,7 +61,7 @@ MIXER_OPTIONS = {
     "gla": {"n_heads": 2},
     "mom": {"n_heads": 2},
     "titans": {"chunk_size": 4},
-    "titans_mac": {"segment": 4},
+    "titans_mac": {"segment_len": 4},
     "titans_mag": {"window": 4},
     "titans_mal": {"window": 4},
     "s4d": {},

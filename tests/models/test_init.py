@@ -27,7 +27,7 @@ RESIDUAL_OUTPUTS = {
     "titans_mag": {"memory.o_proj", "attn.o_proj"},
     "titans_mal": {"memory.o_proj", "attn.o_proj"},
 }
-SMALL = {"titans_mac": {"segment": 8, "n_persistent": 4}, "titans_mag": {"window": 8, "n_persistent": 4},
+SMALL = {"titans_mac": {"segment_len": 8, "n_persistent": 4}, "titans_mag": {"window": 8, "n_persistent": 4},
          "titans_mal": {"window": 8, "n_persistent": 4}}
 N_LAYERS, STD = 8, 0.02
 

@@ -55,13 +55,13 @@ def reference(layer, x):
                 streams = []
                 for i, conv in enumerate((layer.q_conv, layer.k_conv, layer.v_conv)):
                     if conv is None:
-                        streams.append(F.silu(hist[m][-1][i]) if c.backend == "gated_deltanet" else hist[m][-1][i])
+                        streams.append(F.silu(hist[m][-1][i]) if c.update_rule == "gated_delta" else hist[m][-1][i])
                         continue
                     window = [h[i] for h in hist[m][-W:]]
                     acc = sum(conv.weight[:, W - len(window) + j] * u for j, u in enumerate(window))
                     streams.append(F.silu(acc))
                 q, k, v = streams[0].view(H, K), streams[1].view(H, K), streams[2].view(H, V)
-                if c.backend == "gated_deltanet":
+                if c.update_rule == "gated_delta":
                     beta, a = torch.sigmoid(rest[:H]), rest[H:]
                     alpha = torch.exp(-layer.A_log.exp() * F.softplus(a + layer.dt_bias))  # [H]
                     q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
@@ -69,7 +69,7 @@ def reference(layer, x):
                     decayed = alpha[:, None, None] * S[m]
                     err = v - torch.einsum("hkv,hk->hv", decayed, k)
                     S[m] = decayed + beta[:, None, None] * k[:, :, None] * err[:, None, :]
-                elif c.backend == "gla":
+                elif c.update_rule == "gla":
                     alpha = torch.exp(F.logsigmoid(rest.view(H, K)) / c.gate_logit_normalizer)
                     S[m] = alpha[:, :, None] * S[m] + k[:, :, None] * v[:, None, :]
                 else:
@@ -85,8 +85,8 @@ CONFIGS = [
     pytest.param({}, id="gdn-paper-defaults"),
     pytest.param({"use_short_conv": False, "shared_mem": False}, id="gdn-noconv-noshared"),
     pytest.param({"num_memories": 3, "topk": 3, "conv_size": 2}, id="gdn-k-eq-m"),
-    pytest.param({"backend": "gla", "num_memories": 3, "topk": 2, "gate_logit_normalizer": 1.0}, id="gla"),
-    pytest.param({"backend": "linear_attn", "use_gate": False}, id="linear-attn"),
+    pytest.param({"update_rule": "gla", "num_memories": 3, "topk": 2, "gate_logit_normalizer": 1.0}, id="gla"),
+    pytest.param({"update_rule": "linear_attn", "use_gate": False}, id="linear-attn"),
 ]
 
 
@@ -228,7 +228,7 @@ def test_single_memory_without_shared_is_gated_deltanet():
 
 
 @pytest.mark.parametrize("bad", [{"topk": 5}, {"num_memories": 0, "topk": 0}, {"topk": 0},
-                                 {"backend": "mamba"}, {"path": "loop"}, {"aux_loss_scale": -1.0}])
+                                 {"update_rule": "mamba"}, {"path": "loop"}, {"aux_loss_scale": -1.0}])
 def test_bad_configs_raise(bad):
     with pytest.raises(ValueError):
         MixtureOfMemories(d_model=D, n_heads=2, **bad)
@@ -259,6 +259,6 @@ def test_extra_flops_count_the_routed_and_shared_memories():
     layer = MixtureOfMemories(d_model=32, n_heads=2, num_memories=4, topk=2, chunk_size=16)
     one = chunked_memory_flops(2, 16, 16, 16, 64, wy=True)
     assert layer.extra_flops_per_token(64) == 3 * one
-    alone = MixtureOfMemories(d_model=32, n_heads=2, num_memories=4, topk=1, shared_mem=False, backend="gla",
+    alone = MixtureOfMemories(d_model=32, n_heads=2, num_memories=4, topk=1, shared_mem=False, update_rule="gla",
                               chunk_size=16)
     assert alone.extra_flops_per_token(64) == chunked_memory_flops(2, 16, 16, 16, 64)

@@ -19,9 +19,9 @@ TOL = 1e-5
 STATE_TOL = 5e-5
 
 SMALL = {
-    "titans_mac": {"segment": 4, "n_persistent": 3, "memory": {"chunk_size": 3, "mem_expansion": 2}},
-    "titans_mac_linear": {"segment": 5, "n_persistent": 2, "memory": {"mem_depth": 1, "chunk_size": 2}},
-    "titans_mac_attention": {"segment": 4, "n_persistent": 2, "memory_input": "attention", "memory": {"chunk_size": 3}},
+    "titans_mac": {"segment_len": 4, "n_persistent": 3, "memory": {"chunk_size": 3, "mem_expansion": 2}},
+    "titans_mac_linear": {"segment_len": 5, "n_persistent": 2, "memory": {"mem_depth": 1, "chunk_size": 2}},
+    "titans_mac_attention": {"segment_len": 4, "n_persistent": 2, "memory_input": "attention", "memory": {"chunk_size": 3}},
     "titans_mag": {"window": 5, "n_persistent": 3, "prime_memory": True, "memory": {"chunk_size": 4}},
     "titans_mal": {"window": 4, "n_persistent": 2, "prime_memory": True, "memory": {"mem_depth": 1, "chunk_size": 3}},
     "titans_mal_plain": {"window": 4, "n_persistent": 2, "memory": {"chunk_size": 3}},
@@ -91,7 +91,7 @@ def test_chained_equals_one_pass(name, opts, cuts):
 
 def mac_reference(layer, x):
     """MAC written straight from eqs 21-25 with a hand-built dense mask over [P || h || S] per segment."""
-    C, Np, attn, mem = layer.config.segment, layer.config.n_persistent, layer.attn, layer.memory
+    C, Np, attn, mem = layer.config.segment_len, layer.config.n_persistent, layer.attn, layer.memory
     B, T, _ = x.shape
     H, Dh = attn.n_heads, attn.d_head
     state = mem.init_state(B)
@@ -182,7 +182,7 @@ def test_causal(name, opts):
         assert not torch.allclose(y2[:, j], y[:, j])
 
 
-@pytest.mark.parametrize("name,opts", [("titans_mac", {"segment": 0}), ("titans_mag", {"window": 0}),
+@pytest.mark.parametrize("name,opts", [("titans_mac", {"segment_len": 0}), ("titans_mag", {"window": 0}),
                                        ("titans_mal", {"n_persistent": -1}), ("titans_mac", {"n_heads": 3}),
                                        ("titans_mac", {"memory_input": "input"}),
                                        ("titans_mag", {"memory": {"mem_depth": 3}}),
@@ -244,7 +244,7 @@ def _train_recall(mixer, opts, steps):
 # through the memory (attention never sees the other segment).
 @pytest.mark.slow
 @pytest.mark.parametrize("mixer,opts,steps,margin", [
-    ("titans_mac", {"segment": 4, "n_persistent": 4, "memory": {"chunk_size": 4, "mem_expansion": 2}}, 200, 0.2),
+    ("titans_mac", {"segment_len": 4, "n_persistent": 4, "memory": {"chunk_size": 4, "mem_expansion": 2}}, 200, 0.2),
     ("titans", {"chunk_size": 4, "mem_expansion": 2}, 150, 0.5),
 ], ids=["mac-across-segments", "lmm"])
 def test_recall_training_beats_the_same_model_without_memory(mixer, opts, steps, margin, one_thread, memory_free):

@@ -36,7 +36,7 @@ def inner_loss(c, r):
     """The attentional bias whose gradient the memory follows: Titans' 1/2 ||r||^2 or a Miras loss (spec §5)."""
     if c.error_map == "lp":
         # ||r||_p^p with |r| smoothed to sqrt(r^2 + eps); its gradient is the lp error map.
-        return (r * r + c.lp_eps).pow(c.p / 2).sum()
+        return (r * r + c.lp_eps).pow(c.error_p / 2).sum()
     if c.error_map == "huber":
         a = r.abs()
         return torch.where(a <= c.huber_delta, 0.5 * r * r, c.huber_delta * (a - 0.5 * c.huber_delta)).sum()
@@ -46,7 +46,7 @@ def inner_loss(c, r):
 def retain(c, w):
     """The Miras retention at a chunk boundary, per head ([H, rows, cols])."""
     if c.retention == "lq":
-        return w / ((w.abs() ** c.q).sum((1, 2), keepdim=True) + c.lq_eps) ** (1 - 2 / c.q)
+        return w / ((w.abs() ** c.retention_q).sum((1, 2), keepdim=True) + c.lq_eps) ** (1 - 2 / c.retention_q)
     if c.retention == "kl":
         e = torch.where(w > c.kl_eps, w, torch.full_like(w, c.kl_eps)) ** (1 - c.kl_lambda)
         return c.kl_scale * e / e.sum(-1, keepdim=True)
@@ -95,9 +95,9 @@ def oracle(layer, x):
     {"mem_depth": 1, "chunk_size": 16, "alpha_shape": "head"},
     {"mem_depth": 2, "chunk_size": 4},
     {"mem_depth": 2, "chunk_size": 16, "per_matrix_lr": False, "momentum": False},
-    {"mem_depth": 1, "chunk_size": 4, "error_map": "lp", "p": 3.0, "retention": "lq"},
+    {"mem_depth": 1, "chunk_size": 4, "error_map": "lp", "error_p": 3.0, "retention": "lq"},
     {"mem_depth": 1, "chunk_size": 5, "error_map": "huber", "huber_delta": 0.05, "retention": "kl", "kl_lambda": 0.3},
-    {"mem_depth": 2, "chunk_size": 4, "error_map": "lp", "p": 1.5, "retention": "lq", "q": 3.0},
+    {"mem_depth": 2, "chunk_size": 4, "error_map": "lp", "error_p": 1.5, "retention": "lq", "retention_q": 3.0},
     {"mem_depth": 2, "chunk_size": 3, "error_map": "huber", "huber_delta": 0.1},
 ], ids=["linear_b4", "linear_b16_head", "mlp_b4", "mlp_b16_shared_nomom", "linear_lp_lq", "linear_huber_kl",
         "mlp_lp_lq", "mlp_huber"])
@@ -205,9 +205,9 @@ def test_defaults_and_state_size():
     ({"impl": "cuda"}, "impl"),
     ({"error_map": "l1"}, "error_map"),
     ({"retention": "l1"}, "retention"),
-    ({"error_map": "lp", "p": 0.5}, "p >= 1"),
+    ({"error_map": "lp", "error_p": 0.5}, "p >= 1"),
     ({"error_map": "huber", "huber_delta": 0.0}, "huber_delta"),
-    ({"retention": "lq", "q": 1.0}, "q > 1"),
+    ({"retention": "lq", "retention_q": 1.0}, "q > 1"),
     ({"retention": "kl", "kl_lambda": 1.0}, "kl"),
     ({"mem_depth": 2, "retention": "kl"}, "mem_depth=1"),
     ({"mem_depth": 1, "impl": "triton", "error_map": "lp"}, "triton"),

@@ -9,7 +9,7 @@ with the default Gated DeltaNet rule (per head, state S [K, V]):
     o_t = sum_j w_{t,j} S^{idx_{t,j} T}_t q_t / sqrt(K)  +  S^{sh T}_t q_t / sqrt(K)
 
 The shared memory sees every token with weight 1.  Then y = o_proj(RMSNorm_head(o) * SiLU(g_proj(x))).
-``backend`` swaps the rule: "gla" (per-key decay, no delta) or "linear_attn" (no decay).
+``update_rule`` swaps the rule: "gla" (per-key decay, no delta) or "linear_attn" (no decay).
 
 Short convolution (decided here, as the reference's inference path): q, k and v are convolved in each
 memory's routed order, so the window of token t in memory m holds the last W routed tokens of m in
@@ -25,8 +25,9 @@ routed conv above.  The state is ``[B, Mt, H, K, V]`` fp32 (Mt = M + shared, the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ from .mom_routing import balance_loss, memory_load, plan_segments, route, z_loss
 
 __all__ = ["MoMConfig", "MoMState", "MixtureOfMemories"]
 
-BACKENDS = ("gated_deltanet", "gla", "linear_attn")
+UPDATE_RULES = ("gated_delta", "gla", "linear_attn")
 PATHS = ("varlen", "dense")
 
 
@@ -68,8 +69,8 @@ class MoMConfig(HeadDims):
     topk: int = 2
     # An extra memory fed by every token and read with weight 1.
     shared_mem: bool = True
-    # Update rule of every memory: "gated_deltanet" | "gla" | "linear_attn".
-    backend: str = "gated_deltanet"
+    # Update rule of every memory: "gated_delta" | "gla" | "linear_attn" (the first two as the mixers of those names).
+    update_rule: str = "gated_delta"
     # "varlen" (packed segments, the fast path) | "dense" (masked full-length memories, the oracle).
     path: str = "varlen"
     # Short causal conv + SiLU on q, k, v in routed order; without it q, k, v pass through SiLU for the delta rule.
@@ -80,10 +81,12 @@ class MoMConfig(HeadDims):
     # Weight of the per-layer Switch balance loss and of the router z-loss (0 turns a loss off).
     aux_loss_scale: float = 0.01
     z_loss_scale: float = 0.0
-    # GLA backend: log-decay = logsigmoid(.) / this (larger keeps decays nearer 1).
+    # GLA rule: log-decay = logsigmoid(.) / this (larger keeps decays nearer 1).
     gate_logit_normalizer: float = 16.0
     chunk_size: int = 64
     impl: str = "auto"
+    # Old option names, accepted with a DeprecationWarning for one release.
+    _renamed_fields: ClassVar[dict[str, str]] = {"backend": "update_rule"}
 
     def __post_init__(self) -> None:
         self.check_head_dims()
@@ -91,8 +94,12 @@ class MoMConfig(HeadDims):
             raise ValueError(f"num_memories must be >= 1, got {self.num_memories}")
         if not 1 <= self.topk <= self.num_memories:
             raise ValueError(f"topk must be in [1, num_memories={self.num_memories}], got {self.topk}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.update_rule == "gated_deltanet":
+            warnings.warn("MoM update_rule 'gated_deltanet' is now 'gated_delta' (the mixer's name); the old value "
+                          "will be removed in the next release", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "update_rule", "gated_delta")
+        if self.update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
         if self.conv_size < 1 or self.norm_eps <= 0 or self.gate_logit_normalizer <= 0:
@@ -125,12 +132,12 @@ class MixtureOfMemories(Mixer):
         c = self.config
         H, K, V = self.n_heads, self.head_k, self.head_v = c.n_heads, c.head_k, c.head_v
         # Per-memory columns: k | v | beta (delta rule) | decay input (H for the delta rule, H*K for GLA).
-        self.n_gate = {"gated_deltanet": 2 * H, "gla": H * K, "linear_attn": 0}[c.backend]
+        self.n_gate = {"gated_delta": 2 * H, "gla": H * K, "linear_attn": 0}[c.update_rule]
         self.router = nn.Linear(c.d_model, c.num_memories, bias=False)
         self.q_proj = nn.Linear(c.d_model, H * K, bias=False)
         self.mem_proj = nn.Parameter(torch.empty(c.n_slots, c.d_model, H * K + H * V + self.n_gate))
         nn.init.uniform_(self.mem_proj, -c.d_model ** -0.5, c.d_model ** -0.5)
-        if c.backend == "gated_deltanet":
+        if c.update_rule == "gated_delta":
             # One Mamba-2 decay parameterisation shared by all memories, as the reference.
             self.A_log = nn.Parameter(torch.empty(H))
             self.dt_bias = nn.Parameter(torch.empty(H))
@@ -160,7 +167,7 @@ class MixtureOfMemories(Mixer):
         gather/scatter are memory traffic, not counted)."""
         c = self.config
         per_memory = chunked_memory_flops(self.n_heads, self.head_k, self.head_v, c.chunk_size, seq_len,
-                                          wy=c.backend == "gated_deltanet")
+                                          wy=c.update_rule == "gated_delta")
         return (c.topk + int(c.shared_mem)) * per_memory
 
     def num_activated_parameters(self) -> int:
@@ -181,11 +188,11 @@ class MixtureOfMemories(Mixer):
         """Projection columns -> pre-conv k, v and the fp32 log-decay g and beta (None where unused)."""
         H, K, V = self.n_heads, self.head_k, self.head_v
         k, v, rest = p.split((H * K, H * V, self.n_gate), dim=-1)
-        if self.config.backend == "gated_deltanet":
+        if self.config.update_rule == "gated_delta":
             b, a = rest.float().chunk(2, dim=-1)
             g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
             return k, v, g, torch.sigmoid(b)
-        if self.config.backend == "gla":
+        if self.config.update_rule == "gla":
             return k, v, (F.logsigmoid(rest.float()) / self.config.gate_logit_normalizer).unflatten(-1, (H, K)), None
         return k, v, None, None
 
@@ -193,18 +200,18 @@ class MixtureOfMemories(Mixer):
                *, step: bool) -> tuple[list[Tensor], list[Tensor | None]]:
         """Short conv + SiLU per stream on ``[1, L, C]`` packed segments (or ``[N, C]`` tokens when ``step``)."""
         return apply_short_convs((self.q_conv, self.k_conv, self.v_conv), streams, tails, cu, step=step,
-                                 silu_without_conv=self.config.backend == "gated_deltanet")
+                                 silu_without_conv=self.config.update_rule == "gated_delta")
 
     def _recur(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None,
                h0: Tensor | None, cu: Tensor | None, *, step: bool) -> tuple[Tensor, Tensor]:
-        """The backend's op on ``[B, T, H, *]`` inputs; the fused recurrent kernel when decoding without grad."""
+        """The update rule's op on ``[B, T, H, *]`` inputs; the fused recurrent kernel when decoding without grad."""
         c = self.config
         fused = step and not needs_grad(self, q, h0)
         kw = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu, impl=c.impl, chunk_size=c.chunk_size)
-        if c.backend == "gated_deltanet":
+        if c.update_rule == "gated_delta":
             op = fused_recurrent_gated_delta_rule if fused else chunk_gated_delta_rule
             return op(q, k, v, g, beta, use_qk_l2norm=True, **kw)
-        if c.backend == "gla":
+        if c.update_rule == "gla":
             return (fused_recurrent_gla if fused else chunk_gla)(q, k, v, g, **kw)
         if fused:
             return fused_recurrent_gla(q, k, v, q.new_zeros(q.shape, dtype=torch.float32), **kw)

@@ -24,7 +24,7 @@ are plain Titans.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ class TitansConfig:
     use_short_conv: bool = True
     conv_size: int = 4
     # Output RMSNorm gated by SiLU(g_proj(x)); False keeps the RMSNorm alone.
-    out_norm_gate: bool = True
+    use_gate: bool = True
     # Initial memory: "learned" per head, or "zero" (linear memory only: an MLP at zero never learns).
     init: str = "learned"
     norm_eps: float = 1e-5
@@ -83,8 +83,8 @@ class TitansConfig:
     # |r| smoothed to sqrt(r^2 + lp_eps); p = 2 is twice l2), "huber" (clamp(r, -huber_delta, huber_delta), the
     # spec's coordinate-wise Huber; delta = inf is l2).
     error_map: str = "l2"
-    # lp exponent (Moneta: p = 3 best); p >= 1, p = 1 is the smooth sign.
-    p: float = 3.0
+    # lp exponent p (Moneta: p = 3 best); p >= 1, p = 1 is the smooth sign.
+    error_p: float = 3.0
     # Smoothing of |r| in the lp map.
     lp_eps: float = 1e-6
     # Huber threshold delta (a constant; Yaad's data-dependent delta_t is not implemented).
@@ -94,8 +94,8 @@ class TitansConfig:
     # head and matrix, Moneta), "kl" (each row of the linear memory W <- kl_scale softmax((1 - kl_lambda)
     # log max(W, kl_eps)), Memora; mem_depth=1 only).
     retention: str = "l2"
-    # lq exponent (Moneta: q = 4); q > 1, q = 2 leaves W unchanged.
-    q: float = 4.0
+    # lq exponent q (Moneta: q = 4); q > 1, q = 2 leaves W unchanged.
+    retention_q: float = 4.0
     # Added to ||W||_q^q so that a zero memory stays finite.
     lq_eps: float = 1e-6
     # KL retention: the scale c of each softmax row, the retention strength lambda in [0, 1), and the floor
@@ -103,6 +103,8 @@ class TitansConfig:
     kl_scale: float = 1.0
     kl_lambda: float = 0.0
     kl_eps: float = 1e-6
+    # Old option names, accepted with a DeprecationWarning for one release.
+    _renamed_fields: ClassVar[dict[str, str]] = {"p": "error_p", "q": "retention_q", "out_norm_gate": "use_gate"}
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0:
@@ -140,8 +142,8 @@ class TitansConfig:
 
     @property
     def miras(self) -> Miras:
-        return Miras(self.error_map, self.p, self.lp_eps, self.huber_delta, self.retention, self.q, self.lq_eps,
-                     self.kl_scale, self.kl_lambda, self.kl_eps)
+        return Miras(self.error_map, self.error_p, self.lp_eps, self.huber_delta, self.retention, self.retention_q,
+                     self.lq_eps, self.kl_scale, self.kl_lambda, self.kl_eps)
 
     @property
     def channel_alpha(self) -> bool:
@@ -189,7 +191,7 @@ class TitansMemory(Mixer):
         for p in (self.theta_bias, self.eta_bias, self.alpha_bias, *self.mem_init):
             if p is not None:
                 p._no_weight_decay = True
-        self.g_proj = nn.Linear(c.d_model, H * D, bias=False) if c.out_norm_gate else None
+        self.g_proj = nn.Linear(c.d_model, H * D, bias=False) if c.use_gate else None
         self.o_norm = GatedRMSNorm(D, c.norm_eps)
         self.o_proj = residual_output(nn.Linear(H * D, c.d_model, bias=False))
 

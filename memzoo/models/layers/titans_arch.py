@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..block import RMSNorm
-from ..contract import Mixer
+from ..contract import Mixer, renamed_options
 from ..init import residual_output
 from ..rope import apply_rope
 from ..state import tree_map
@@ -66,7 +66,7 @@ class TitansHybridConfig:
 
     def memory_config(self) -> TitansConfig:
         try:
-            return TitansConfig(d_model=self.d_model, **self.memory)
+            return TitansConfig(d_model=self.d_model, **renamed_options("memory", TitansConfig, self.memory))
         except TypeError as e:
             raise ValueError(f"bad memory options: {e}") from None
 

@@ -23,7 +23,7 @@ to the current memory, so a split anywhere and token-by-token decoding are exact
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,9 @@ MEMORY_INPUTS = ("attention", "residual")
 @dataclass(frozen=True)
 class TitansMACConfig(TitansHybridConfig):
     # C: tokens per segment (paper: 512); the attention span is N_p + 2 C keys at most.
-    segment: int = 512
+    segment_len: int = 512
+    # Old option names, accepted with a DeprecationWarning for one release.
+    _renamed_fields: ClassVar[dict[str, str]] = {"segment": "segment_len"}
     # What step 3 writes to the memory (and step 4 reads it with): "residual", x_t + y_t (the residual stream after
     # the attention), or "attention", the bare attention output y_t (eq 24 read literally).  A 2-layer MAC trained
     # on the passkey with "attention" never learned to recall across a segment (exact match 0.00), with "residual"
@@ -52,8 +54,8 @@ class TitansMACConfig(TitansHybridConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.segment < 1:
-            raise ValueError(f"segment must be >= 1, got {self.segment}")
+        if self.segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
         if self.memory_input not in MEMORY_INPUTS:
             raise ValueError(f"memory_input must be one of {MEMORY_INPUTS}, got {self.memory_input!r}")
 
@@ -89,17 +91,17 @@ class TitansMAC(TitansHybrid):
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> TitansMACState:
         memory = self.memory.init_state(batch_size, device=device, dtype=dtype)
-        buf = torch.zeros(batch_size, self.config.segment - 1, self.attn.n_heads, self.attn.d_head,
+        buf = torch.zeros(batch_size, self.config.segment_len - 1, self.attn.n_heads, self.attn.d_head,
                           device=device, dtype=dtype)
         seg_pos = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return TitansMACState(memory, self.memory.weights(memory), buf, buf.clone(), buf.clone(), buf.clone(), seg_pos)
 
     def state_size(self, seq_len: int | None = None) -> int:
-        slots = self.config.segment - 1 if seq_len is None else min(seq_len, self.config.segment - 1)
+        slots = self.config.segment_len - 1 if seq_len is None else min(seq_len, self.config.segment_len - 1)
         return 2 * self.memory.state_size() + 4 * self.config.d_model * slots
 
     def extra_flops_per_token(self, seq_len: int) -> int:
-        keys = self.config.n_persistent + 2 * min(seq_len, self.config.segment)
+        keys = self.config.n_persistent + 2 * min(seq_len, self.config.segment_len)
         return self.memory.extra_flops_per_token(seq_len) + 12 * self.config.d_model * keys
 
     def retrieve(self, read: tuple[Tensor, ...], x: Tensor) -> Tensor:
@@ -118,7 +120,7 @@ class TitansMAC(TitansHybrid):
 
     def _step(self, x_t: Tensor, state: TitansMACState) -> tuple[Tensor, TitansMACState]:
         """One token per row without a host sync: rows may sit at different segment offsets."""
-        B, C = x_t.shape[0], self.config.segment
+        B, C = x_t.shape[0], self.config.segment_len
         x = x_t[:, None]  # [B, 1, D]
         o = state.seg_pos  # [B]
         h = self.retrieve(state.read, x)
@@ -157,7 +159,7 @@ class TitansMAC(TitansHybrid):
 
     def _dense_aligned(self, x: Tensor, state: TitansMACState, o: int | None = None) -> tuple[Tensor, TitansMACState]:
         B, T, _ = x.shape
-        C = self.config.segment
+        C = self.config.segment_len
         o = int(state.seg_pos[0]) if o is None else o
         memory, read = state.memory, state.read
         bufs = [state.hk, state.hv, state.xk, state.xv]
