@@ -5,7 +5,7 @@ import pytest
 
 import memzoo
 from memzoo.__main__ import main as memzoo_main
-from memzoo.eval.presets import get_preset as bench_preset
+from memzoo.eval.presets import get_bench_preset as bench_preset
 from memzoo.models.registry import build_mixer
 from memzoo.models.wrappers.base import WRAPPERS
 from memzoo.train import ConfigError, resolve_config, train_presets

@@ -1,7 +1,7 @@
 """Evaluation: recall and needle-in-a-haystack benchmarks over any registered mixer (``memzoo-bench``).
 
-    from memzoo.eval import get_preset, run_and_save
-    result = run_and_save(get_preset("mqar", "ci"), "runs/bench")   # JSON, CSV and plots under runs/bench
+    from memzoo.eval import get_bench_preset, run_and_save
+    result = run_and_save(get_bench_preset("mqar", "ci"), "runs/bench")   # JSON, CSV and plots under runs/bench
 
 Synthetic tasks (``memzoo.eval.tasks``: MQAR, token NIAH, set disjointness, selective copy,
 RegBench) are pure ``make(cfg, seed)`` generators; ``harness`` trains a small LM per (model,
@@ -9,15 +9,31 @@ width, data, learning rate, seed) and scores it per slice; ``text_niah`` scores 
 checkpoints on RULER's text prompts.  Protocols and presets: docs/benchmarks.md.
 """
 
+from typing import Any
+
 from .cli import build_config, main, run_and_save
-from .config import BenchConfig, DataSpec, ModelSpec, TrainConfig, log_lrs
+from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
 from .harness import evaluate, run_bench, segment_seed, slice_metrics, train_one
-from .presets import DEFAULT_PRESET, PRESETS, get_preset
+from .presets import DEFAULT_PRESET, PRESETS, get_bench_preset
 from .results import summarize
 from .tasks import IGNORE, TASKS, Task, TaskData, make_task
 
 __all__ = [
     "BenchConfig", "DEFAULT_PRESET", "DataSpec", "IGNORE", "ModelSpec", "PRESETS", "TASKS", "Task", "TaskData",
-    "TrainConfig", "build_config", "evaluate", "get_preset", "log_lrs", "main", "make_task", "run_and_save",
+    "BenchTrainConfig", "build_config", "evaluate", "get_bench_preset", "log_lrs", "main", "make_task", "run_and_save",
     "run_bench", "segment_seed", "slice_metrics", "summarize", "train_one",
 ]
+
+
+# Old names, accepted for one release with a DeprecationWarning.
+_RENAMED = {"TrainConfig": "BenchTrainConfig", "get_preset": "get_bench_preset"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"{__name__}.{name} is now {_RENAMED[name]}; the old name will be removed in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BenchConfig, DataSpec, ModelSpec, log_lrs
-from .presets import DEFAULT_PRESET, PRESETS, get_preset, zoology_batch_size
+from .presets import DEFAULT_PRESET, PRESETS, get_bench_preset, zoology_batch_size
 from .tasks import TASKS
 
 __all__ = ["main", "build_config", "run_and_save"]
@@ -134,7 +134,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         if cfg.task != args.task:
             raise ValueError(f"--config is for task {cfg.task!r}, not {args.task!r}")
     else:
-        cfg = get_preset(args.task, args.preset or DEFAULT_PRESET[args.task])
+        cfg = get_bench_preset(args.task, args.preset or DEFAULT_PRESET[args.task])
 
     if args.model or args.mixer_opts or args.n_layers or args.d_ff is not None:
         base = cfg.models[0]

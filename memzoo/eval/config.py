@@ -16,7 +16,7 @@ from typing import Any
 
 from .tasks import TASKS
 
-__all__ = ["BenchConfig", "DataSpec", "ModelSpec", "TrainConfig", "from_fields", "log_lrs", "HMT_BENCH_DEFAULTS",
+__all__ = ["BenchConfig", "DataSpec", "ModelSpec", "BenchTrainConfig", "from_fields", "log_lrs", "HMT_BENCH_DEFAULTS",
            "LONGMEM_BENCH_DEFAULTS"]
 
 
@@ -148,7 +148,7 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class BenchTrainConfig:
     epochs: int = 64
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -181,7 +181,7 @@ class DataSpec:
 
     train: tuple[Any, ...]
     test: tuple[Any, ...]
-    # Overrides TrainConfig.batch_size for this data (zoology shrinks batches as sequences grow).
+    # Overrides BenchTrainConfig.batch_size for this data (zoology shrinks batches as sequences grow).
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -211,7 +211,7 @@ class BenchConfig:
     data: tuple[DataSpec, ...]
     lrs: tuple[float, ...]
     seeds: tuple[int, ...] = (0,)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: BenchTrainConfig = field(default_factory=BenchTrainConfig)
     # Free-form label stored with the results (the preset name).
     name: str = ""
 
@@ -279,5 +279,19 @@ class BenchConfig:
         d["models"] = tuple(from_fields(ModelSpec, m, "model") for m in d.get("models", ()))
         d["data"] = tuple(data_spec(s) for s in d.get("data", ()))
         if "train" in d:
-            d["train"] = from_fields(TrainConfig, d["train"], "train")
+            d["train"] = from_fields(BenchTrainConfig, d["train"], "train")
         return cls(**d)
+
+
+# Old names, accepted for one release with a DeprecationWarning.
+_RENAMED = {"TrainConfig": "BenchTrainConfig"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"{__name__}.{name} is now {_RENAMED[name]}; the old name will be removed in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

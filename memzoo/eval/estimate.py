@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import BenchConfig, DataSpec, ModelSpec, TrainConfig
+from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec
 from .harness import steps_per_epoch, train_step, trainable
 from .tasks import make_task
 
@@ -43,7 +43,7 @@ def _batch(data: DataSpec, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return longest.inputs, longest.labels
 
 
-def time_step(spec: ModelSpec, d_model: int, data: DataSpec, train: TrainConfig, device: torch.device,
+def time_step(spec: ModelSpec, d_model: int, data: DataSpec, train: BenchTrainConfig, device: torch.device,
               max_rows: int = 16) -> float:
     """Seconds of one training step of ``spec`` at width ``d_model`` on a batch of ``data`` (after a first step).
 
@@ -64,7 +64,7 @@ def time_step(spec: ModelSpec, d_model: int, data: DataSpec, train: TrainConfig,
     return (time.perf_counter() - t0) * batch_size / rows
 
 
-def _shape(data: DataSpec, train: TrainConfig) -> tuple[int, float]:
+def _shape(data: DataSpec, train: BenchTrainConfig) -> tuple[int, float]:
     """Tokens of a training batch, and the test examples of one epoch in units of training batches."""
     length = max(make_task(dataclasses.replace(c, num_examples=1), seed=0).inputs.shape[1] for c in data.train)
     batch = data.batch_size or train.batch_size

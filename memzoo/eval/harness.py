@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import BenchConfig, DataSpec, ModelSpec, TrainConfig
+from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec
 from .tasks import IGNORE, TASKS, TaskData, make_task
 
 __all__ = ["segment_seed", "load_segment", "evaluate", "slice_metrics", "train_step", "train_one", "run_bench",
@@ -156,7 +156,7 @@ def _epoch_batches(sizes: list[int], batch_size: int, gen: torch.Generator) -> l
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], x: Tensor, y: Tensor,
-               train: TrainConfig, device: torch.device) -> float:
+               train: BenchTrainConfig, device: torch.device) -> float:
     """One optimizer step on the batch ``x`` -> ``y`` (``[B, T]`` token ids); returns the loss."""
     with _autocast(device, train.precision):
         out = model(x)
@@ -176,13 +176,13 @@ def trainable(model: torch.nn.Module) -> list[Tensor]:
     return list(model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters())
 
 
-def steps_per_epoch(data: DataSpec, train: TrainConfig) -> int:
+def steps_per_epoch(data: DataSpec, train: BenchTrainConfig) -> int:
     """Optimizer steps in one epoch over ``data`` (segments never share a batch)."""
     batch_size = data.batch_size or train.batch_size
     return sum(math.ceil(c.num_examples / batch_size) for c in data.train)
 
 
-def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: int, train: TrainConfig, *,
+def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: int, train: BenchTrainConfig, *,
               task: str, device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
               progress: bool = True, desc: str = "") -> dict[str, Any]:
     """Train one model from scratch and score it on the test segments.

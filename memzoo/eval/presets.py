@@ -21,16 +21,17 @@ bf16 autocast on CUDA (``--precision`` overrides).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ..models.registry import unknown_name
-from .config import BenchConfig, DataSpec, ModelSpec, TrainConfig, log_lrs
+from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
 from .tasks.mqar import MQARConfig
 from .tasks.niah import NIAHConfig
 from .tasks.regbench import RegBenchConfig
 from .tasks.selective_copy import SelectiveCopyConfig
 from .tasks.set_disjoint import SetDisjointConfig
 
-__all__ = ["PRESETS", "DEFAULT_PRESET", "get_preset", "zoology_batch_size"]
+__all__ = ["PRESETS", "DEFAULT_PRESET", "get_bench_preset", "zoology_batch_size"]
 
 # zoology runs attention with one head; other mixers keep their own defaults.
 _ONE_HEAD = {"attention": {"n_heads": 1}}
@@ -50,7 +51,7 @@ def mqar_ci() -> BenchConfig:
     return BenchConfig(
         task="mqar", name="ci", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(128,),
         data=(DataSpec((train,), (test,)),), lrs=(1e-3,), seeds=(0,),
-        train=TrainConfig(epochs=6, batch_size=32, eval_batch_size=500),
+        train=BenchTrainConfig(epochs=6, batch_size=32, eval_batch_size=500),
     )
 
 
@@ -66,7 +67,7 @@ def mqar_zoology_fig2() -> BenchConfig:
     return BenchConfig(
         task="mqar", name="zoology-fig2", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(64, 128, 256, 512),
         data=data, lrs=log_lrs(1e-4, 1e-2, 4), seeds=(123,),
-        train=TrainConfig(epochs=64, batch_size=512, eval_batch_size=512),
+        train=BenchTrainConfig(epochs=64, batch_size=512, eval_batch_size=512),
     )
 
 
@@ -81,7 +82,7 @@ def mqar_based_tradeoff() -> BenchConfig:
     return BenchConfig(
         task="mqar", name="based-tradeoff", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(32, 64, 128),
         data=(data,), lrs=log_lrs(1e-3, 10**-1.5, 4), seeds=(123,),
-        train=TrainConfig(epochs=32, batch_size=256, eval_batch_size=32),
+        train=BenchTrainConfig(epochs=32, batch_size=256, eval_batch_size=32),
     )
 
 
@@ -92,7 +93,7 @@ def niah_ci() -> BenchConfig:
     return BenchConfig(
         task="niah", name="ci", models=(ModelSpec(("attention",), _ONE_HEAD),), d_models=(128,),
         data=(DataSpec((train,), test),), lrs=(1e-3,), seeds=(0,),
-        train=TrainConfig(epochs=4, batch_size=32, eval_batch_size=100),
+        train=BenchTrainConfig(epochs=4, batch_size=32, eval_batch_size=100),
     )
 
 
@@ -107,7 +108,7 @@ def niah_titans_sniah() -> BenchConfig:
     return BenchConfig(
         task="niah", name="titans-sniah", models=(ModelSpec(("attention",), {"attention": {"n_heads": 4}}),),
         d_models=(256,), data=data, lrs=log_lrs(1e-4, 1e-3, 3), seeds=(0,),
-        train=TrainConfig(epochs=8, batch_size=32, eval_batch_size=8, precision="bf16"),
+        train=BenchTrainConfig(epochs=8, batch_size=32, eval_batch_size=8, precision="bf16"),
     )
 
 
@@ -119,7 +120,7 @@ def set_disjointness_ci() -> BenchConfig:
                     tuple(SetDisjointConfig(vocab_size=128, num_examples=200, first_len=a, second_len=b)
                           for a, b in sizes))
     return BenchConfig(task="set_disjointness", name="ci", models=(ModelSpec(("attention",)),), d_models=(64,),
-                       data=(data,), lrs=(3e-3,), seeds=(0,), train=TrainConfig(epochs=1, batch_size=32))
+                       data=(data,), lrs=(3e-3,), seeds=(0,), train=BenchTrainConfig(epochs=1, batch_size=32))
 
 
 def set_disjointness_jrt() -> BenchConfig:
@@ -133,7 +134,7 @@ def set_disjointness_jrt() -> BenchConfig:
         task="set_disjointness", name="jrt",
         models=(ModelSpec(("attention",), {"attention": {"n_heads": 2}}, n_layers=4),), d_models=(128, 256),
         data=(data,), lrs=log_lrs(1e-4, 1e-2, 4), seeds=(0,),
-        train=TrainConfig(epochs=32, batch_size=64, precision="bf16"),
+        train=BenchTrainConfig(epochs=32, batch_size=64, precision="bf16"),
     )
 
 
@@ -142,7 +143,7 @@ def regbench_ci() -> BenchConfig:
     data = DataSpec((RegBenchConfig(num_examples=500, seq_len=256),),
                     (RegBenchConfig(num_examples=100, seq_len=256, split="test"),))
     return BenchConfig(task="regbench", name="ci", models=(ModelSpec(("attention",)),), d_models=(64,),
-                       data=(data,), lrs=(3e-3,), seeds=(0,), train=TrainConfig(epochs=1, batch_size=32))
+                       data=(data,), lrs=(3e-3,), seeds=(0,), train=BenchTrainConfig(epochs=1, batch_size=32))
 
 
 def regbench_akyurek() -> BenchConfig:
@@ -152,7 +153,7 @@ def regbench_akyurek() -> BenchConfig:
         task="regbench", name="akyurek", models=(ModelSpec(("attention",), {"attention": {"n_heads": 4}},
                                                             n_layers=4, d_ff=None),),
         d_models=(256,), data=(data,), lrs=(5e-4,), seeds=(0,),
-        train=TrainConfig(epochs=200, batch_size=32, warmup_steps=1000, early_stop=None, precision="bf16"),
+        train=BenchTrainConfig(epochs=200, batch_size=32, warmup_steps=1000, early_stop=None, precision="bf16"),
     )
 
 
@@ -161,7 +162,7 @@ def selective_copy_ci() -> BenchConfig:
     data = DataSpec((SelectiveCopyConfig(num_examples=2000, seq_len=64, n_copy=8),),
                     (SelectiveCopyConfig(num_examples=200, seq_len=64, n_copy=8),))
     return BenchConfig(task="selective_copy", name="ci", models=(ModelSpec(("attention",)),), d_models=(64,),
-                       data=(data,), lrs=(3e-3,), seeds=(0,), train=TrainConfig(epochs=1, batch_size=32))
+                       data=(data,), lrs=(3e-3,), seeds=(0,), train=BenchTrainConfig(epochs=1, batch_size=32))
 
 
 def selective_copy_mad() -> BenchConfig:
@@ -171,7 +172,7 @@ def selective_copy_mad() -> BenchConfig:
     return BenchConfig(
         task="selective_copy", name="mad", models=(ModelSpec(("attention",), d_ff=None),), d_models=(128,),
         data=(data,), lrs=(1e-4, 5e-4, 1e-3), seeds=(0,),
-        train=TrainConfig(epochs=200, batch_size=128, precision="bf16"),
+        train=BenchTrainConfig(epochs=200, batch_size=128, precision="bf16"),
     )
 
 
@@ -188,9 +189,23 @@ DEFAULT_PRESET = {"mqar": "zoology-fig2", "niah": "titans-sniah", "set_disjointn
                   "selective_copy": "mad"}
 
 
-def get_preset(task: str, name: str) -> BenchConfig:
+def get_bench_preset(task: str, name: str) -> BenchConfig:
     if task not in PRESETS:
         raise ValueError(f"no presets for task {task!r}; tasks: {sorted(PRESETS)}")
     if name not in PRESETS[task]:
         raise ValueError(unknown_name(f"{task} preset", name, PRESETS[task]))
     return PRESETS[task][name]()
+
+
+# Old names, accepted for one release with a DeprecationWarning.
+_RENAMED = {"get_preset": "get_bench_preset"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"{__name__}.{name} is now {_RENAMED[name]}; the old name will be removed in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataSpec, ModelSpec, TrainConfig
+from .config import BenchTrainConfig, DataSpec, ModelSpec
 
 __all__ = ["Run", "run_path", "load_result", "run_suite", "main"]
 
@@ -46,7 +46,7 @@ class Run:
     data: DataSpec
     lr: float
     seed: int
-    train: TrainConfig
+    train: BenchTrainConfig
     # Labels the page groups by (e.g. {"variant": "residual"}); JSON values only.
     labels: dict[str, Any] = field(default_factory=dict)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import DataSpec, ModelSpec, TrainConfig
+from .config import BenchTrainConfig, DataSpec, ModelSpec
 from .report import Run
 from .tasks.mqar import MQARConfig
 from .tasks.niah import NIAHConfig
@@ -89,8 +89,8 @@ def _zoo(s: Scale) -> dict[str, ModelSpec]:
     return {k: specs[k] for k in ZOO_NAMES}
 
 
-def _train(s: Scale, epochs: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=s.batch_size, eval_batch_size=max(s.test_examples, 1),
+def _train(s: Scale, epochs: int) -> BenchTrainConfig:
+    return BenchTrainConfig(epochs=epochs, batch_size=s.batch_size, eval_batch_size=max(s.test_examples, 1),
                        max_steps=s.max_steps)
 
 
@@ -168,8 +168,8 @@ def mac_study(s: Scale) -> list[Run]:
             data = _passkey(s, L, (L, 2 * L, 4 * L), n)
             d = over.get("d_model", s.d_models[0])
             spec = ModelSpec((mixer,), {mixer: opts}, name=f"{mixer}[{variant}]")
-            train = TrainConfig(epochs=s.mac_epochs, batch_size=s.mac_batch, eval_batch_size=max(s.test_examples, 1),
-                                max_steps=s.max_steps)
+            train = BenchTrainConfig(epochs=s.mac_epochs, batch_size=s.mac_batch,
+                                     eval_batch_size=max(s.test_examples, 1), max_steps=s.max_steps)
             runs.append(Run(f"mac-{variant}-s{seed}", "mac", "niah", spec, d, data, over.get("lr", s.niah_lr), seed,
                             train, {"variant": variant, "train_len": L}))
     return runs

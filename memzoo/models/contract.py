@@ -174,7 +174,7 @@ def renamed_options(owner: str, config_class: type, values: dict[str, Any]) -> d
     return out
 
 
-def resolve_config(owner: str, config_class: type, config: Any, kwargs: dict[str, Any]) -> Any:
+def config_from_args(owner: str, config_class: type, config: Any, kwargs: dict[str, Any]) -> Any:
     """The config a module was built with: ``config`` itself, or ``config_class(**kwargs)``, never both.
 
     Raises:
@@ -253,7 +253,7 @@ class Mixer(nn.Module):
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()
-        self.config = config = resolve_config(type(self).__name__, self.config_class, config, kwargs)
+        self.config = config = config_from_args(type(self).__name__, self.config_class, config, kwargs)
         self.d_model: int = config.d_model
         self._aux_losses: dict[str, Tensor] = {}
 

@@ -14,7 +14,7 @@ import pytest
 import memzoo
 from memzoo.eval.cli import run_and_save
 from memzoo.eval.config import ModelSpec
-from memzoo.eval.presets import get_preset
+from memzoo.eval.presets import get_bench_preset
 from memzoo.eval.results import CSV_FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def test_cli_mqar_ci_learns_and_writes_everything(tmp_path):
 
 
 def _short(task, **train):
-    cfg = get_preset(task, "ci")
+    cfg = get_bench_preset(task, "ci")
     return cfg.replace(train=dataclasses.replace(cfg.train, **train))
 
 
@@ -132,6 +132,6 @@ def test_bad_hmt_options_fail_when_the_spec_is_built():
 @pytest.mark.slow
 def test_gated_delta_learns_the_ci_preset(tmp_path):
     # The spec's second learnability anchor: a gated-delta layer solves the same tiny MQAR (~500 steps).
-    cfg = get_preset("mqar", "ci").replace(models=(ModelSpec(("gated_delta",)),))
+    cfg = get_bench_preset("mqar", "ci").replace(models=(ModelSpec(("gated_delta",)),))
     (rec,) = run_and_save(cfg, tmp_path, progress=False, plots=False, log=lambda *_: None)["records"]
     assert rec["metrics"]["all"]["accuracy"] > 0.9, rec["curve"]

@@ -10,11 +10,11 @@ from memzoo.eval import cli, estimate
 from memzoo.eval.config import ModelSpec
 from memzoo.eval.estimate import HOUR, estimate_sweep, format_seconds
 from memzoo.eval.harness import steps_per_epoch
-from memzoo.eval.presets import get_preset
+from memzoo.eval.presets import get_bench_preset
 
 
 def _grid():
-    cfg = get_preset("mqar", "ci")
+    cfg = get_bench_preset("mqar", "ci")
     return cfg.replace(models=(ModelSpec(("attention",)), ModelSpec(("gated_delta",))), d_models=(32, 64),
                        lrs=(1e-3, 3e-3), seeds=(0, 1, 2), train=dataclasses.replace(cfg.train, max_steps=None))
 
@@ -51,7 +51,7 @@ def test_cells_past_the_budget_scale_by_width():
 
 
 def test_real_warm_up_times_a_step():
-    cfg = get_preset("mqar", "ci")
+    cfg = get_bench_preset("mqar", "ci")
     est = estimate_sweep(cfg)
     assert est["measured"] == est["cells"] == 1 and math.isfinite(est["seconds"]) and est["seconds"] > 0
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from memzoo.eval import cli
-from memzoo.eval.config import BenchConfig, DataSpec, ModelSpec, TrainConfig, log_lrs
+from memzoo.eval.config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
 from memzoo.eval.harness import evaluate, mark_best, slice_metrics
-from memzoo.eval.presets import PRESETS, get_preset
+from memzoo.eval.presets import PRESETS, get_bench_preset
 from memzoo.eval.tasks import IGNORE, make_task
 from memzoo.eval.tasks.mqar import MQARConfig
 from memzoo.eval.tasks.niah import NIAHConfig
@@ -72,20 +72,20 @@ def test_mark_best_picks_the_best_lr_per_seed():
 def test_bench_config_round_trip_and_unknown_keys():
     for task, presets in PRESETS.items():
         for name in presets:
-            cfg = get_preset(task, name)
+            cfg = get_bench_preset(task, name)
             assert BenchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    d = get_preset("mqar", "ci").to_dict()
+    d = get_bench_preset("mqar", "ci").to_dict()
     d["data"][0]["train"][0]["train_power_a"] = 0.01
     with pytest.raises(ValueError, match="train_power_a"):
         BenchConfig.from_dict(d)
-    d = get_preset("mqar", "ci").to_dict()
+    d = get_bench_preset("mqar", "ci").to_dict()
     d["train"]["lr_schedule"] = "cosine"
     with pytest.raises(ValueError, match="lr_schedule"):
         BenchConfig.from_dict(d)
     with pytest.raises(ValueError, match="task"):
-        dataclasses.replace(get_preset("mqar", "ci"), task="nope")
+        dataclasses.replace(get_bench_preset("mqar", "ci"), task="nope")
     with pytest.raises(ValueError, match="batch_size"):
-        TrainConfig(batch_size=0)
+        BenchTrainConfig(batch_size=0)
 
 
 def test_model_spec_and_lrs():
@@ -134,7 +134,7 @@ def test_cli_niah_lengths_and_dump(capsys):
     assert cfg.data[0].train[0].seq_len == 96
     assert [t.seq_len for t in cfg.data[0].test] == [96, 192, 384]
     assert cli.main(["mqar", "--preset", "ci", "--dump-config"]) == 0
-    assert BenchConfig.from_dict(json.loads(capsys.readouterr().out)) == get_preset("mqar", "ci")
+    assert BenchConfig.from_dict(json.loads(capsys.readouterr().out)) == get_bench_preset("mqar", "ci")
 
 
 def test_unscored_rows_do_not_break_metrics():

@@ -13,7 +13,7 @@ import torch
 from memzoo.eval import cli
 from memzoo.eval.cli import run_and_save
 from memzoo.eval.config import LONGMEM_BENCH_DEFAULTS, BenchConfig, ModelSpec
-from memzoo.eval.presets import get_preset
+from memzoo.eval.presets import get_bench_preset
 from memzoo.models import ModelConfig
 from memzoo.models.lm import LanguageModel
 from memzoo.models.wrappers.longmem import LongMem, LongMemConfig
@@ -28,7 +28,7 @@ def test_parse_names_and_round_trip():
     assert spec.name == "longmem(attention)" and spec.wrapper == {"name": "longmem", **LONGMEM_BENCH_DEFAULTS}
     assert LONGMEM_BENCH_DEFAULTS["segment_len"] == 32 and LONGMEM_BENCH_DEFAULTS["capacity"] == 4096
     assert spec.wrapper_config() == (LongMem, LongMemConfig(**LONGMEM_BENCH_DEFAULTS))
-    cfg = get_preset("mqar", "ci").replace(models=(spec, ModelSpec.parse("longmem:gated_delta+attention")))
+    cfg = get_bench_preset("mqar", "ci").replace(models=(spec, ModelSpec.parse("longmem:gated_delta+attention")))
     again = BenchConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.models[1].name == "longmem(gated_delta+attention)"
 
@@ -58,7 +58,7 @@ def test_bad_longmem_specs_fail_when_built(kw, match):
 def test_longmem_trains_its_sidenet_in_the_harness(tmp_path):
     spec = dataclasses.replace(ModelSpec.parse("longmem:attention", {"attention": {"n_heads": 2}}),
                                wrapper={"name": "longmem", **SMALL})
-    cfg = get_preset("mqar", "ci")
+    cfg = get_bench_preset("mqar", "ci")
     cfg = cfg.replace(models=(spec,), d_models=(64,), lrs=(3e-3,),
                       train=dataclasses.replace(cfg.train, epochs=1, max_steps=3, eval_batch_size=250))
     res = run_and_save(cfg, tmp_path, progress=False, plots=False, log=lambda *_: None)

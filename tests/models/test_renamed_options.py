@@ -42,3 +42,17 @@ def test_the_old_mom_rule_value_is_the_gated_delta_mixer_name():
     assert layer.config.update_rule == "gated_delta"
     with pytest.raises(ValueError, match="update_rule must be one of"):
         MixtureOfMemories(d_model=32, n_heads=2, update_rule="mamba")
+
+
+def test_old_benchmark_names_warn_and_resolve_to_the_new_ones():
+    import memzoo.eval as bench
+    import memzoo.eval.config as bench_config
+
+    with pytest.warns(DeprecationWarning, match="TrainConfig is now BenchTrainConfig"):
+        assert bench.TrainConfig is bench.BenchTrainConfig
+    with pytest.warns(DeprecationWarning, match="TrainConfig is now BenchTrainConfig"):
+        assert bench_config.TrainConfig is bench.BenchTrainConfig
+    with pytest.warns(DeprecationWarning, match="get_preset is now get_bench_preset"):
+        assert bench.get_preset("mqar", "ci") == bench.get_bench_preset("mqar", "ci")
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        bench.Nope  # noqa: B018

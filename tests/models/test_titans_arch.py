@@ -21,7 +21,8 @@ STATE_TOL = 5e-5
 SMALL = {
     "titans_mac": {"segment_len": 4, "n_persistent": 3, "memory": {"chunk_size": 3, "mem_expansion": 2}},
     "titans_mac_linear": {"segment_len": 5, "n_persistent": 2, "memory": {"mem_depth": 1, "chunk_size": 2}},
-    "titans_mac_attention": {"segment_len": 4, "n_persistent": 2, "memory_input": "attention", "memory": {"chunk_size": 3}},
+    "titans_mac_attention": {"segment_len": 4, "n_persistent": 2, "memory_input": "attention",
+                             "memory": {"chunk_size": 3}},
     "titans_mag": {"window": 5, "n_persistent": 3, "prime_memory": True, "memory": {"chunk_size": 4}},
     "titans_mal": {"window": 4, "n_persistent": 2, "prime_memory": True, "memory": {"mem_depth": 1, "chunk_size": 3}},
     "titans_mal_plain": {"window": 4, "n_persistent": 2, "memory": {"chunk_size": 3}},

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import EMPTY, dispatch, with_empty_grads
 from ..utils import check_log_gate, check_recurrence_inputs, resolve_dot_precision
+from .mlp_chunk import titans_mlp_chunk_ref
 from .reference import (
     MIRAS_L2,
     Miras,
@@ -26,7 +27,6 @@ from .reference import (
     titans_linear_step_ref,
     titans_mlp_step_ref,
 )
-from .mlp_chunk import titans_mlp_chunk_ref
 
 __all__ = [
     "Miras", "MIRAS_L2", "titans_linear", "titans_mlp", "titans_linear_chunk_ref", "titans_linear_step_ref",

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ...kernels.retrieval import chunk_topk
-from ..contract import resolve_config
+from ..contract import config_from_args
 
 __all__ = ["DKVBConfig", "DiscreteKVBottleneck", "DKVBFeedForward", "DECODERS"]
 
@@ -112,7 +112,7 @@ class DiscreteKVBottleneck(nn.Module):
 
     def __init__(self, config: DKVBConfig | None = None, *, encoder: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__()
-        self.config = c = resolve_config("DiscreteKVBottleneck", DKVBConfig, config, kwargs)
+        self.config = c = config_from_args("DiscreteKVBottleneck", DKVBConfig, config, kwargs)
         self.encoder = encoder
         if encoder is not None:
             encoder.requires_grad_(False)

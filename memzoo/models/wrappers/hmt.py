@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import resolve_config
+from ..contract import config_from_args
 from ..lm import IGNORE_INDEX, LMOutput, check_labels, check_max_new_tokens, check_token_ids, decode_loop
 from ..state import detach_state, index_state, state_batch_size, state_leaves, tree_map
 from .base import Wrapper, register_wrapper
@@ -156,7 +156,7 @@ class HMT(Wrapper):
 
     def __init__(self, backbone: nn.Module, config: HMTConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        config = resolve_config("HMT", HMTConfig, config, kwargs)
+        config = config_from_args("HMT", HMTConfig, config, kwargs)
         for attr in ("embed", "hidden_size"):
             if not hasattr(backbone, attr):
                 raise TypeError(f"backbone must provide {attr!r} (the HMT backbone protocol)")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..block import Block, RMSNorm
-from ..contract import resolve_config
+from ..contract import config_from_args
 from ..layers.attention import Attention
 from ..layers.memory_attention import MemoryAugmentedAttention
 from ..lm import IGNORE_INDEX, LanguageModel, LMOutput, check_labels, check_max_new_tokens, check_token_ids, decode_loop
@@ -356,7 +356,7 @@ class LongMem(Wrapper):
 
     def __init__(self, backbone: nn.Module, config: LongMemConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        config = resolve_config("LongMem", LongMemConfig, config, kwargs)
+        config = config_from_args("LongMem", LongMemConfig, config, kwargs)
         bb = _adapter(backbone, config.memory_layer)
         self.config = config
         self.memory_layer = bb.memory_layer
