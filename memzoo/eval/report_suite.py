@@ -84,7 +84,8 @@ def _zoo(s: Scale) -> dict[str, ModelSpec]:
         "s4d": ModelSpec(("s4d",)),
         "lssl": ModelSpec(("lssl",)),
         "hmt_swa": ModelSpec(("attention",), {"attention": {"n_heads": 1, "window": w}}, name="hmt_swa",
-                             hmt={"segment_len": w, "n_sensory": 4, "cache_size": 32, "recall_dim": 32}),
+                             wrapper={"name": "hmt", "segment_len": w, "n_sensory": 4, "cache_size": 32,
+                                      "recall_dim": 32}),
     }
     return {k: specs[k] for k in ZOO_NAMES}
 
@@ -196,7 +197,8 @@ def longmem_study(s: Scale) -> list[Run]:
         for on in (True, False):
             opts = {"segment_len": s.mac_segment, "capacity": 4096, "chunk_size": 4, "n_chunks": 8, "use_memory": on}
             name = f"longmem-{'on' if on else 'off'}"
-            spec = ModelSpec(("attention",), {"attention": {"n_heads": 1}}, name=name, longmem=opts)
+            spec = ModelSpec(("attention",), {"attention": {"n_heads": 1}}, name=name,
+                             wrapper={"name": "longmem", **opts})
             runs.append(Run(f"longmem-{'on' if on else 'off'}-s{seed}", "longmem", "niah", spec, d, data, s.niah_lr,
                             seed, _train(s, s.niah_epochs), {"model": name, "metric": "exact_match"}))
     return runs
