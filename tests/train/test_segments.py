@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import memzoo
 from memzoo.models import MIXERS
+from memzoo.testing import assert_close
 from memzoo.train.data import IGNORE_INDEX, Batch
 from memzoo.train.loop import reset_model_state, run_segments
 
@@ -44,8 +45,10 @@ def test_segments_equal_one_full_pass(mixer):
     # The pre-shifted targets make segment j's last position predict segment j+1's first token.
     assert torch.count_nonzero(batch.targets != IGNORE_INDEX) == 2 * 31
     torch.testing.assert_close(ce_seg, ce_full, rtol=1e-5, atol=1e-4)
-    for g, p in zip(seg_grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+    # Relative RMS per tensor: fp32 rounding through a long recurrence (Titans MAC's memory momentum) moves single
+    # elements by ~1e-5 while whole tensors agree to ~5e-6; a missing state or gradient path is O(1).
+    for (name, p), g in zip(model.named_parameters(), seg_grads):
+        assert_close(g, p.grad, 1e-4, name)
 
 
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
