@@ -217,7 +217,8 @@ def main(argv=None):
     if args.note:
         result["note"] = args.note
     print_table(result["rows"], ["op", "T", "fwd_ms", "fwdbwd_ms", "vs_floor", "peak_mb", "ratio_vs_gated_delta",
-                                 "fwdbwd_cpu_ms", "cpu_ratio_vs_gated_delta", "speedup_vs_token_loop_fwd", "speedup_vs_fla_naive_fwd", "error"])
+                                 "fwdbwd_cpu_ms", "cpu_ratio_vs_gated_delta", "speedup_vs_token_loop_fwd",
+                                 "speedup_vs_fla_naive_fwd", "error"])
     if not args.no_save:
         print(write_result("titans-" + result["mode"], result))
 
