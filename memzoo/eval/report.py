@@ -72,7 +72,16 @@ def load_result(results_dir: str | Path, run: Run) -> dict[str, Any] | None:
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return payload if payload.get("config") == json.loads(json.dumps(run.config())) else None
+    return payload if _canonical(payload.get("config")) == _canonical(json.loads(json.dumps(run.config()))) else None
+
+
+def _canonical(value: Any) -> Any:
+    """A config with None-valued keys dropped: a field added later with a None default leaves old runs valid."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -54,6 +54,11 @@ def test_a_stored_run_with_another_config_is_not_reused(tmp_path):
     assert load_result(tmp_path, run) is None
     path.write_text(json.dumps({"config": run.config()}))
     assert load_result(tmp_path, run) is not None
+    # A field added to the config later with a None default does not orphan the runs stored before it.
+    older = run.config()
+    older["model"] = {k: v for k, v in older["model"].items() if v is not None}
+    path.write_text(json.dumps({"config": older}))
+    assert load_result(tmp_path, run) is not None
     path.write_text("{not json")
     assert load_result(tmp_path, run) is None
 
