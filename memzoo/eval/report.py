@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ def load_result(results_dir: str | Path, run: Run) -> dict[str, Any] | None:
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return payload if _canonical(payload.get("config")) == _canonical(json.loads(json.dumps(run.config()))) else None
+    stored, wanted = payload.get("config"), json.loads(json.dumps(run.config()))
+    return payload if _canonical(_resolve_mixers(stored)) == _canonical(_resolve_mixers(wanted)) else None
 
 
 def _canonical(value: Any) -> Any:
@@ -82,6 +84,24 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, list):
         return [_canonical(v) for v in value]
     return value
+
+
+def _resolve_mixers(config: Any) -> Any:
+    """``config`` with each mixer's options replaced by its full, validated config, so that an option renamed
+    since the run was stored (the old name still accepted) compares equal to the new one."""
+    from memzoo.models.registry import mixer_config
+
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return config
+    resolved = {}
+    for name, opts in (config["model"].get("mixers") or {}).items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                resolved[name] = dataclasses.asdict(mixer_config(name, config.get("d_model"), opts))
+        except (ValueError, TypeError):
+            resolved[name] = opts
+    return {**config, "model": {**config["model"], "mixers": resolved}}
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:

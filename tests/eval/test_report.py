@@ -59,6 +59,16 @@ def test_a_stored_run_with_another_config_is_not_reused(tmp_path):
     older["model"] = {k: v for k, v in older["model"].items() if v is not None}
     path.write_text(json.dumps({"config": older}))
     assert load_result(tmp_path, run) is not None
+    # So does an option renamed since (the old name is still accepted): MAC's segment is now segment_len.
+    mac = next(r for r in build_suite("tiny") if r.key == "mac-paper-s0")
+    renamed = mac.config()
+    opts = renamed["model"]["mixers"]["titans_mac"]
+    opts["segment"] = opts.pop("segment_len")
+    run_path(tmp_path, mac).write_text(json.dumps({"config": renamed}))
+    assert load_result(tmp_path, mac) is not None
+    opts["segment"] += 1
+    run_path(tmp_path, mac).write_text(json.dumps({"config": renamed}))
+    assert load_result(tmp_path, mac) is None
     path.write_text("{not json")
     assert load_result(tmp_path, run) is None
 
