@@ -9,8 +9,7 @@ width, data, learning rate, seed) and scores it per slice; ``text_niah`` scores 
 checkpoints on RULER's text prompts.  Protocols and presets: docs/benchmarks.md.
 """
 
-from typing import Any
-
+from .._deprecation import renamed_attributes
 from .cli import build_config, main, run_and_save
 from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
 from .harness import evaluate, run_bench, segment_seed, slice_metrics, train_one
@@ -26,14 +25,5 @@ __all__ = [
 
 
 # Old names, accepted for one release with a DeprecationWarning.
-_RENAMED = {"TrainConfig": "BenchTrainConfig", "get_preset": "get_bench_preset"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _RENAMED:
-        import warnings
-
-        warnings.warn(f"{__name__}.{name} is now {_RENAMED[name]}; the old name will be removed in the next release",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed_attributes(__name__, globals(),
+                                 {"TrainConfig": "BenchTrainConfig", "get_preset": "get_bench_preset"})

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._deprecation import renamed_attributes
 from .tasks import TASKS
 
 __all__ = ["BenchConfig", "DataSpec", "ModelSpec", "BenchTrainConfig", "from_fields", "log_lrs", "HMT_BENCH_DEFAULTS",
@@ -284,14 +285,4 @@ class BenchConfig:
 
 
 # Old names, accepted for one release with a DeprecationWarning.
-_RENAMED = {"TrainConfig": "BenchTrainConfig"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _RENAMED:
-        import warnings
-
-        warnings.warn(f"{__name__}.{name} is now {_RENAMED[name]}; the old name will be removed in the next release",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed_attributes(__name__, globals(), {"TrainConfig": "BenchTrainConfig"})

@@ -21,8 +21,8 @@ bf16 autocast on CUDA (``--precision`` overrides).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from .._deprecation import renamed_attributes
 from ..models.registry import unknown_name
 from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
 from .tasks.mqar import MQARConfig
@@ -198,14 +198,4 @@ def get_bench_preset(task: str, name: str) -> BenchConfig:
 
 
 # Old names, accepted for one release with a DeprecationWarning.
-_RENAMED = {"get_preset": "get_bench_preset"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _RENAMED:
-        import warnings
-
-        warnings.warn(f"{__name__}.{name} is now {_RENAMED[name]}; the old name will be removed in the next release",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed_attributes(__name__, globals(), {"get_preset": "get_bench_preset"})
