@@ -100,9 +100,11 @@ class KVMemoryBank:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self._tensors().values())
 
+    # Every tensor of the bank, batch first: what the pytree, copies and moves carry.
+    _TENSORS = ("keys", "values", "chunk_keys", "valid", "stamp", "ptr", "n_written", "clock")
+
     def _tensors(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in
-                ("keys", "values", "chunk_keys", "valid", "stamp", "ptr", "n_written", "clock")}
+        return {name: getattr(self, name) for name in self._TENSORS}
 
     def _tree_flatten(self) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         """The bank as a pytree node (``memzoo.models.state``): its batch-first tensors and its sizes."""
@@ -113,8 +115,7 @@ class KVMemoryBank:
         out = cls.__new__(cls)
         out.n_heads, out.d_head, out.capacity, out.chunk_size = sizes
         out.n_chunks = out.capacity // out.chunk_size
-        names = ("keys", "values", "chunk_keys", "valid", "stamp", "ptr", "n_written", "clock")
-        for name, t in zip(names, leaves, strict=True):
+        for name, t in zip(cls._TENSORS, leaves, strict=True):
             setattr(out, name, t)
         # (A map that returns no tensors, e.g. state_leaves collecting them, leaves no batch size.)
         out.batch_size = out.keys.shape[0] if isinstance(out.keys, Tensor) else None
@@ -255,29 +256,19 @@ class KVMemoryBank:
         if not isinstance(rows, Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"rows must be a 1-D int64 tensor of row indices, got {getattr(rows, 'shape', rows)!r}")
         rows = rows.to(self.device, torch.int64)
-        out = self._empty_like(rows.numel())
-        for name, t in self._tensors().items():
-            setattr(out, name, t.index_select(0, rows))
-        return out
+        return self._map(lambda t: t.index_select(0, rows))
 
     def clone(self) -> KVMemoryBank:
-        out = self._empty_like(self.batch_size)
-        for name, t in self._tensors().items():
-            setattr(out, name, t.clone())
-        return out
+        return self._map(Tensor.clone)
 
     def to(self, device: torch.device | str) -> KVMemoryBank:
         """This bank on ``device`` (a new bank sharing nothing unless it already lives there)."""
-        out = self._empty_like(self.batch_size)
-        for name, t in self._tensors().items():
-            setattr(out, name, t.to(device))
-        return out
+        return self._map(lambda t: t.to(device))
 
-    def _empty_like(self, batch_size: int) -> KVMemoryBank:
-        out = KVMemoryBank.__new__(KVMemoryBank)
-        out.batch_size, out.n_heads, out.d_head = batch_size, self.n_heads, self.d_head
-        out.capacity, out.chunk_size, out.n_chunks = self.capacity, self.chunk_size, self.n_chunks
-        return out
+    def _map(self, fn: Any) -> KVMemoryBank:
+        """A new bank holding ``fn`` of each tensor (through the pytree pair, so nothing is listed twice)."""
+        leaves, sizes = self._tree_flatten()
+        return self._tree_unflatten(sizes, [fn(t) for t in leaves])
 
     def __repr__(self) -> str:
         fill = self.fill.tolist()

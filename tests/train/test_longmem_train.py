@@ -162,6 +162,8 @@ def test_export_holds_the_sidenet_only_and_reloads_exactly(two_stage, tmp_path):
                                                    backbone=str(root / "bb" / "final")))}
     for loaded in (load_longmem(final), memzoo.from_pretrained(final)):
         assert isinstance(loaded, LongMem)
+        # A reloaded LongMem carries its backbone record, so it can be fine-tuned and exported again.
+        assert loaded.backbone_record == {"path": meta["backbone"]["path"], "sha256": meta["backbone"]["sha256"]}
         ids = torch.randint(0, 256, (2, 40))
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..state import index_state
 
-__all__ = ["Wrapper", "WRAPPERS", "WRAPPER_FILE", "resolve_wrapper", "wrapper_config_dict", "register_wrapper",
+__all__ = ["Wrapper", "WRAPPERS", "WRAPPER_FILE", "resolve_wrapper", "register_wrapper",
            "export_wrapper", "read_wrapper_meta", "load_wrapper"]
 
 # Written next to a wrapper's export: {"format": "memzoo-wrapper", "name": ..., "config": {...}, ...}.
@@ -189,11 +189,6 @@ def resolve_wrapper(spec: dict[str, Any], where: str = "wrapper") -> tuple[type[
         return cls, cls.config_class(**options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where} ({name}): {e}") from None
-
-
-def wrapper_config_dict(name: str, config: Any) -> dict[str, Any]:
-    """The ``{"name": ..., **options}`` form of a wrapper config (config files, results records)."""
-    return {"name": name, **dataclasses.asdict(config)}
 
 
 def export_wrapper(model: Wrapper, state: dict[str, Tensor], staging: Path, directory: Path) -> dict[str, Tensor]:

@@ -290,10 +290,8 @@ class LongMem(Wrapper):
                 f"Useful for smoke tests only;\n!! pretrain and export one (memzoo-train --preset tiny) and pass "
                 f"--wrapper.backbone <out_dir>/final.\n{bar}")
         else:
+            # model_config is already the backbone's (backbone_config); callers check it against their data.
             backbone = from_pretrained(config.backbone)
-            if backbone.config.vocab_size < model_config.vocab_size:
-                raise ValueError(f"longmem backbone {config.backbone!r} has vocab_size {backbone.config.vocab_size} "
-                                 f"< the {model_config.vocab_size} the model section asks for")
         model = cls(backbone, config)
         model.backbone_record = {"path": config.backbone, "sha256": weights_hash(backbone)}
         return model
@@ -344,10 +342,14 @@ class LongMem(Wrapper):
                 "sidenet_parameters": self.added_parameters()}
 
     @classmethod
-    def load(cls, directory: Path, meta: dict[str, Any], tensors: dict[str, Tensor], model_config: Any) -> LongMem:
+    def load(cls, directory: Path, meta: dict[str, Any], tensors: dict[str, Tensor], model_config: Any = None, *,
+             backbone: Any = None, verify: bool = True) -> LongMem:
+        """The recorded backbone (or ``backbone``: an export folder or a model), hash-checked unless ``verify`` is
+        off, with the saved SideNet; it can be exported again (the record carries over)."""
         from .longmem_io import longmem_backbone
 
-        model = cls(longmem_backbone(meta, directory), LongMemConfig(**meta["config"]))
+        model = cls(longmem_backbone(meta, directory, backbone, verify), LongMemConfig(**meta["config"]))
+        model.backbone_record = {"path": meta["backbone"]["path"], "sha256": meta["backbone"]["sha256"]}
         missing, unexpected = model.side.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise ValueError(f"LongMem export {str(directory)!r}: SideNet weights do not match: missing {missing}, "
@@ -391,9 +393,6 @@ class LongMem(Wrapper):
     def added_parameters(self) -> int:
         """Parameters LongMem adds to the backbone (the SideNet, memory gate included)."""
         return sum(p.numel() for p in self.side.parameters())
-
-    def export_config(self) -> Any:
-        return self.backbone.config
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -89,17 +89,13 @@ def load_longmem(path: str | Path, *, backbone: str | Path | nn.Module | None = 
     """
     from safetensors.torch import load_file
 
-    from .longmem import LongMem, LongMemConfig
+    from .longmem import LongMem
 
     path = Path(path)
     directory = path.parent if path.suffix == ".safetensors" else path
     meta = read_longmem_meta(directory)
-    model = LongMem(longmem_backbone(meta, directory, backbone, verify), LongMemConfig(**meta["config"]))
     tensors = load_file(str(directory / "model.safetensors"))
-    missing, unexpected = model.side.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"load_longmem({str(directory)!r}): SideNet weights do not match: missing {missing}, "
-                         f"unexpected {unexpected}")
+    model = LongMem.load(directory, meta, tensors, backbone=backbone, verify=verify)
     return model.to(device=device, dtype=dtype).eval()
 
 
