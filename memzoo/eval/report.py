@@ -9,6 +9,9 @@ page (``report_page.py``) is rebuilt from the files alone: a declared run withou
     memzoo-bench report --preset cpu --only mac,niah        # part of the CPU suite, resumable
     memzoo-bench report --preset cpu --page-only            # rebuild docs/results.md from what has run
 
+Several workers may share one folder (``memzoo-bench report ... &`` twice, one per core): a worker claims a run
+with ``<key>.lock`` before training it, and a lock whose process has died (same machine) is taken over.
+
 The studies and the paper claims they test live in ``report_suite.py``.
 """
 
@@ -19,6 +22,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import socket
 import sys
 import time
 import warnings
@@ -45,11 +49,19 @@ class Run:
     spec: ModelSpec
     d_model: int
     data: DataSpec
-    lr: float
+    # None with ``lr_from``: the learning rate is chosen when the run starts (``resolve`` sets it).
+    lr: float | None
     seed: int
     train: BenchTrainConfig
     # Labels the page groups by (e.g. {"variant": "residual"}); JSON values only.
     labels: dict[str, Any] = field(default_factory=dict)
+    # Keys of a learning-rate sweep (other runs of the suite): this run takes the learning rate of the sweep run
+    # with the best primary metric, so the sweep is run at one seed and only its best rate at the others.
+    lr_from: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.lr is None and not self.lr_from:
+            raise ValueError(f"run {self.key}: give lr, or lr_from (a sweep to take the best rate of)")
 
     def config(self) -> dict[str, Any]:
         return {
@@ -57,15 +69,45 @@ class Run:
             "data": {"train": [dataclasses.asdict(c) for c in self.data.train],
                      "test": [dataclasses.asdict(c) for c in self.data.test], "batch_size": self.data.batch_size},
             "lr": self.lr, "seed": self.seed, "train": dataclasses.asdict(self.train), "labels": self.labels,
+            "lr_from": list(self.lr_from) or None,
         }
+
+    def resolve(self, results_dir: str | Path, suite: dict[str, Run]) -> Run | None:
+        """This run with its learning rate fixed: itself when it has one, else the best rate of its sweep, or
+        None while a run of the sweep has not finished (``suite``: the preset's runs by key)."""
+        if not self.lr_from:
+            return self
+        best: tuple[float, float] | None = None
+        for key in self.lr_from:
+            sweep_run = suite.get(key)
+            if sweep_run is None or sweep_run.lr is None:
+                raise ValueError(f"run {self.key}: its sweep names {key!r}, not a run of the suite with a rate")
+            payload = load_result(results_dir, sweep_run)
+            if payload is None:
+                return None
+            rec = payload["record"]
+            score = float(rec["metrics"]["all"][rec["primary"]])
+            if best is None or score > best[0]:
+                best = (score, sweep_run.lr)
+        assert best is not None
+        return dataclasses.replace(self, lr=best[1])
 
 
 def run_path(results_dir: str | Path, run: Run) -> Path:
     return Path(results_dir) / f"{run.key}.json"
 
 
-def load_result(results_dir: str | Path, run: Run) -> dict[str, Any] | None:
-    """The run's stored result, or None when it has not run (or ran under another config: then it reruns)."""
+def load_result(results_dir: str | Path, run: Run, suite: dict[str, Run] | None = None) -> dict[str, Any] | None:
+    """The run's stored result, or None when it has not run (or ran under another config: then it reruns).
+
+    A run that takes its rate from a sweep (``lr_from``) needs ``suite`` (runs by key), and is pending while the
+    sweep is: its stored result counts only if it was trained at the sweep's current best rate.
+    """
+    if run.lr_from:
+        resolved = run.resolve(results_dir, suite or {})
+        if resolved is None:
+            return None
+        run = resolved
     path = run_path(results_dir, run)
     if not path.exists():
         return None
@@ -111,37 +153,91 @@ def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(path: Path) -> bool:
+    """Create the run's lock file; False when a live worker holds it.  A lock left by a dead process of this
+    machine is taken over; one from another machine is respected (its owner cannot be checked from here)."""
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+            except (OSError, ValueError):
+                return False  # being written by its owner this instant, or unreadable: leave it
+            if host != socket.gethostname() or _pid_alive(int(pid)):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
 def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", progress: bool = True,
-              max_runs: int | None = None, log: Any = print) -> dict[str, int]:
+              max_runs: int | None = None, log: Any = print, suite: list[Run] | None = None) -> dict[str, int]:
     """Train the runs without a stored result (the first ``max_runs`` of them) and store each as soon as it ends.
 
-    Returns counts of ``done`` and ``skipped`` (already stored) and the CPU seconds spent.
+    ``suite`` (default ``runs``): every run of the preset, where the sweeps named by ``lr_from`` are looked up.
+    A run whose sweep has not finished, or that another worker holds, is left for a later call.  Returns counts
+    of ``done``, ``skipped`` (already stored), ``waiting`` (sweep unfinished or held elsewhere) and CPU seconds.
     """
     from .harness import train_one
     from .results import environment
 
     results_dir = Path(results_dir)
-    todo = [r for r in runs if load_result(results_dir, r) is None]
+    by_key = {r.key: r for r in (suite if suite is not None else runs)}
+    todo = [r for r in runs if load_result(results_dir, r, by_key) is None]
     log(f"report: {len(runs)} runs selected, {len(runs) - len(todo)} already done, {len(todo)} to run"
         + (f" (this call: at most {max_runs})" if max_runs is not None else ""))
-    skipped, todo = len(runs) - len(todo), todo[:max_runs]
+    skipped = len(runs) - len(todo)
     env = environment(device)
-    cpu_total, done = 0.0, 0
-    for n, run in enumerate(todo, 1):
-        c0, t0 = time.process_time(), time.perf_counter()
-        rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task, device=device,
-                        progress=progress, desc=f"[{n}/{len(todo)}] {run.key}")
-        cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
-        payload = {"key": run.key, "study": run.study, "created": dt.datetime.now().isoformat(timespec="seconds"),
-                   "config": run.config(), "environment": env, "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1),
-                   "record": rec}
-        _write_atomic(run_path(results_dir, run), payload)
+    cpu_total, done, waiting = 0.0, 0, 0
+    for n, pending in enumerate(todo, 1):
+        if max_runs is not None and done >= max_runs:
+            break
+        # Resolved now, not up front: the sweep may have finished earlier in this call.
+        run = pending.resolve(results_dir, by_key)
+        path = run_path(results_dir, pending)
+        if run is None or not _claim(path):
+            waiting += 1
+            log(f"[{n}/{len(todo)}] {pending.key}: "
+                + ("its learning-rate sweep has not finished" if run is None else "held by another worker"))
+            continue
+        try:
+            if load_result(results_dir, pending, by_key) is not None:  # finished by another worker meanwhile
+                skipped += 1
+                continue
+            c0, t0 = time.process_time(), time.perf_counter()
+            rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task,
+                            device=device, progress=progress, desc=f"[{n}/{len(todo)}] {run.key}")
+            cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
+            payload = {"key": run.key, "study": run.study, "created": dt.datetime.now().isoformat(timespec="seconds"),
+                       "config": run.config(), "environment": env, "cpu_s": round(cpu_s, 1),
+                       "wall_s": round(wall_s, 1), "record": rec}
+            _write_atomic(path, payload)
+        finally:
+            path.with_suffix(".lock").unlink(missing_ok=True)
         cpu_total += cpu_s
         done += 1
         m = rec["metrics"]["all"]
-        log(f"[{n}/{len(todo)}] {run.key}: {rec['primary']} {m[rec['primary']]:.3f} in {wall_s:.0f}s wall, "
+        lr = f", lr {run.lr:g} (best of its sweep)" if run.lr_from else ""
+        log(f"[{n}/{len(todo)}] {run.key}: {rec['primary']} {m[rec['primary']]:.3f}{lr} in {wall_s:.0f}s wall, "
             f"{cpu_s:.0f}s CPU (suite so far {cpu_total / 60:.1f} CPU min)")
-    return {"done": done, "skipped": skipped, "cpu_s": round(cpu_total, 1)}
+    return {"done": done, "skipped": skipped, "waiting": waiting, "cpu_s": round(cpu_total, 1)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,6 +254,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     p.add_argument("--list", action="store_true", help="print the declared runs and whether each has run, then exit")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per worker (default 1; run one worker per core for more)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -174,15 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = args.out or ROOT / "benchmarks" / "results" / "report" / args.preset
     page = args.page or (ROOT / "docs" / "results.md" if args.out is None else Path(args.out) / "results.md")
     runs = build_suite(args.preset)
+    by_key = {r.key: r for r in runs}
     if args.list:
         for r in runs:
-            print(f"{'done   ' if load_result(results_dir, r) else 'pending'} {r.study:10s} {r.key}")
+            print(f"{'done   ' if load_result(results_dir, r, by_key) else 'pending'} {r.study:10s} {r.key}")
         return 0
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     if not args.page_only:
+        if args.device == "cpu":
+            import torch
+
+            torch.set_num_threads(args.threads)
         todo = [r for r in runs if not only or r.study in only]
         stats = run_suite(todo, results_dir, device=args.device, progress=not args.no_progress,
-                          max_runs=args.max_runs)
-        print(f"report: ran {stats['done']}, skipped {stats['skipped']}, {stats['cpu_s'] / 60:.1f} CPU minutes")
+                          max_runs=args.max_runs, suite=runs)
+        print(f"report: ran {stats['done']}, skipped {stats['skipped']}, waiting {stats['waiting']}, "
+              f"{stats['cpu_s'] / 60:.1f} CPU minutes")
     path = write_page(args.preset, runs, results_dir, page)
     print(f"report: wrote {path}")
     return 0

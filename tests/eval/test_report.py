@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from memzoo.eval.cli import main as bench_main
 from memzoo.eval.harness import train_one
-from memzoo.eval.report import load_result, run_path
+from memzoo.eval.report import _claim, load_result, run_path, run_suite
 from memzoo.eval.report_page import cell
 from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
 
@@ -102,3 +107,66 @@ def test_mac_learns_recall_across_segments():
     rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task, progress=False)
     two_x = 2 * run.labels["train_len"]
     assert rec["metrics"][f"seq_len={two_x}"]["exact_match"] >= 0.9, rec["curve"]
+
+
+def _fake_result(tmp_path, run, accuracy: float) -> None:
+    payload = {"config": run.config(), "record": {"primary": "accuracy", "metrics": {"all": {"accuracy": accuracy}}}}
+    run_path(tmp_path, run).write_text(json.dumps(payload))
+
+
+def test_other_seeds_take_the_best_rate_of_the_sweep(tmp_path):
+    base = next(r for r in build_suite("tiny") if r.study == "mqar")
+    sweep = [dataclasses.replace(base, key=f"sweep-{i}", lr=lr) for i, lr in enumerate((1e-3, 3e-3, 1e-2))]
+    best = dataclasses.replace(base, key="best-s1", lr=None, seed=1, lr_from=tuple(r.key for r in sweep))
+    suite = {r.key: r for r in (*sweep, best)}
+    _fake_result(tmp_path, sweep[0], 0.4)
+    _fake_result(tmp_path, sweep[1], 0.9)
+    # Pending while a sweep run is missing, however the run itself is stored.
+    assert best.resolve(tmp_path, suite) is None and load_result(tmp_path, best, suite) is None
+    _fake_result(tmp_path, sweep[2], 0.6)
+    resolved = best.resolve(tmp_path, suite)
+    assert resolved.lr == 3e-3 and resolved.seed == 1
+    _fake_result(tmp_path, resolved, 0.8)
+    assert load_result(tmp_path, best, suite) is not None
+    # A stored run trained at a rate that is no longer the sweep's best is not reused.
+    _fake_result(tmp_path, sweep[2], 0.95)
+    assert load_result(tmp_path, best, suite) is None
+    with pytest.raises(ValueError, match="give lr, or lr_from"):
+        dataclasses.replace(base, lr=None)
+    with pytest.raises(ValueError, match="not a run of the suite"):
+        best.resolve(tmp_path, {})
+
+
+def test_cpu_preset_sweeps_at_one_seed_and_reruns_the_best_rate():
+    runs = [r for r in build_suite("cpu") if r.study == "mqar"]
+    keys = {r.key for r in runs}
+    s = PRESETS["cpu"]
+    for r in runs:
+        if r.seed == s.seeds[0]:
+            assert r.lr in s.mqar_lrs and not r.lr_from
+        else:
+            assert r.lr is None and len(r.lr_from) == len(s.mqar_lrs) and set(r.lr_from) <= keys
+    # Cell by cell: every run of the first cell comes before any run of the second.
+    first = [i for i, r in enumerate(runs) if (r.d_model, r.labels["T"]) == (s.d_models[0], s.mqar_grid[0][0])]
+    assert first == list(range(len(first))) and len(first) == len(runs) // (len(s.d_models) * len(s.mqar_grid))
+
+
+def test_workers_share_a_folder_through_lock_files(tmp_path, capsys):
+    run = next(r for r in build_suite("tiny") if r.study == "mqar")
+    path = run_path(tmp_path, run)
+    lock = path.with_suffix(".lock")
+    assert _claim(path) and lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    assert not _claim(path)  # held by a live process (this one)
+    # A worker holding the run makes run_suite leave it for later.
+    assert run_suite([run], tmp_path, progress=False)["waiting"] == 1 and not path.exists()
+    assert "held by another worker" in capsys.readouterr().out
+    # A lock from another machine is respected; one left by a dead process here is taken over.
+    lock.write_text("some-other-host 1")
+    assert not _claim(path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid}")
+    assert _claim(path)
+    lock.unlink()
+    stats = run_suite([run], tmp_path, progress=False)
+    assert stats["done"] == 1 and path.exists() and not lock.exists()
