@@ -343,7 +343,8 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
     Args:
         path: a folder holding ``model.safetensors`` (and ``config.json``), or the file itself.
             For a ``checkpoints/checkpoint_N`` folder the model config comes from the run's
-            ``config.json`` two levels up.
+            ``config.json`` two levels up; a run with a ``wrapper`` section is rebuilt as that wrapper
+            (``cls.build``, as the trainer did) and given every weight of the checkpoint.
         device, dtype: where to put the weights (default: CPU, as stored).
         config: the model config, when no ``config.json`` is found next to the weights.
 
@@ -365,9 +366,13 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
     weights = path if path.suffix == ".safetensors" else directory / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"from_pretrained: no model.safetensors at {str(path)!r}")
+    tensors = {_clean_key(k): v for k, v in load_file(str(weights)).items()}
+    if meta is None and config is None:
+        wrapped = _checkpoint_wrapper(directory, tensors)
+        if wrapped is not None:
+            return wrapped.to(device=device, dtype=dtype).eval()
     if config is None:
         config = _find_config(directory)
-    tensors = {_clean_key(k): v for k, v in load_file(str(weights)).items()}
     if meta is not None:
         return load_wrapper(directory, meta, tensors, config).to(device=device, dtype=dtype).eval()
     model = build_model(config)
@@ -382,6 +387,31 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
         raise ValueError(f"from_pretrained({str(path)!r}): weights do not match the config: "
                          f"missing {missing}, unexpected {unexpected}")
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _checkpoint_wrapper(directory: Path, tensors: dict[str, torch.Tensor]) -> Any:
+    """The wrapper a ``checkpoints/checkpoint_N`` folder was saved from (built as the trainer built it, then
+    loaded with every weight of the checkpoint, strictly), or None when the run trained a bare model."""
+    from .config import TrainConfig
+
+    run = directory.parent.parent / "config.json"
+    if not (_CKPT.match(directory.name) and run.is_file()):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # a run saved with the old hmt: / longmem: sections
+        cfg = TrainConfig.from_dict(json.loads(run.read_text()))
+    wrapper = cfg.resolved_wrapper()
+    if wrapper is None:
+        return None
+    cls, wrapper_config = wrapper
+    model = cls.build(cfg.model, wrapper_config, say=lambda msg: warnings.warn(msg, stacklevel=3))
+    tied = {k for k in model.state_dict() if k.endswith("lm_head.weight")} if cfg.model.tie_embeddings else set()
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"from_pretrained({str(directory)!r}): the checkpoint does not match the run's "
+                         f"{cls.name} model: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def _find_config(directory: Path) -> ModelConfig:

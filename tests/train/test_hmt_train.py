@@ -74,3 +74,9 @@ def test_train_hmt_stages_end_to_end(tmp_path, stage):
     trained.load_state_dict(loaded.state_dict())
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, trained.eval()(ids).logits)
+    # The run's last Accelerate checkpoint folder reloads as the same HMT (the run config names the wrapper).
+    ckpt = max((tmp_path / "run" / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]))
+    resumed = memzoo.from_pretrained(ckpt)
+    assert isinstance(resumed, HMT) and resumed.config == loaded.config
+    with torch.no_grad():
+        assert torch.equal(resumed(ids).logits, loaded(ids).logits)

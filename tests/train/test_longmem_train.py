@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -145,6 +146,17 @@ def test_two_stage_run_trains_only_the_sidenet(two_stage):
     assert n_opt == len(opt["state"]) == len(model.trainable_parameters())
     metrics = [json.loads(line) for line in (root / "a" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("mem/state_bytes", 0) > 0 for r in metrics)
+
+
+def test_a_checkpoint_folder_reloads_as_the_longmem_it_saved(two_stage):
+    root, cfg, _, _ = two_stage
+    expected, _ = _trained_from_checkpoint(root, 2)
+    loaded = from_pretrained(root / "a" / "checkpoints" / "checkpoint_2")  # the run config names the wrapper
+    assert isinstance(loaded, LongMem) and not loaded.training
+    assert dataclasses.replace(loaded.config, backbone=None) == expected.config
+    for k, v in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.backbone_record["path"] == cfg.wrapper["backbone"]
 
 
 def test_export_holds_the_sidenet_only_and_reloads_exactly(two_stage, tmp_path):
