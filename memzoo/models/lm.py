@@ -163,6 +163,10 @@ class LanguageModel(nn.Module):
         constructor gave them: only ``nn.Linear``/``nn.Embedding`` weights are re-drawn here
         (see ``memzoo.models.init``).
         """
+        if self.embed.weight.is_meta:
+            # Nothing to draw on the meta device (parameter counts, deferred init: ``to_empty`` then this call);
+            # drawing there costs about a millisecond per tensor.
+            return
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Embedding):

@@ -265,3 +265,17 @@ def test_aux_losses_reach_the_model_loss(monkeypatch):
     assert model.blocks[0].mixer.proj.weight.grad is not None
     # A second pass reports that pass's terms, not an accumulation.
     assert len(model(x, labels=x).aux_losses) == 2
+
+
+def test_meta_build_then_deferred_init():
+    # A model built on the meta device draws nothing (parameter counts stay cheap); to_empty + reset_parameters
+    # then gives it the usual init.
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, pattern=("attention",))
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    assert model.embed.weight.is_meta and model.num_parameters() == LanguageModel(cfg).num_parameters()
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    std = model.embed.weight.std().item()
+    assert abs(std - cfg.init_std) < 0.2 * cfg.init_std
+    assert model.blocks[0].mlp.up_proj.weight.std().item() > 0.5 * cfg.init_std
