@@ -29,53 +29,120 @@ from ..utils import flatten_batch, resolve_dot_precision
 __all__ = ["titans_linear_triton"]
 
 
+@triton.jit
+def _tok(p, t0, i_h, o_t, m_t, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Key channels ``[i_k BK, (i_k + 1) BK)`` of a ``[T, H, K]`` tensor at the chunk's tokens ``t0 + o_t``."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    return tl.load(p + (t0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
+                   mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)  # [BT, BK]
+
+
+@triton.jit
+def _tok_store(p, x, t0, i_h, o_t, m_t, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    o_k = i_k * BK + tl.arange(0, BK)
+    tl.store(p + (t0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], x.to(p.dtype.element_ty),
+             mask=m_t[:, None] & (o_k < K)[None, :])
+
+
+@triton.jit
+def _st(p, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """Rows ``[i_k BK, (i_k + 1) BK)`` of a ``[K, V]`` state at ``p``, columns ``o_v``."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    return tl.load(p + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
+
+
+@triton.jit
+def _st_if(p, m_if, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """``_st`` where the [BK, BV] mask ``m_if`` holds, zero elsewhere."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    return tl.load(p + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :] & m_if, other=0.0)
+
+
+@triton.jit
+def _st_store(p, x, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    o_k = i_k * BK + tl.arange(0, BK)
+    tl.store(p + o_k[:, None] * V + o_v[None, :], x, mask=(o_k < K)[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _fwd_reads(q, k, wb0, b_w, b_s, i_c, b_qk, b_e, b_qw, b_qs, t0, i_h, o_t, m_t, o_v, m_v, i_k,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One K tile's share of QK^T, E = K W_base - V, Q W and Q S (the base is W except in the first chunk)."""
+    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    dt = b_k.dtype
+    b_qk = tl.dot(b_q, tl.trans(b_k), b_qk, input_precision=DOT_PRECISION)
+    if i_c == 0:
+        b_e = tl.dot(b_k, _st(wb0, i_k, o_v, m_v, K, V, BK).to(dt), b_e, input_precision=DOT_PRECISION)
+    else:
+        b_e = tl.dot(b_k, b_w.to(dt), b_e, input_precision=DOT_PRECISION)
+    b_qw = tl.dot(b_q, b_w.to(dt), b_qw, input_precision=DOT_PRECISION)
+    b_qs = tl.dot(b_q, b_s.to(dt), b_qs, input_precision=DOT_PRECISION)
+    return b_qk, b_e, b_qw, b_qs
+
+
+@triton.jit
+def _fwd_update(k, b_w, b_s, b_ge, b_ne, b_beta_end, b_f_end, b_m_end, t0, i_h, o_t, m_t, i_k,
+                H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Chunk-end rank-b update of one K tile: W' = beta_b W + f_b S + K^T (-g E), S' = m_b S + K^T (-n E)."""
+    b_kt = tl.trans(_tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK))  # [BK, BT]
+    dt = b_kt.dtype
+    b_w_new = tl.dot(b_kt, b_ge.to(dt), b_beta_end * b_w + b_f_end * b_s, input_precision=DOT_PRECISION)
+    b_s = tl.dot(b_kt, b_ne.to(dt), b_m_end * b_s, input_precision=DOT_PRECISION)
+    return b_w_new, b_s
+
+
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_fwd_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, w0, s0, start_pos, cu, y, wb_out, w_out, s_out, h_w, h_s, chunk_off,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    STORE_STATES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NK: tl.constexpr, STORE_STATES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Forward walk of one (V tile, sequence, head); W and S are held as NK (1 or 2) register tiles [BK, BV]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     n_tok = tl.load(cu + i_n + 1).to(tl.int64) - bos
     pos0 = tl.load(start_pos + i_n).to(tl.int64)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    m_v = o_v < V
     # int64 only in scalar bases; tile offsets are int32.
     p_state = tl.cast(i_nh, tl.int64) * K * V
-    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    b_w = tl.load(w0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-    b_s = tl.load(s0 + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+    b_w1 = _st(w0 + p_state, 0, o_v, m_v, K, V, BK)  # [BK, BV]
+    b_s1 = _st(s0 + p_state, 0, o_v, m_v, K, V, BK)  # [BK, BV]
+    b_w2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_s2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if NK > 1:
+        b_w2 = _st(w0 + p_state, 1, o_v, m_v, K, V, BK)
+        b_s2 = _st(s0 + p_state, 1, o_v, m_v, K, V, BK)
     n_chunks = (pos0 + n_tok + BT - 1) // BT
     next_chunk = (pos0 + n_tok) // BT
     m_causal = o_t[:, None] >= o_t[None, :]  # [BT, BT]
     last = o_t == BT - 1
     # The returned gradient base is the weights at the end of chunk next_chunk - 1 (stored there), or the initial
-    # base when the next token is in the first chunk; no extra [BK, BV] tile is carried.
+    # base when the next token is in the first chunk; no extra tile is carried.
     if next_chunk == 0:
-        tl.store(wb_out + p_state + o_kv, tl.load(wb0 + p_state + o_kv, mask=m_kv, other=0.0), mask=m_kv)
+        for i_k in tl.static_range(NK):
+            _st_store(wb_out + p_state, _st(wb0 + p_state, i_k, o_v, m_v, K, V, BK), i_k, o_v, m_v, K, V, BK)
     if STORE_STATES:
         o_first = tl.load(chunk_off + i_n).to(tl.int64)
     for i_c in range(0, n_chunks):
         if STORE_STATES:
             # Chunk-start states for the backward pass (only chunk boundaries are ever stored).
             p_h = ((o_first + i_c) * H + i_h) * K * V
-            tl.store(h_w + p_h + o_kv, b_w, mask=m_kv)
-            tl.store(h_s + p_h + o_kv, b_s, mask=m_kv)
+            _st_store(h_w + p_h, b_w1, 0, o_v, m_v, K, V, BK)
+            _st_store(h_s + p_h, b_s1, 0, o_v, m_v, K, V, BK)
+            if NK > 1:
+                _st_store(h_w + p_h, b_w2, 1, o_v, m_v, K, V, BK)
+                _st_store(h_s + p_h, b_s2, 1, o_v, m_v, K, V, BK)
         # Token t0 + o_t of the packed sequence sits at slot o_t of this chunk (t0 < bos in a partial first chunk).
         t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
         o_rel = t0 - bos + o_t  # [BT] token index inside the sequence
         m_t = (o_rel >= 0) & (o_rel < n_tok)
-        m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        o_tk = o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
         o_tv = o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV]
-        b_q = tl.load(q + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
-        b_k = tl.load(k + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
         b_v = tl.load(v + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         # Rows outside the sequence get theta = 0, eta = gamma = 1: identity updates.
         p_g = t0 * H + i_h + o_t * H
@@ -85,30 +152,38 @@ def _titans_linear_fwd_kernel(
         # Exponentiate only differences with i <= t; a padded column i adds no S_i to W.
         b_lam, _, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal,
                                                                     DOT_PRECISION)
-        b_A = b_G * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
-        # Errors at the chunk base, E = K W_base - V (the base is W except in the first chunk).
-        m_first = (tl.zeros([BK, BV], dtype=tl.int32) + i_c) == 0  # [BK, BV] splat of i_c == 0
-        b_wb = tl.load(wb0 + p_state + o_kv, mask=m_kv & m_first, other=0.0)
-        b_wb = tl.where(m_first, b_wb, b_w)  # [BK, BV]
-        b_e = tl.dot(b_k, b_wb.to(b_k.dtype), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
-        b_y = b_beta[:, None] * tl.dot(b_q, b_w.to(b_q.dtype), input_precision=DOT_PRECISION)
-        b_y += b_f[:, None] * tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION)
-        b_y = tl.dot((-b_A).to(b_q.dtype), b_e.to(b_q.dtype), b_y, input_precision=DOT_PRECISION)
+        b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+        b_e = -b_v  # [BT, BV] becomes E = K W_base - V
+        b_qw = tl.zeros([BT, BV], dtype=tl.float32)
+        b_qs = tl.zeros([BT, BV], dtype=tl.float32)
+        b_qk, b_e, b_qw, b_qs = _fwd_reads(q, k, wb0 + p_state, b_w1, b_s1, i_c, b_qk, b_e, b_qw, b_qs, t0, i_h,
+                                           o_t, m_t, o_v, m_v, 0, H, K, V, BK, BV, DOT_PRECISION)
+        if NK > 1:
+            b_qk, b_e, b_qw, b_qs = _fwd_reads(q, k, wb0 + p_state, b_w2, b_s2, i_c, b_qk, b_e, b_qw, b_qs, t0,
+                                               i_h, o_t, m_t, o_v, m_v, 1, H, K, V, BK, BV, DOT_PRECISION)
+        dt = q.dtype.element_ty
+        b_y = b_beta[:, None] * b_qw + b_f[:, None] * b_qs
+        b_y = tl.dot((-(b_G * b_qk)).to(dt), b_e.to(dt), b_y, input_precision=DOT_PRECISION)  # [BT, BV]
         tl.store(y + (t0 * H + i_h) * V + o_tv, b_y.to(y.dtype.element_ty), mask=m_tv)
-        b_g_end = tl.sum(tl.where(last[:, None], b_G, 0.0), axis=0)  # [BT] row b of G
-        b_n_end = tl.sum(tl.where(last[:, None], b_nm, 0.0), axis=0)  # [BT] row b of N
+        b_ge = -tl.sum(tl.where(last[:, None], b_G, 0.0), axis=0)[:, None] * b_e  # [BT, BV] -(row b of G) E
+        b_ne = -tl.sum(tl.where(last[:, None], b_nm, 0.0), axis=0)[:, None] * b_e  # [BT, BV] -(row b of N) E
         b_beta_end = tl.sum(tl.where(last, b_beta, 0.0))
         b_f_end = tl.sum(tl.where(last, b_f, 0.0))
         b_m_end = tl.sum(tl.where(last, b_m, 0.0))
-        b_kt = tl.trans(b_k)  # [BK, BT]
-        b_w_new = tl.dot(b_kt, (-b_g_end[:, None] * b_e).to(b_k.dtype), b_beta_end * b_w + b_f_end * b_s,
-                         input_precision=DOT_PRECISION)
-        b_s = tl.dot(b_kt, (-b_n_end[:, None] * b_e).to(b_k.dtype), b_m_end * b_s, input_precision=DOT_PRECISION)
-        b_w = b_w_new
+        b_w1, b_s1 = _fwd_update(k, b_w1, b_s1, b_ge, b_ne, b_beta_end, b_f_end, b_m_end, t0, i_h, o_t, m_t, 0,
+                                 H, K, BK, DOT_PRECISION)
+        if NK > 1:
+            b_w2, b_s2 = _fwd_update(k, b_w2, b_s2, b_ge, b_ne, b_beta_end, b_f_end, b_m_end, t0, i_h, o_t, m_t, 1,
+                                     H, K, BK, DOT_PRECISION)
         if next_chunk == i_c + 1:
-            tl.store(wb_out + p_state + o_kv, b_w, mask=m_kv)
-    tl.store(w_out + p_state + o_kv, b_w, mask=m_kv)
-    tl.store(s_out + p_state + o_kv, b_s, mask=m_kv)
+            _st_store(wb_out + p_state, b_w1, 0, o_v, m_v, K, V, BK)
+            if NK > 1:
+                _st_store(wb_out + p_state, b_w2, 1, o_v, m_v, K, V, BK)
+    _st_store(w_out + p_state, b_w1, 0, o_v, m_v, K, V, BK)
+    _st_store(s_out + p_state, b_s1, 0, o_v, m_v, K, V, BK)
+    if NK > 1:
+        _st_store(w_out + p_state, b_w2, 1, o_v, m_v, K, V, BK)
+        _st_store(s_out + p_state, b_s2, 1, o_v, m_v, K, V, BK)
 
 
 @triton.jit
@@ -125,14 +200,54 @@ def _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal, DOT_PRECISION: 
     return b_lam, b_p, b_nm, b_G, b_m, b_f, tl.exp(b_lg)
 
 
+@triton.jit
+def _bwd_reads(q, k, p_wg, b_dw, b_ds, b_qk, b_e, b_kdw, b_kds, t0, i_h, o_t, m_t, o_v, m_v, i_k,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One K tile's share of QK^T, E = K W_base - V, K dW and K dS."""
+    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    dt = b_k.dtype
+    b_wg = _st(p_wg, i_k, o_v, m_v, K, V, BK)  # [BK, BV] gradient base
+    b_qk = tl.dot(b_q, tl.trans(b_k), b_qk, input_precision=DOT_PRECISION)
+    b_e = tl.dot(b_k, b_wg.to(dt), b_e, input_precision=DOT_PRECISION)
+    b_kdw = tl.dot(b_k, b_dw.to(dt), b_kdw, input_precision=DOT_PRECISION)
+    b_kds = tl.dot(b_k, b_ds.to(dt), b_kds, input_precision=DOT_PRECISION)
+    return b_qk, b_e, b_kdw, b_kds
+
+
+@triton.jit
+def _bwd_tile(q, k, p_wg, dk, dwb0, dwb_out, b_dw, b_ds, b_de, b_dag, b_ge, b_ne, b_bdo, b_fdo, b_beta_end, b_f_end,
+              b_m_end, i_c, next_chunk, t0, i_h, o_t, m_t, o_v, m_v, i_k,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """dk of one K tile and the gradients of its rows of the chunk-start states (W is the base after chunk 0)."""
+    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    dt = b_k.dtype
+    b_wg = _st(p_wg, i_k, o_v, m_v, K, V, BK)  # [BK, BV]
+    b_dk = tl.dot(b_de.to(dt), tl.trans(b_wg.to(dt)), input_precision=DOT_PRECISION)
+    b_dk = tl.dot(tl.trans(b_dag), b_q, b_dk, input_precision=DOT_PRECISION)
+    b_dk = tl.dot(b_ge, tl.trans(b_dw.to(dt)), b_dk, input_precision=DOT_PRECISION)
+    b_dk = tl.dot(b_ne, tl.trans(b_ds.to(dt)), b_dk, input_precision=DOT_PRECISION)  # [BT, BK]
+    _tok_store(dk, b_dk, t0, i_h, o_t, m_t, i_k, H, K, BK)
+    b_dwg = tl.dot(tl.trans(b_k), b_de.to(dt), input_precision=DOT_PRECISION)  # [BK, BV]
+    b_dw_start = tl.dot(tl.trans(b_q), b_bdo, b_beta_end * b_dw, input_precision=DOT_PRECISION)
+    b_ds = tl.dot(tl.trans(b_q), b_fdo, b_f_end * b_dw + b_m_end * b_ds, input_precision=DOT_PRECISION)
+    if i_c == 0:
+        m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == 0  # [BK, BV] splat
+        _st_store(dwb0, b_dwg + _st_if(dwb_out, m_ends, i_k, o_v, m_v, K, V, BK), i_k, o_v, m_v, K, V, BK)
+    return b_dw_start + tl.where(i_c == 0, 0.0, b_dwg), b_ds
+
+
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_bwd_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dwb_out, dw_out, ds_out,
     dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Reverse chunk pass: dW, dS (the gradients w.r.t. the chunk-end states) walk back through the chunks.
+    """Reverse chunk pass: dW, dS (the gradients w.r.t. the chunk-end states, NK register tiles each) walk back
+    through the chunks.
 
     dk is a partial sum over this program's V tile ([NV, T, H, K], summed by the launcher); dv and the
     initial-state gradients are written directly, every chunk's dW, dS to dw_end, ds_end (rows as h_w) for the
@@ -145,45 +260,47 @@ def _titans_linear_bwd_kernel(
     pos0 = tl.load(start_pos + i_n).to(tl.int64)
     o_first = tl.load(chunk_off + i_n).to(tl.int64)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    m_v = o_v < V
     # int64 only in scalar bases; tile offsets are int32.
     p_state = tl.cast(i_nh, tl.int64) * K * V
-    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    b_dw = tl.load(dw_out + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
-    b_ds = tl.load(ds_out + p_state + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+    b_dw1 = _st(dw_out + p_state, 0, o_v, m_v, K, V, BK)  # [BK, BV] gradient w.r.t. the chunk-end W
+    b_ds1 = _st(ds_out + p_state, 0, o_v, m_v, K, V, BK)  # [BK, BV]
+    b_dw2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_ds2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if NK > 1:
+        b_dw2 = _st(dw_out + p_state, 1, o_v, m_v, K, V, BK)
+        b_ds2 = _st(ds_out + p_state, 1, o_v, m_v, K, V, BK)
     n_chunks = (pos0 + n_tok + BT - 1) // BT
     next_chunk = (pos0 + n_tok) // BT
     # The gradient w.r.t. the returned base joins the chunk that ends at it (none: the initial base, whose gradient
     # is written by the first chunk, or here when the sequence has no chunk). Read from memory where needed, so no
-    # extra [BK, BV] tile stays live across the loop.
+    # extra tile stays live across the loop.
     if n_chunks == 0:
-        tl.store(dwb0 + p_state + o_kv, tl.load(dwb_out + p_state + o_kv, mask=m_kv, other=0.0), mask=m_kv)
+        for i_k in tl.static_range(NK):
+            _st_store(dwb0 + p_state, _st(dwb_out + p_state, i_k, o_v, m_v, K, V, BK), i_k, o_v, m_v, K, V, BK)
     m_causal = o_t[:, None] >= o_t[None, :]
     last = o_t == BT - 1
-    o_dpart = tl.cast(i_v, tl.int64) * NT
+    p_dk = dk + tl.cast(i_v, tl.int64) * NT * H * K
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
         # The returned base is the end of chunk next_chunk - 1.
         m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == i_c + 1  # [BK, BV] splat
-        b_dw += tl.load(dwb_out + p_state + o_kv, mask=m_kv & m_ends, other=0.0)
         p_h = ((o_first + i_c) * H + i_h) * K * V
-        tl.store(dw_end + p_h + o_kv, b_dw, mask=m_kv)
-        tl.store(ds_end + p_h + o_kv, b_ds, mask=m_kv)
+        b_dw1 += _st_if(dwb_out + p_state, m_ends, 0, o_v, m_v, K, V, BK)
+        _st_store(dw_end + p_h, b_dw1, 0, o_v, m_v, K, V, BK)
+        _st_store(ds_end + p_h, b_ds1, 0, o_v, m_v, K, V, BK)
+        if NK > 1:
+            b_dw2 += _st_if(dwb_out + p_state, m_ends, 1, o_v, m_v, K, V, BK)
+            _st_store(dw_end + p_h, b_dw2, 1, o_v, m_v, K, V, BK)
+            _st_store(ds_end + p_h, b_ds2, 1, o_v, m_v, K, V, BK)
         p_wg = tl.where(i_c == 0, wb0 + p_state, h_w + p_h)
-        b_wg = tl.load(p_wg + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
         t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
         o_rel = t0 - bos + o_t
         m_t = (o_rel >= 0) & (o_rel < n_tok)
-        m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        o_tk = o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
         o_tv = o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV]
-        b_q = tl.load(q + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
-        b_k = tl.load(k + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
-        dt = b_k.dtype
+        dt = q.dtype.element_ty
         b_v = tl.load(v + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         b_do = tl.load(dy + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(dt)  # [BT, BV]
         p_g = t0 * H + i_h + o_t * H
@@ -192,40 +309,79 @@ def _titans_linear_bwd_kernel(
         b_lg_raw = tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32)
         b_lam, b_p, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal,
                                                                       DOT_PRECISION)
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
-        b_e = tl.dot(b_k, b_wg.to(dt), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
+        b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+        b_e = -b_v  # [BT, BV] becomes E = K W_base - V
+        b_kdw = tl.zeros([BT, BV], dtype=tl.float32)
+        b_kds = tl.zeros([BT, BV], dtype=tl.float32)
+        b_qk, b_e, b_kdw, b_kds = _bwd_reads(q, k, p_wg, b_dw1, b_ds1, b_qk, b_e, b_kdw, b_kds, t0, i_h, o_t, m_t,
+                                             o_v, m_v, 0, H, K, V, BK, DOT_PRECISION)
+        if NK > 1:
+            b_qk, b_e, b_kdw, b_kds = _bwd_reads(q, k, p_wg, b_dw2, b_ds2, b_qk, b_e, b_kdw, b_kds, t0, i_h, o_t,
+                                                 m_t, o_v, m_v, 1, H, K, V, BK, DOT_PRECISION)
         b_g_end = tl.sum(tl.where(last[:, None], b_G, 0.0), axis=0)  # [BT]
         b_n_end = tl.sum(tl.where(last[:, None], b_nm, 0.0), axis=0)  # [BT]
         b_beta_end = tl.sum(tl.where(last, b_beta, 0.0))
         b_f_end = tl.sum(tl.where(last, b_f, 0.0))
         b_m_end = tl.sum(tl.where(last, b_m, 0.0))
-        b_kdw = tl.dot(b_k, b_dw.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
-        b_kds = tl.dot(b_k, b_ds.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
-        b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT] gradient of G * QK^T
-        b_dag = b_da * b_G
+        b_dag = (-tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION) * b_G).to(dt)  # [BT, BT] dA*G
         # E feeds the outputs (through -A E) and both chunk-end states.
         b_de = -(b_g_end[:, None] * b_kdw + b_n_end[:, None] * b_kds)  # [BT, BV]
         b_de = tl.dot(tl.trans(-(b_G * b_qk)).to(dt), b_do, b_de, input_precision=DOT_PRECISION)
         tl.store(dv + (t0 * H + i_h) * V + o_tv, (-b_de).to(dv.dtype.element_ty), mask=m_tv)
-        b_dk = tl.dot(b_de.to(dt), tl.trans(b_wg.to(dt)), input_precision=DOT_PRECISION)
-        b_dk = tl.dot(tl.trans(b_dag.to(dt)), b_q, b_dk, input_precision=DOT_PRECISION)
-        b_dk -= b_g_end[:, None] * tl.dot(b_e.to(dt), tl.trans(b_dw.to(dt)), input_precision=DOT_PRECISION)
-        b_dk -= b_n_end[:, None] * tl.dot(b_e.to(dt), tl.trans(b_ds.to(dt)), input_precision=DOT_PRECISION)
-        p_part = (o_dpart + t0) * H * K + i_h * K
-        tl.store(dk + p_part + o_tk, b_dk, mask=m_tk)
-        # Gradients w.r.t. this chunk's start states (W is also the base of every chunk but the first).
-        b_dwg = tl.dot(tl.trans(b_k), b_de.to(dt), input_precision=DOT_PRECISION)  # [BK, BV]
-        b_dw_start = tl.dot(tl.trans(b_q), (b_beta[:, None] * b_do).to(dt), b_beta_end * b_dw,
-                            input_precision=DOT_PRECISION)
-        b_ds = tl.dot(tl.trans(b_q), (b_f[:, None] * b_do).to(dt), b_f_end * b_dw + b_m_end * b_ds,
-                      input_precision=DOT_PRECISION)
-        if i_c == 0:
-            m_ends = (tl.zeros([BK, BV], dtype=tl.int64) + next_chunk) == 0  # [BK, BV] splat
-            b_dnb = tl.load(dwb_out + p_state + o_kv, mask=m_kv & m_ends, other=0.0)
-            tl.store(dwb0 + p_state + o_kv, b_dwg + b_dnb, mask=m_kv)
-        b_dw = b_dw_start + tl.where(i_c == 0, 0.0, b_dwg)
-    tl.store(dw0 + p_state + o_kv, b_dw, mask=m_kv)
-    tl.store(ds0 + p_state + o_kv, b_ds, mask=m_kv)
+        b_ge = (-b_g_end[:, None] * b_e).to(dt)  # [BT, BV]
+        b_ne = (-b_n_end[:, None] * b_e).to(dt)  # [BT, BV]
+        b_bdo = (b_beta[:, None] * b_do).to(dt)  # [BT, BV]
+        b_fdo = (b_f[:, None] * b_do).to(dt)  # [BT, BV]
+        b_dw1, b_ds1 = _bwd_tile(q, k, p_wg, p_dk, dwb0 + p_state, dwb_out + p_state, b_dw1, b_ds1, b_de, b_dag,
+                                 b_ge, b_ne, b_bdo, b_fdo, b_beta_end, b_f_end, b_m_end, i_c, next_chunk, t0, i_h,
+                                 o_t, m_t, o_v, m_v, 0, H, K, V, BK, BV, DOT_PRECISION)
+        if NK > 1:
+            b_dw2, b_ds2 = _bwd_tile(q, k, p_wg, p_dk, dwb0 + p_state, dwb_out + p_state, b_dw2, b_ds2, b_de, b_dag,
+                                     b_ge, b_ne, b_bdo, b_fdo, b_beta_end, b_f_end, b_m_end, i_c, next_chunk, t0,
+                                     i_h, o_t, m_t, o_v, m_v, 1, H, K, V, BK, BV, DOT_PRECISION)
+    _st_store(dw0 + p_state, b_dw1, 0, o_v, m_v, K, V, BK)
+    _st_store(ds0 + p_state, b_ds1, 0, o_v, m_v, K, V, BK)
+    if NK > 1:
+        _st_store(dw0 + p_state, b_dw2, 1, o_v, m_v, K, V, BK)
+        _st_store(ds0 + p_state, b_ds2, 1, o_v, m_v, K, V, BK)
+
+
+@triton.jit
+def _dgate_reads(q, k, p_wg, p_w, p_s, p_dw, p_ds, b_qk, b_e, b_kdw, b_kds, b_qw, b_qs, b_sums, t0, i_h, o_t, m_t,
+                 o_v, m_v, i_k, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One K tile's share of QK^T, E, K dW, K dS, Q W, Q S and (<dW, W>, <dW, S>, <dS, S>) for the gate gradients."""
+    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    dt = b_k.dtype
+    b_e = tl.dot(b_k, _st(p_wg, i_k, o_v, m_v, K, V, BK).to(dt), b_e, input_precision=DOT_PRECISION)
+    b_qk = tl.dot(b_q, tl.trans(b_k), b_qk, input_precision=DOT_PRECISION)
+    b_w = _st(p_w, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start W
+    b_s = _st(p_s, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start S
+    b_dw = _st(p_dw, i_k, o_v, m_v, K, V, BK)  # [BK, BV] gradient w.r.t. the chunk-end W
+    b_ds = _st(p_ds, i_k, o_v, m_v, K, V, BK)  # [BK, BV]
+    b_kdw = tl.dot(b_k, b_dw.to(dt), b_kdw, input_precision=DOT_PRECISION)
+    b_kds = tl.dot(b_k, b_ds.to(dt), b_kds, input_precision=DOT_PRECISION)
+    b_qw = tl.dot(b_q, b_w.to(dt), b_qw, input_precision=DOT_PRECISION)
+    b_qs = tl.dot(b_q, b_s.to(dt), b_qs, input_precision=DOT_PRECISION)
+    o_3 = tl.arange(0, 4)
+    b_sums += tl.where(o_3 == 0, tl.sum(b_dw * b_w), tl.where(o_3 == 1, tl.sum(b_dw * b_s),
+                                                              tl.where(o_3 == 2, tl.sum(b_ds * b_s), 0.0)))
+    return b_qk, b_e, b_kdw, b_kds, b_qw, b_qs, b_sums
+
+
+@triton.jit
+def _dq_tile(k, dq, p_w, p_s, b_do, b_beta, b_f, b_dag, t0, i_h, o_t, m_t, o_v, m_v, i_k,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq of one K tile: beta dY W^T + f dY S^T + (dA * G) K."""
+    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    dt = b_k.dtype
+    b_w = _st(p_w, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start W
+    b_s = _st(p_s, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start S
+    b_dq = b_beta[:, None] * tl.dot(b_do, tl.trans(b_w.to(dt)), input_precision=DOT_PRECISION)
+    b_dq += b_f[:, None] * tl.dot(b_do, tl.trans(b_s.to(dt)), input_precision=DOT_PRECISION)
+    b_dq = tl.dot(b_dag, b_k, b_dq, input_precision=DOT_PRECISION)  # [BT, BK]
+    _tok_store(dq, b_dq, t0, i_h, o_t, m_t, i_k, H, K, BK)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -233,7 +389,7 @@ def _titans_linear_dgate_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
     dq, dth, dle, dlg, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NK: tl.constexpr, DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dq (``DQ``) or else the gate gradients (dtheta, dlog_eta, dlog_gamma), partial sums over this program's V tile,
     of every chunk from its start states (h_w, h_s, the base) and end-state gradients (dw_end, ds_end); no tile is
@@ -249,13 +405,10 @@ def _titans_linear_dgate_kernel(
     pos0 = tl.load(start_pos + i_n).to(tl.int64)
     o_first = tl.load(chunk_off + i_n).to(tl.int64)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    m_v = o_v < V
     # int64 only in scalar bases; tile offsets are int32.
     p_state = tl.cast(i_nh, tl.int64) * K * V
-    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
     n_chunks = (pos0 + n_tok + BT - 1) // BT
     m_causal = o_t[:, None] >= o_t[None, :]
     last = o_t == BT - 1
@@ -267,13 +420,9 @@ def _titans_linear_dgate_kernel(
         p_wg = tl.where(t0 <= bos, wb0 + p_state, h_w + p_h)
         o_rel = t0 - bos + o_t
         m_t = (o_rel >= 0) & (o_rel < n_tok)
-        m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        o_tk = o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
         o_tv = o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV]
-        b_q = tl.load(q + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
-        b_k = tl.load(k + (t0 * H + i_h) * K + o_tk, mask=m_tk, other=0.0)  # [BT, BK]
-        dt = b_k.dtype
+        dt = q.dtype.element_ty
         b_v = tl.load(v + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         b_do = tl.load(dy + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(dt)  # [BT, BV]
         p_g = t0 * H + i_h + o_t * H
@@ -282,30 +431,35 @@ def _titans_linear_dgate_kernel(
         b_lg_raw = tl.load(log_gamma + p_g, mask=m_t, other=0.0).to(tl.float32)
         b_lam, b_p, b_nm, b_G, b_m, b_f, b_beta = _chunk_coefficients(b_th, b_le_raw, b_lg_raw, m_t, m_causal,
                                                                       DOT_PRECISION)
-        b_wg = tl.load(p_wg + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient base
-        b_e = tl.dot(b_k, b_wg.to(dt), -b_v, input_precision=DOT_PRECISION)  # [BT, BV]
-        b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT] gradient of G * QK^T
         if DQ:
-            b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
-            b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
-            b_dq = b_beta[:, None] * tl.dot(b_do, tl.trans(b_w.to(dt)), input_precision=DOT_PRECISION)
-            b_dq += b_f[:, None] * tl.dot(b_do, tl.trans(b_s.to(dt)), input_precision=DOT_PRECISION)
-            b_dq = tl.dot((b_da * b_G).to(dt), b_k, b_dq, input_precision=DOT_PRECISION)  # [BT, BK]
-            tl.store(dq + (o_dpart + t0) * H * K + i_h * K + o_tk, b_dq, mask=m_tk)
+            b_e = -b_v  # [BT, BV] becomes E = K W_base - V
+            for i_k in tl.static_range(NK):
+                b_kt = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+                b_e = tl.dot(b_kt, _st(p_wg, i_k, o_v, m_v, K, V, BK).to(dt), b_e, input_precision=DOT_PRECISION)
+            b_dag = (-tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION) * b_G).to(dt)  # [BT, BT]
+            for i_k in tl.static_range(NK):
+                _dq_tile(k, dq + o_dpart * H * K, h_w + p_h, h_s + p_h, b_do, b_beta, b_f, b_dag, t0, i_h, o_t, m_t,
+                         o_v, m_v, i_k, H, K, V, BK, DOT_PRECISION)
         else:
-            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
-            b_dw = tl.load(dw_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] gradient w.r.t. the chunk-end W
-            b_ds = tl.load(ds_end + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-            b_kdw = tl.dot(b_k, b_dw.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
-            b_kds = tl.dot(b_k, b_ds.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
-            b_w = tl.load(h_w + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start W
-            b_s = tl.load(h_s + p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV] chunk-start S
+            b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+            b_e = -b_v
+            b_kdw = tl.zeros([BT, BV], dtype=tl.float32)
+            b_kds = tl.zeros([BT, BV], dtype=tl.float32)
+            b_qw = tl.zeros([BT, BV], dtype=tl.float32)
+            b_qs = tl.zeros([BT, BV], dtype=tl.float32)
+            b_sums = tl.zeros([4], dtype=tl.float32)  # <dW, W>, <dW, S>, <dS, S>
+            for i_k in tl.static_range(NK):
+                b_qk, b_e, b_kdw, b_kds, b_qw, b_qs, b_sums = _dgate_reads(
+                    q, k, p_wg, h_w + p_h, h_s + p_h, dw_end + p_h, ds_end + p_h, b_qk, b_e, b_kdw, b_kds, b_qw,
+                    b_qs, b_sums, t0, i_h, o_t, m_t, o_v, m_v, i_k, H, K, V, BK, DOT_PRECISION)
+            o_3 = tl.arange(0, 4)
+            b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT] gradient of G*QK^T
             # Coefficient gradients (this V tile's share), then the chain through the log-cumsums.
-            b_dbeta = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_w.to(dt), input_precision=DOT_PRECISION), axis=1)
-            b_dbeta += tl.where(last, tl.sum(b_dw * b_w), 0.0)
-            b_df = tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_s.to(dt), input_precision=DOT_PRECISION), axis=1)
-            b_df += tl.where(last, tl.sum(b_dw * b_s), 0.0)
-            b_dm = tl.where(last, tl.sum(b_ds * b_s), 0.0)  # [BT]
+            b_dbeta = tl.sum(b_do.to(tl.float32) * b_qw, axis=1)
+            b_dbeta += tl.where(last, tl.sum(tl.where(o_3 == 0, b_sums, 0.0)), 0.0)
+            b_df = tl.sum(b_do.to(tl.float32) * b_qs, axis=1)
+            b_df += tl.where(last, tl.sum(tl.where(o_3 == 1, b_sums, 0.0)), 0.0)
+            b_dm = tl.where(last, tl.sum(tl.where(o_3 == 2, b_sums, 0.0)), 0.0)  # [BT]
             b_dG = b_da * b_qk - tl.where(last[:, None], tl.sum(b_e * b_kdw, axis=1)[None, :], 0.0)
             b_dN = -tl.where(last[:, None], tl.sum(b_e * b_kds, axis=1)[None, :], 0.0)
             b_dN = tl.dot(tl.trans(b_lam), b_dG, b_dN, input_precision=DOT_PRECISION)
@@ -325,15 +479,27 @@ def _titans_linear_dgate_kernel(
             tl.store(dlg + p_gp, b_dlg, mask=m_t)
 
 
+# Widest key tile held in registers: K > _BK_MAX is split in two tiles of next_power_of_2(K / 2) rows.
+_BK_MAX = 64
+
+
 def _blocks(K, V):
-    # BV = 16, the narrowest tensor-core tile: the backward keeps five fp32 [K, BV] state tiles live.
-    return max(16, triton.next_power_of_2(K)), 16
+    """(BK, NK, BV): NK key tiles of BK rows (each state is NK fp32 [BK, BV] tiles, as the gated delta kernels hold
+    theirs), BV = 16, the narrowest tensor-core tile."""
+    if K <= _BK_MAX:
+        return max(16, triton.next_power_of_2(K)), 1, 16
+    return max(16, triton.next_power_of_2(triton.cdiv(K, 2))), 2, 16
+
+
+# 8 warps and 2 stages: with K split in 64-row tiles every kernel compiles spill-free for sm_80 and sm_90 at the
+# layer's chunk (16) for K = 64 and 128 in bf16, fp16 and fp32 (4 warps or 3 stages spill up to 120 B at fp32 K = 128).
+_NUM_WARPS = 8
 
 
 def _stages(chunk_size: int, BK: int) -> int:
-    # Triton's default 3 stages (fewer spills) while the staged [BT, BK] / [BK, BV] buffers fit the shared memory of
-    # sm_80 (163 KB) at fp32; one stage beyond (chunk 64 at K = 128 would need up to 258 KB).
-    return 3 if chunk_size * BK <= 2048 else 1
+    # 2 stages while the staged [BT, BK] / [BK, BV] buffers stay small; one beyond (chunk 64 at fp32 would need
+    # more shared memory than sm_80's 163 KB).
+    return 2 if chunk_size * BK <= 2048 else 1
 
 
 def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision,
@@ -341,7 +507,7 @@ def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
     T, H, K = q.shape
     V = v.shape[-1]
     n_seq = cu.shape[0] - 1
-    BK, BV = _blocks(K, V)
+    BK, NK, BV = _blocks(K, V)
     y = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     outs = [torch.empty(n_seq, H, K, V, dtype=torch.float32, device=q.device) for _ in range(3)]
     if store_states:
@@ -355,8 +521,8 @@ def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
     grid = (triton.cdiv(V, BV), n_seq * H)
     _titans_linear_fwd_kernel[grid](
         q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, y, *outs, h_w, h_s, chunk_off, T,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, STORE_STATES=store_states, DOT_PRECISION=precision,
-        num_stages=_stages(chunk_size, BK),
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK, STORE_STATES=store_states, DOT_PRECISION=precision,
+        num_stages=_stages(chunk_size, BK), num_warps=_NUM_WARPS,
     )
     if store_states:
         return (y, *outs), (h_w, h_s, chunk_off)
@@ -368,7 +534,7 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     T, H, K = q.shape
     V = v.shape[-1]
     n_seq = cu.shape[0] - 1
-    BK, BV = _blocks(K, V)
+    BK, NK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     _, (h_w, h_s, chunk_off) = _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
                                                chunk_size, precision, store_states=True)
@@ -378,16 +544,16 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     dwb0, dw0, ds0 = (torch.empty(n_seq, H, K, V, dtype=torch.float32, device=q.device) for _ in range(3))
     _titans_linear_bwd_kernel[(NV, n_seq * H)](
         q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dwb, dw, ds,
-        dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
-        DOT_PRECISION=precision, num_stages=_stages(chunk_size, BK),
+        dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK,
+        DOT_PRECISION=precision, num_stages=_stages(chunk_size, BK), num_warps=_NUM_WARPS,
     )
     # dq, then the gate gradients, each in its own launch: with them the reverse pass spills.
     dth, dle, dlg = (torch.empty(NV, T, H, dtype=torch.float32, device=q.device) for _ in range(3))
     for want_dq in (True, False):
         _titans_linear_dgate_kernel[(NV, n_seq * H)](
             q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
-            dq, dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DQ=want_dq, DOT_PRECISION=precision,
-            num_stages=_stages(chunk_size, BK),
+            dq, dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK, DQ=want_dq,
+            DOT_PRECISION=precision, num_stages=_stages(chunk_size, BK), num_warps=_NUM_WARPS,
         )
     grads = (dq.sum(0), dk.sum(0), dv, dth.sum(0), dle.sum(0), dlg.sum(0))
     return [g.to(x.dtype) for g, x in zip(grads, (q, k, v, theta, log_eta, log_gamma))] + [dwb0, dw0, ds0]
