@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -204,6 +205,28 @@ def _titans_cases():
                     _backward(y, *st)
                 # CI: the layer's default chunk at the cases of the other ops
                 yield "titans", f"{name} K{d} V{d} chunk{chunk}", run, _in_ci(name, d) and chunk == 16
+    for name, dt in _DTYPES.items():
+        for d in (64, 128):
+            for train in (True, False):
+                # CI: the training launch (states stored for the backward) at the CI cases; the sweep adds inference
+                case = f"{name} mlp D{d} E{4 * d} chunk16 {'train' if train else 'infer'}"
+                yield "titans", case, partial(_titans_mlp_case, dt, d, train), _in_ci(name, d) and train
+
+
+def _titans_mlp_case(dt: torch.dtype, d: int, train: bool) -> None:
+    from .titans import titans_mlp
+
+    T, H, E = 64, 2, 4 * d
+    q, k, v = (_leaf(1, T, H, d, dtype=dt) for _ in range(3))
+    th1, th2 = (_leaf(1, T, H, dtype=torch.float32, scale=0.1) for _ in range(2))
+    log_eta, log_gamma = (_leaf(1, T, H, dtype=torch.float32, scale=0.1, neg=True) for _ in "eg")
+    state = tuple(torch.zeros(1, H, *shape, requires_grad=True) for shape in [(E, d)] * 3 + [(d, E)] * 3)
+    # inference (no grad): the kernel keeps two alternating state slots instead of every chunk's
+    with torch.set_grad_enabled(train):
+        y, st = titans_mlp(q, k, v, th1, th2, log_eta, log_gamma, state, torch.zeros(1, dtype=torch.long), 16,
+                           impl="triton")
+    if train:
+        _backward(y, *st)
 
 
 def _ssm_cases():
@@ -294,7 +317,7 @@ def capture(ops: list[str] | None = None, ci_only: bool = False) -> tuple[list[L
         fn, args, kwargs, default = rec.calls[i]
         signature, constexprs, attrs, options = _bind(fn, args, kwargs)
         tuned = {k for k in kwargs if k in fn.arg_names}
-        tuner_keys = tuned & {"BV", "BK", "BT", "BL", "BN", "BLOCK_T", "BLOCK_N", "BC"}
+        tuner_keys = tuned & {"BV", "BK", "BT", "BL", "BN", "BLOCK_T", "BLOCK_N", "BC", "BE"}
         launch = Launch(
             op=op_name, case=case, kernel=f"{fn.fn.__module__}.{fn.fn.__name__}",
             config=_config_label(constexprs, options, tuner_keys), default=default, half=half,

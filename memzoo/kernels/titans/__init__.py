@@ -6,10 +6,12 @@ tokens are taken at the chunk-start weights W_t' (the paper's mini-batch gradien
     S_t = eta_t S_{t-1} - theta_t grad 1/2 ||M_{W_t'}(k_t) - v_t||^2,    W_t = (1 - alpha_t) W_{t-1} + S_t,
     y_t = M_{W_t}(q_t)
 
-``impl="auto"`` picks Triton for CUDA inputs of the linear memory with a per-head decay and the chunked reference
-otherwise (CPU always gets the reference; the channel-wise decay and the MLP memory have no Triton kernel yet).
-The Miras variants (``miras=Miras(error_map=..., retention=...)``, arXiv 2504.13173) run the chunked reference:
-"auto" sends them there, and ``impl="triton"`` with a variant raises instead of computing plain Titans.
+``impl="auto"`` picks Triton for CUDA inputs of the linear memory with a per-head decay and of the MLP memory (the
+sizes its kernel takes), and the chunked reference otherwise (CPU always gets the reference; the channel-wise decay
+has no Triton kernel yet).
+The Miras variants (``miras=Miras(error_map=..., retention=...)``, arXiv 2504.13173) of ``titans_linear`` run the
+chunked reference: "auto" sends them there, and ``impl="triton"`` with a variant raises instead of computing plain
+Titans.  The MLP kernel covers every variant the MLP memory has (the three error maps, the l2 and lq retentions).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from .. import EMPTY, dispatch, with_empty_grads
 from ..utils import check_log_gate, check_recurrence_inputs, resolve_dot_precision
-from .mlp_chunk import titans_mlp_chunk_ref
+from .mlp_chunk import _ref_walk, mlp_chunked, titans_mlp_chunk_ref, triton_walk
 from .reference import (
     MIRAS_L2,
     Miras,
@@ -118,14 +120,16 @@ def titans_linear(
 def titans_mlp(
     q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor, log_gamma: Tensor,
     initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int = 16, cu_seqlens: Tensor | None = None,
-    *, impl: str = "auto", miras: Miras = MIRAS_L2,
+    *, impl: str = "auto", miras: Miras = MIRAS_L2, precision: str | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """2-layer MLP Titans memory ``x + LN(gelu(x A2) A1)`` (expansion E = A2.shape[-1]), exact chunked dual form.
 
     Args as ``titans_linear`` with v ``[B, T, H, K]``, a learning rate per matrix (theta1 for A1, theta2 for A2),
     a per-head log_gamma ``[B, T, H]`` and initial_state (A1_base, A1, S1, A2_base, A2, S2) with A1 ``[N, H, E, K]``
-    and A2 ``[N, H, K, E]``.  ``impl`` is accepted for a uniform signature; every input runs the reference.
-    ``miras``: error map and retention; ``retention="kl"`` raises (defined for the linear memory only).
+    and A2 ``[N, H, K, E]``.  ``impl="triton"`` runs the chunk walk and reads in the Triton kernel (forward; the
+    backward is the PyTorch one of the reference, fed with the chunk states the kernel stored); it needs a power-of-two
+    chunk >= 16, K a power of two in [16, 256], E a multiple of 16 and fp32/bf16/fp16 inputs, and "auto" sends other
+    inputs to the reference.  ``miras``: error map and retention; ``retention="kl"`` raises (linear memory only).
     """
     if not isinstance(miras, Miras):
         raise TypeError(f"miras must be a Miras, got {type(miras).__name__}")
@@ -140,9 +144,29 @@ def titans_mlp(
         raise ValueError("initial_state must be a tuple of 6 tensors (A1_base, A1, S1, A2_base, A2, S2)")
     E = initial_state[0].shape[-2]
     _check_states(initial_state, [(n_seq, H, E, K)] * 3 + [(n_seq, H, K, E)] * 3)
-    # No Triton kernel for the MLP memory: every impl runs the reference.
-    if dispatch("titans_mlp", impl, q, tokens=q.shape[1], triton=False) == EMPTY:
+    precision = resolve_dot_precision(precision)
+    if miras.retention == "kl":
+        raise ValueError("retention='kl' is defined for the linear memory only")
+    unsupported = _mlp_triton_refusal(q, K, E, chunk_size)
+    if impl == "triton" and unsupported:
+        raise ValueError(f"titans_mlp(impl='triton'): {unsupported}; use impl='auto' or 'ref'")
+    path = dispatch("titans_mlp", impl, q, tokens=q.shape[1], auto_ref=unsupported is not None)
+    if path == EMPTY:
         return _no_tokens(q, v, (k, theta1, theta2, log_eta, log_gamma), initial_state)
-    y, state = titans_mlp_chunk_ref(q, k, v, theta1, theta2, log_eta, log_gamma, initial_state, start_pos,
-                                    chunk_size, cu_seqlens, miras=miras)
+    walk = triton_walk(q.dtype, precision) if path == "triton" else _ref_walk
+    y, state = mlp_chunked(q, k, v, theta1, theta2, log_eta, log_gamma, initial_state, start_pos, chunk_size,
+                           cu_seqlens, miras, walk)
     return y.to(q.dtype), state
+
+
+def _mlp_triton_refusal(q: Tensor, K: int, E: int, chunk_size: int) -> str | None:
+    """Why the MLP kernel cannot run this call, or None."""
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the kernel takes float32, bfloat16 or float16 inputs, got {q.dtype}"
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        return f"chunk_size must be a power of two >= 16, got {chunk_size}"
+    if K < 16 or K > 256 or K & (K - 1):
+        return f"the head dim K must be a power of two in [16, 256], got {K}"
+    if E % 16:
+        return f"the hidden width E must be a multiple of 16, got {E}"
+    return None

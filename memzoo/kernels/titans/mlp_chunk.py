@@ -37,7 +37,7 @@ from .reference import (
     layer_norm_backward,
 )
 
-__all__ = ["titans_mlp_chunk_ref"]
+__all__ = ["titans_mlp_chunk_ref", "mlp_chunked", "triton_walk"]
 
 
 def _base_pass(k: Tensor, v: Tensor, b1: Tensor, b2t: Tensor, miras: Miras):
@@ -272,6 +272,78 @@ def _scale(ends: Tensor, D: int) -> Tensor:
     return ends[..., [0, 2]].repeat_interleave(D, -1)[..., None, :]
 
 
+def _recompute_hidden(qq: Tensor, m2: Tensor, k: Tensor, v: Tensor, base0: Tensor, xs: Tensor, miras: Miras):
+    """The base pass and hidden reads of every chunk at once from the stored chunk-start states ``xs`` (what
+    ``_chunks_forward`` keeps for the backward): act, g_z, g_h, h, z, u, h_q, a_q."""
+    NC, D = k.shape[0], k.shape[-1]
+    bases = torch.cat((base0[:, None], xs[:, 1:NC, ..., :D]), 1)  # [2, NC, N, H, E, D]
+    act, g_z, g_h, h, z, u = _base_pass(k, v, bases[0], bases[1], miras)
+    h_q = qq @ xs[1, :NC].mT - m2 @ g_h
+    return act, g_z, g_h, h, z, u, h_q, F.gelu(h_q)
+
+
+# The Triton walk (``triton_mlp.py``): the same inputs and first outputs as ``_chunks_op`` and the same backward,
+# which recomputes the base pass and hidden reads from the chunk-start states the kernel stored.
+@torch.library.custom_op("memzoo::titans_mlp_chunks_triton", mutates_args=())
+def _triton_chunks_op(qq: Tensor, m2: Tensor, g1: Tensor, k: Tensor, v: Tensor, x0: Tensor, base0: Tensor,
+                      ends: Tensor, g_end: Tensor, n_end: Tensor, next_chunk: Tensor, n_real: Tensor, error_map: str,
+                      p: float, lp_eps: float, huber_delta: float, retention: str, q: float, lq_eps: float,
+                      dtype: torch.dtype, precision: str, store: bool) -> list[Tensor]:
+    from .triton_mlp import titans_mlp_walk_triton
+
+    miras = Miras(error_map, p, lp_eps, huber_delta, retention, q, lq_eps)
+    return titans_mlp_walk_triton(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, n_real, miras, dtype,
+                                  precision, store)
+
+
+@_triton_chunks_op.register_fake
+def _(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, n_real, *args):
+    NC, N, H, b, D = k.shape
+    slots = NC + 1 if args[-1] else 2
+    return [torch.empty_like(qq), torch.empty_like(k), torch.empty_like(x0), torch.empty_like(base0),
+            x0.new_empty(2, slots, N, H, x0.shape[-2], 2 * D)]
+
+
+def _triton_setup_context(ctx, inputs, output):
+    qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk = inputs[:11]
+    ctx.save_for_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, output[4])
+    ctx.miras = inputs[12:19]
+    ctx.stored = inputs[21]
+    ctx.set_materialize_grads(False)
+
+
+def _triton_backward(ctx, grads):
+    if not ctx.stored:
+        raise RuntimeError("titans_mlp: the Triton forward ran without storing chunk states (no input required "
+                           "grad at the call); rerun it with grad enabled")
+    qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs = ctx.saved_tensors
+    hidden = _recompute_hidden(qq, m2, k, v, base0, xs, Miras(*ctx.miras))
+    d_p = torch.zeros_like(qq) if grads[0] is None else grads[0]
+    d_corr = torch.zeros_like(k) if grads[1] is None else grads[1]
+    d_end = torch.zeros_like(xs[:, 0]) if grads[2] is None else grads[2]
+    d_base_end = torch.zeros_like(base0) if grads[3] is None else grads[3]
+    d = _chunks_bwd_op(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, *hidden, d_p, d_corr, d_end,
+                       d_base_end, *ctx.miras)
+    return (*d, None, None, *(None,) * 10)
+
+
+_triton_chunks_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def _ref_walk(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, n_real, miras):
+    return _chunks_op(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, *_miras_args(miras))[:4]
+
+
+def triton_walk(dtype: torch.dtype, precision: str):
+    """The walk of ``mlp_chunked`` on the Triton kernel, dots in ``dtype`` (the inputs' dtype) at ``precision``."""
+    def walk(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, n_real, miras):
+        inputs = (qq, m2, g1, k, v, x0, base0, ends, g_end, n_end)
+        store = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+        return _triton_chunks_op(*(x.contiguous() for x in inputs), next_chunk, n_real, *_miras_args(miras),
+                                 dtype, precision, store)[:4]
+    return walk
+
+
 def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor,
                          log_gamma: Tensor, initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int,
                          cu_seqlens: Tensor | None = None, *,
@@ -281,12 +353,24 @@ def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2
     A Miras error map replaces the residual in the base backward (G_z, G_h); an "lq" retention maps A1 and A2 at
     every completed chunk.
     """
+    return mlp_chunked(q, k, v, theta1, theta2, log_eta, log_gamma, initial_state, start_pos, chunk_size, cu_seqlens,
+                       miras, _ref_walk)
+
+
+def mlp_chunked(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2: Tensor, log_eta: Tensor, log_gamma: Tensor,
+                initial_state: tuple[Tensor, ...], start_pos: Tensor, chunk_size: int, cu_seqlens: Tensor | None,
+                miras: Miras, walk) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The chunked dual form around a chunk ``walk`` (``_ref_walk`` or ``triton_walk(...)``): the grid of chunks,
+    the in-chunk coefficients and the output LayerNorm in PyTorch (autograd), the walk and reads in ``walk``."""
     if miras.retention == "kl":
         raise ValueError("retention='kl' is defined for the linear memory only")
     acc = _acc(q)
     B, T = q.shape[:2]
     xs = tuple(x.to(acc) for x in (q, k, v, theta1, theta2, log_eta, log_gamma[..., None]))
     grids, valid, next_chunk, where = _to_grid(xs, start_pos, chunk_size, cu_seqlens)
+    lengths = (torch.full((B,), T, device=q.device) if cu_seqlens is None
+               else cu_seqlens[1:].to(q.device) - cu_seqlens[:-1].to(q.device))
+    n_real = (start_pos.to(q.device, torch.int64) + lengths + chunk_size - 1) // chunk_size
     # Chunk first: [NC, N, H, b, ...].
     q, k, v, th1, th2, log_eta, lg = (x.movedim(2, 0).contiguous() for x in grids)
     lam, eta_prod, m, beta = _coefficients(log_eta, lg, valid.movedim(2, 0))
@@ -302,8 +386,8 @@ def titans_mlp_chunk_ref(q: Tensor, k: Tensor, v: Tensor, theta1: Tensor, theta2
     base0 = torch.stack((b1, b2.mT))  # [2, N, H, E, D]
     D = q.shape[-1]
     qq = torch.cat((beta * q, f * q), -1)  # [NC, N, H, b, 2D]
-    p, corr, x_end, base = _chunks_op(qq, g2 * (q @ k.mT), g1, k, v, x0, base0, ends, g_end, n_end, next_chunk,
-                                      *_miras_args(miras))[:4]
+    p, corr, x_end, base = walk(qq, g2 * (q @ k.mT), g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, n_real,
+                                miras)
     z_q = beta * p[..., :D] + f * p[..., D:] - corr
     y = _from_grid((q + layer_norm(z_q)).movedim(0, 2), where, B, T)
     state = (base[0], x_end[0, ..., :D], x_end[0, ..., D:], base[1].mT, x_end[1, ..., :D].mT, x_end[1, ..., D:].mT)

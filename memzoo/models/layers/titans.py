@@ -75,8 +75,9 @@ class TitansConfig:
     # Initial memory: "learned" per head, or "zero" (linear memory only: an MLP at zero never learns).
     init: str = "learned"
     norm_eps: float = 1e-5
-    # Kernel path: "auto" (Triton on CUDA for the linear memory, the chunked reference otherwise) | "triton" | "ref".
-    # Miras variants have no kernel: "auto" runs them on the reference and "triton" with a variant is an error.
+    # Kernel path: "auto" (Triton on CUDA, the chunked reference otherwise) | "triton" | "ref".  The linear memory's
+    # kernel has no Miras variant ("auto" runs them on the reference, "triton" with one is an error); the MLP
+    # memory's kernel runs every variant it has.
     impl: str = "auto"
     # Miras attentional bias, psi applied coordinate-wise to the residual r = M_{W_t'}(k) - v before the inner
     # backward: "l2" (psi = r, Titans), "lp" (p r (r^2 + lp_eps)^((p-2)/2): the gradient of ||r||_p^p with
@@ -132,8 +133,8 @@ class TitansConfig:
         miras = self.miras  # validates the Miras fields
         if self.retention == "kl" and self.mem_depth != 1:
             raise ValueError("retention='kl' keeps rows of the linear memory on a simplex: it needs mem_depth=1")
-        if self.impl == "triton" and not miras.is_titans:
-            raise ValueError(f"impl='triton' supports error_map='l2' and retention='l2' only, got "
+        if self.impl == "triton" and self.mem_depth == 1 and not miras.is_titans:
+            raise ValueError(f"impl='triton' of the linear memory supports error_map='l2' and retention='l2' only, got "
                              f"{self.error_map!r}, {self.retention!r}; use impl='auto' or 'ref'")
 
     @property
