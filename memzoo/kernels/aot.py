@@ -39,8 +39,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch

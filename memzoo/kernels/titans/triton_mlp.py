@@ -13,12 +13,15 @@ One program per (sequence, head) walks its chunks.  The four ``[E, D]`` matrices
 E = 256 (256 KB fp32), so the states live in an fp32 workspace in global memory (L2-resident on a GPU): chunk c
 reads slot c and writes slot c + 1, E streamed in tiles of BE rows.  When the backward will run every chunk's start
 state is kept (slots ``[2, NC + 1, N, H, E, 2D]``, what ``mlp_chunk``'s hand-written backward reads); otherwise two
-slots alternate.  Per chunk one E loop accumulates Z (a ``[b, D]`` tile; the LayerNorm needs all of it), a second
-recomputes H, A, G_h per E tile and does the reads (accumulating p and the ``[b, b]`` product A_q A^T over E) and the
-chunk-end update of that tile.  The in-chunk coefficients (beta, f, G^(m), N^(m), the QK^T mask) come in from
-``mlp_chunk``'s PyTorch front end, on the grid of chunks where padded rows are exact identities, so varlen, start_pos
-and partial chunks need no care here.  Dots take input-dtype operands with fp32 accumulation (TF32 for fp32 inputs
-unless ``precision="ieee"``); the states stay fp32.
+slots alternate.  Per chunk four E loops: (a) H per tile into a per-program scratch ``[3, b, E]`` and Z (a ``[b, D]``
+tile: the LayerNorm needs all of it), then G_z; G_h into the scratch; (b) the hidden reads (A_q into the scratch)
+and the update of A2; (c) the output reads (accumulating p and the ``[b, b]`` product A_q A^T over E) and the update
+of A1.  Split so, no loop keeps more than two ``[b, D]`` operands with a reduction over D live (each is replicated
+in every warp).  The in-chunk coefficients (beta, f, G^(m), N^(m), the QK^T mask) come in from ``mlp_chunk``'s
+PyTorch front end, on the grid of chunks where padded rows are exact identities, so varlen, start_pos and partial
+chunks need no care here.  Dots take input-dtype operands with fp32 accumulation (TF32 for fp32 inputs unless
+``precision="ieee"``); the states stay fp32 (float64 inputs, run by the interpreter for exactness tests, keep
+float64 throughout).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def _lq_retain(p_x, lq_q, lq_eps, E: tl.constexpr, D: tl.constexpr, BE: tl.const
 
 @triton.jit(do_not_specialize=["NC", "NH", "H"])
 def _titans_mlp_fwd_kernel(
-    qq, m2, g1, k, v, ends, g_end, n_end, n_real, next_chunk, base0, xs, p_out, corr_out, x_end, base_end,
+    qq, m2, g1, k, v, ends, g_end, n_end, n_real, next_chunk, base0, xs, p_out, corr_out, x_end, base_end, scratch,
     NC, NH, H, lp_p, lp_eps, huber_delta, lq_q, lq_eps,
     D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, STORE_STATES: tl.constexpr,
     ERROR_MAP: tl.constexpr, RETAIN_LQ: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr,
@@ -105,6 +108,9 @@ def _titans_mlp_fwd_kernel(
     o_td = o_t[:, None] * D + o_d[None, :]  # [BT, D]
     o_tq = o_t[:, None] * (2 * D) + o_d[None, :]  # [BT, D] first half of a [BT, 2D] row block
     o_tt = o_t[:, None] * BT + o_t[None, :]  # [BT, BT]
+    o_te = o_t[:, None] * E + o_e[None, :]  # [BT, BE] a tile of a [BT, E] scratch block
+    # This program's scratch: H, G_h, A_q of the current chunk, [3, BT, E].
+    p_sh = scratch + tl.cast(i_nh, tl.int64) * (3 * BT * E)
     # int64 only in scalar bases; tile offsets are int32.
     sz_state = E * 2 * D
     if STORE_STATES:
@@ -140,11 +146,13 @@ def _titans_mlp_fwd_kernel(
         b_v = tl.load(v + p_tok * (BT * D) + o_td)  # [BT, D]
         b_kd = b_k.to(DT)
 
-        # (a) The base pass: Z = gelu(K B2) B1 over E tiles, then the LayerNorm backward of psi(r) on D.
+        # (a) The base pass: H = K B2 (kept in the scratch rows), Z = gelu(H) B1 over E tiles, then the LayerNorm
+        # backward of psi(r) on D.
         b_z = tl.zeros([BT, D], dtype=ACC)
         for i_e in range(0, E // BE):
             o_g = (i_e * BE + o_e)[:, None] * rs + o_d[None, :]  # [BE, D]
             b_h = tl.dot(b_kd, tl.trans(tl.load(p_g2 + o_g).to(DT)), input_precision=DOT_PRECISION)  # [BT, BE]
+            tl.store(p_sh + i_e * BE + o_te, b_h)
             b_z = tl.dot(_gelu(b_h).to(DT), tl.load(p_g1 + o_g).to(DT), b_z, input_precision=DOT_PRECISION)
         b_zc = b_z - (tl.sum(b_z, axis=1) / D)[:, None]
         b_rstd = 1.0 / tl.sqrt(tl.sum(b_zc * b_zc, axis=1) / D + _EPS)  # [BT]
@@ -153,8 +161,15 @@ def _titans_mlp_fwd_kernel(
         b_gz = b_rstd[:, None] * (b_err - (tl.sum(b_err, axis=1) / D)[:, None]
                                   - b_y * (tl.sum(b_err * b_y, axis=1) / D)[:, None])  # [BT, D]
         b_gzd = b_gz.to(DT)
+        tl.debug_barrier()
+        # G_h = (G_z B1^T) gelu'(H), per E tile into the scratch rows.
+        for i_e in range(0, E // BE):
+            o_g = (i_e * BE + o_e)[:, None] * rs + o_d[None, :]  # [BE, D]
+            b_gh = tl.dot(b_gzd, tl.trans(tl.load(p_g1 + o_g).to(DT)), input_precision=DOT_PRECISION)  # [BT, BE]
+            tl.store(p_sh + BT * E + i_e * BE + o_te, b_gh * _gelu_grad(tl.load(p_sh + i_e * BE + o_te)))
+        tl.debug_barrier()
 
-        # (b) the reads and (c) the chunk-end update, one E tile at a time.
+        # (b) The hidden reads and the update of matrix 2 (A2^T | S2^T: lhs G_h, rows K), A_q into the scratch rows.
         b_qb = tl.load(qq + p_tok * (BT * 2 * D) + o_tq).to(DT)  # [BT, D] beta * q
         b_qf = tl.load(qq + p_tok * (BT * 2 * D) + D + o_tq).to(DT)  # [BT, D] f * q
         b_m2 = tl.load(m2 + p_tok * (BT * BT) + o_tt).to(DT)  # [BT, BT] G^(2) * QK^T
@@ -162,34 +177,34 @@ def _titans_mlp_fwd_kernel(
         f_b = tl.load(ends + p_tok * 3 + 1)
         m_b = tl.load(ends + p_tok * 3 + 2)
         p_ge = (tl.cast(i_c, tl.int64) * 2 * NH + i_nh) * BT
-        b_ge1 = tl.load(g_end + p_ge + o_t)  # [BT] the chunk-end row of G^(1)
-        b_ge2 = tl.load(g_end + p_ge + NH * BT + o_t)
-        b_ne1 = tl.load(n_end + p_ge + o_t)  # [BT] the chunk-end row of N^(1)
-        b_ne2 = tl.load(n_end + p_ge + NH * BT + o_t)
-        b_pw = tl.zeros([BT, D], dtype=ACC)
-        b_ps = tl.zeros([BT, D], dtype=ACC)
-        b_sa = tl.zeros([BT, BT], dtype=ACC)  # A_q A^T
+        b_ge2 = tl.load(g_end + p_ge + NH * BT + o_t)  # [BT] the chunk-end row of G^(2)
+        b_ne2 = tl.load(n_end + p_ge + NH * BT + o_t)  # [BT] the chunk-end row of N^(2)
         for i_e in range(0, E // BE):
-            o_r = i_e * BE + o_e
-            o_g = o_r[:, None] * rs + o_d[None, :]  # [BE, D]
-            o_w = o_r[:, None] * (2 * D) + o_d[None, :]  # [BE, D]
-            b_h = tl.dot(b_kd, tl.trans(tl.load(p_g2 + o_g).to(DT)), input_precision=DOT_PRECISION)  # [BT, BE]
-            b_a = _gelu(b_h)
-            b_gh = tl.dot(b_gzd, tl.trans(tl.load(p_g1 + o_g).to(DT)), input_precision=DOT_PRECISION)
-            b_gh = b_gh * _gelu_grad(b_h)  # [BT, BE]
-            # Matrix 2 (A2^T | S2^T): the hidden read, then its update with lhs G_h and rows K.
+            o_w = (i_e * BE + o_e)[:, None] * (2 * D) + o_d[None, :]  # [BE, D]
+            b_gh = tl.load(p_sh + BT * E + i_e * BE + o_te)  # [BT, BE]
             b_w = tl.load(p_in + sz_mat + o_w)  # [BE, D]
             b_s = tl.load(p_in + sz_mat + D + o_w)  # [BE, D]
             b_hq = tl.dot(b_qb, tl.trans(b_w.to(DT)), input_precision=DOT_PRECISION)  # [BT, BE]
             b_hq = tl.dot(b_qf, tl.trans(b_s.to(DT)), b_hq, input_precision=DOT_PRECISION)
             b_hq -= tl.dot(b_m2, b_gh.to(DT), input_precision=DOT_PRECISION)
-            b_aq = _gelu(b_hq).to(DT)  # [BT, BE]
+            tl.store(p_sh + 2 * BT * E + i_e * BE + o_te, _gelu(b_hq))
             b_wn = tl.dot(tl.trans((b_gh * -b_ge2[:, None]).to(DT)), b_kd, beta_b * b_w + f_b * b_s,
                           input_precision=DOT_PRECISION)
             tl.store(p_new + sz_mat + o_w, b_wn)
             b_sn = tl.dot(tl.trans((b_gh * -b_ne2[:, None]).to(DT)), b_kd, m_b * b_s, input_precision=DOT_PRECISION)
             tl.store(p_new + sz_mat + D + o_w, b_sn)
-            # Matrix 1 (A1 | S1): the output read, then its update with lhs A and rows G_z.
+        tl.debug_barrier()
+
+        # (c) The output reads p = A_q [A1 | S1], A_q A^T, and the update of matrix 1 (A1 | S1: lhs A, rows G_z).
+        b_ge1 = tl.load(g_end + p_ge + o_t)  # [BT] the chunk-end row of G^(1)
+        b_ne1 = tl.load(n_end + p_ge + o_t)  # [BT] the chunk-end row of N^(1)
+        b_pw = tl.zeros([BT, D], dtype=ACC)
+        b_ps = tl.zeros([BT, D], dtype=ACC)
+        b_sa = tl.zeros([BT, BT], dtype=ACC)  # A_q A^T
+        for i_e in range(0, E // BE):
+            o_w = (i_e * BE + o_e)[:, None] * (2 * D) + o_d[None, :]  # [BE, D]
+            b_a = _gelu(tl.load(p_sh + i_e * BE + o_te))  # [BT, BE]
+            b_aq = tl.load(p_sh + 2 * BT * E + i_e * BE + o_te).to(DT)  # [BT, BE]
             b_w = tl.load(p_in + o_w)  # [BE, D]
             b_s = tl.load(p_in + D + o_w)  # [BE, D]
             b_pw = tl.dot(b_aq, b_w.to(DT), b_pw, input_precision=DOT_PRECISION)
@@ -236,10 +251,11 @@ def _titans_mlp_fwd_kernel(
     _copy_rows(p_last + sz_mat, p_xe + NH * sz_state, 2 * D, 2 * D, E, 2 * D, BE)
 
 
-def _config(D: int, E: int) -> tuple[int, int]:
-    """(BE, num_warps): E tiles of 16 rows (the narrowest tensor-core tile; at D = 64 wider tiles spill, see the
-    README's compile table), 4 warps up to D = 64 and 8 beyond."""
-    return 16, 8 if D >= 128 else 4
+def _config(D: int, dot_dtype) -> tuple[int, int]:
+    """(BE, num_warps): E tiles of 16 rows (the narrowest tensor-core tile: wider ones spill at D = 64 in bf16);
+    8 warps for D = 128 or fp32 operands (TF32 tiles take twice the registers), else 4.  Spill-free on sm_80 and
+    sm_90 at D = 64 and 128 (README, "MLP memory")."""
+    return 16, 8 if D >= 128 or dot_dtype in (tl.float32, tl.float64) else 4
 
 
 def _launch(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, n_real, miras: Miras, dot_dtype,
@@ -250,9 +266,10 @@ def _launch(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, n_real,
     xs[:, 0] = x0
     p, corr = torch.empty_like(qq), torch.empty_like(k)
     x_end, base_end = torch.empty_like(x0), torch.empty_like(base0)
-    BE, warps = _config(D, E)
+    scratch = k.new_empty(N * H, 3, b, E)
+    BE, warps = _config(D, dot_dtype)
     _titans_mlp_fwd_kernel[(N * H,)](
-        qq, m2, g1, k, v, ends, g_end, n_end, n_real, next_chunk, base0, xs, p, corr, x_end, base_end,
+        qq, m2, g1, k, v, ends, g_end, n_end, n_real, next_chunk, base0, xs, p, corr, x_end, base_end, scratch,
         NC, N * H, H, float(miras.p), float(miras.lp_eps), float(miras.huber_delta), float(miras.q),
         float(miras.lq_eps), D=D, E=E, BT=b, BE=BE, STORE_STATES=store, ERROR_MAP=_ERROR_MAPS[miras.error_map],
         RETAIN_LQ=miras.retention == "lq", DT=dot_dtype, ACC=_DOT_DTYPES[k.dtype], DOT_PRECISION=precision,
