@@ -184,3 +184,24 @@ def test_triton_walk_op_passes_opcheck(monkeypatch):
                  for a in calls[0])
     result = torch.library.opcheck(torch.ops.memzoo.titans_mlp_chunks_triton.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("opts", [{}, {"error_map": "lp", "retention": "lq"}], ids=["titans", "lp_lq"])
+def test_layer_on_the_kernel_equals_reference(opts):
+    """The deep-memory layer with impl="triton" (the path "auto" takes on CUDA): outputs, memory and parameter
+    gradients equal impl="ref"."""
+    from memzoo.models import build_mixer
+
+    layers = []
+    for impl in ("triton", "ref"):
+        torch.manual_seed(0)
+        layers.append(build_mixer("titans", 32, {"n_heads": 2, "mem_depth": 2, "impl": impl, **opts}))
+    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1))
+    outs = [layer(x) for layer in layers]
+    assert_close(outs[0][0], outs[1][0], 1e-5, "output")
+    for a, b in zip(outs[0][1].memory, outs[1][1].memory):
+        assert_close(a, b, 1e-5, "memory")
+    grads = [torch.autograd.grad(objective(y, list(st.memory)), list(layer.parameters()))
+             for layer, (y, st) in zip(layers, outs)]
+    for (name, _), a, b in zip(layers[0].named_parameters(), *grads):
+        assert_close(a, b, 1e-4, name)
