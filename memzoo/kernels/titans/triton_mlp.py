@@ -248,7 +248,8 @@ def _titans_mlp_fwd_kernel(
             _copy_rows(p_last + sz_mat, p_x + (i_c + 1) * sz_slot + sz_mat, 2 * D, 2 * D, E, 2 * D, BE)
     p_xe = x_end + tl.cast(i_nh, tl.int64) * sz_state
     _copy_rows(p_last, p_xe, 2 * D, 2 * D, E, 2 * D, BE)
-    _copy_rows(p_last + sz_mat, p_xe + NH * sz_state, 2 * D, 2 * D, E, 2 * D, BE)
+    # x_end is [2, N * H, E, 2D]: matrix 2 starts one slot's size on (int64).
+    _copy_rows(p_last + sz_mat, p_xe + sz_slot, 2 * D, 2 * D, E, 2 * D, BE)
 
 
 def _config(D: int, dot_dtype) -> tuple[int, int]:
