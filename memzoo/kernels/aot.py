@@ -195,16 +195,21 @@ def _titans_cases():
     for name, dt in _DTYPES.items():
         for d in (64, 128):
             for chunk in (16, 64):
-                def run(dt=dt, d=d, chunk=chunk):
-                    q, k, v = (_leaf(1, 64, 2, d, dtype=dt) for _ in range(3))
-                    theta = _leaf(1, 64, 2, dtype=torch.float32, scale=0.1)
-                    log_eta, log_gamma = (_leaf(1, 64, 2, dtype=torch.float32, scale=0.1, neg=True) for _ in "eg")
-                    state = tuple(torch.zeros(1, 2, d, d, requires_grad=True) for _ in range(3))
-                    y, st = titans_linear(q, k, v, theta, log_eta, log_gamma, state, torch.zeros(1, dtype=torch.long),
-                                          chunk, impl="triton")
-                    _backward(y, *st)
-                # CI: the layer's default chunk at the cases of the other ops
-                yield "titans", f"{name} K{d} V{d} chunk{chunk}", run, _in_ci(name, d) and chunk == 16
+                for channel in (False, True):
+                    def run(dt=dt, d=d, chunk=chunk, channel=channel):
+                        q, k, v = (_leaf(1, 64, 2, d, dtype=dt) for _ in range(3))
+                        theta = _leaf(1, 64, 2, dtype=torch.float32, scale=0.1)
+                        log_eta = _leaf(1, 64, 2, dtype=torch.float32, scale=0.1, neg=True)
+                        # the decay per head, or per key channel (the layer's default for the linear memory)
+                        log_gamma = _leaf(1, 64, 2, *((d,) if channel else ()), dtype=torch.float32, scale=0.1,
+                                          neg=True)
+                        state = tuple(torch.zeros(1, 2, d, d, requires_grad=True) for _ in range(3))
+                        y, st = titans_linear(q, k, v, theta, log_eta, log_gamma, state,
+                                              torch.zeros(1, dtype=torch.long), chunk, impl="triton")
+                        _backward(y, *st)
+                    # CI: the layer's default chunk at the cases of the other ops
+                    yield ("titans", f"{name} K{d} V{d} chunk{chunk}{' channel' if channel else ''}", run,
+                           _in_ci(name, d) and chunk == 16)
     for name, dt in _DTYPES.items():
         for d in (64, 128):
             for train in (True, False):

@@ -218,9 +218,6 @@ def test_bad_inputs_raise():
 
 def test_triton_refuses_what_it_cannot_run():
     pytest.importorskip("triton")
-    xs, state = linear_inputs(B=1, T=5, K=16, V=16, channel=True, dtype=torch.float32, n_seq=1)
-    with pytest.raises(ValueError, match="per-head log_gamma"):
-        titans_linear(*xs, state, torch.zeros(1, dtype=torch.int64), 16, impl="triton")
     xs, state = linear_inputs(B=1, T=5, K=16, V=16, dtype=torch.float32, n_seq=1)
     with pytest.raises(ValueError, match="power of two"):
         titans_linear(*xs, state, torch.zeros(1, dtype=torch.int64), 12, impl="triton")
@@ -245,44 +242,66 @@ def test_triton_equals_reference(dtype, tol, T, V, starts):
 
 
 # The long sequence runs at the strictest (ieee) and the loosest (bf16) bound only: ~25 s each in the interpreter.
+def _against_fp64(xs64, state64, start_pos, cu, dtype, precision, tol):
+    """The Triton path on q, k, v in ``dtype`` (gates and states fp32) == the chunked reference in float64: output,
+    final states and every gradient (rel-RMS <= tol). Returns the kernel's output and its detached inputs."""
+    xs = [x.to(dtype) if i < 3 else x.float() for i, x in enumerate(xs64)]
+    leaves = [x.clone().requires_grad_() for x in [*xs, *(s.float() for s in state64)]]
+    leaves64 = [x.clone().requires_grad_() for x in [*xs64, *state64]]
+    y, st = _triton_linear(*leaves[:6], tuple(leaves[6:]), start_pos, 16, cu, precision=precision)
+    y64, st64 = _ref_linear(*leaves64[:6], tuple(leaves64[6:]), start_pos, 16, cu)
+    assert_close(y.double(), y64, tol, "output")
+    for i, (a, b) in enumerate(zip(st, st64)):
+        assert_close(a.double(), b, tol, f"state {i}")
+    ga = torch.autograd.grad(objective(y.double(), [s.double() for s in st]), leaves)
+    gb = torch.autograd.grad(objective(y64, st64), leaves64)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert_close(a.double(), b, tol, f"gradient {i}")
+    return y.detach(), [x.detach() for x in leaves]
+
+
+# The long sequence runs at the strictest (ieee) and the loosest (bf16) bound only: ~25 s each in the interpreter;
+# the per-key-channel decay (an in-chunk loop per row, slower in the interpreter) at T = 1 and 63.
 _BOUNDS = {"ieee": (torch.float32, "ieee", 1e-5), "tf32": (torch.float32, "tf32", 5e-3),
            "bf16": (torch.bfloat16, "tf32", 2e-2)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,precision,tol,T", [
-    pytest.param(*bound, T, id=f"{name}-{T}") for name, bound in _BOUNDS.items() for T in (1, 37, 63, 100, 4097)
-    if T < 1000 or name != "tf32"])
-def test_triton_bounds_against_fp64(gpu_like_dots, dtype, precision, tol, T):
+@pytest.mark.parametrize("dtype,precision,tol,T,channel", [
+    pytest.param(*bound, T, channel, id=f"{name}-{T}{'-channel' if channel else ''}")
+    for name, bound in _BOUNDS.items() for T in (1, 37, 63, 100, 4097) for channel in (False, True)
+    if (T < 1000 or name != "tf32") and (not channel or T in (1, 63))])
+def test_triton_bounds_against_fp64(gpu_like_dots, dtype, precision, tol, T, channel):
     # gpu_like_dots: the interpreter rounds TF32 operands and multiplies bf16 ones as the GPU does; the reference
     # runs in float64. Small heads (K = V = 16, one of them at T = 4097: 257 chunks) keep it short.
     pytest.importorskip("triton")
     n = 1 if T > 1000 else 2
-    xs, state = linear_inputs(B=n, T=T, H=n, K=16, V=16, dtype=torch.float64, seed=3)
-    xs64, state64 = xs, state
+    xs64, state64 = linear_inputs(B=n, T=T, H=n, K=16, V=16, channel=channel, dtype=torch.float64, seed=3)
     start_pos = torch.tensor([0, 5][:n])
-    xs = [x.to(dtype) if i < 3 else x.float() for i, x in enumerate(xs)]
-    state = tuple(x.float() for x in state)
-
-    def tri(*args):
-        return _triton_linear(*args, precision=precision)
-
-    leaves = [x.clone().requires_grad_() for x in [*xs, *state]]
-    leaves64 = [x.clone().requires_grad_() for x in [*xs64, *state64]]
-    y, st = tri(*leaves[:6], tuple(leaves[6:]), start_pos, 16, None)
-    y64, st64 = _ref_linear(*leaves64[:6], tuple(leaves64[6:]), start_pos, 16, None)
-    assert_close(y.double(), y64, tol, "output")
-    for i, (a, b) in enumerate(zip(st, st64)):
-        assert_close(a.double(), b, tol, f"state {i}")
+    y, leaves = _against_fp64(xs64, state64, start_pos, None, dtype, precision, tol)
     if precision == "tf32" and dtype == torch.float32:
         # The switch reaches the kernels: TF32 rounding moves the output off the exact fp32 one.
-        y_ieee, _ = _triton_linear(*[x.detach() for x in leaves[:6]], tuple(x.detach() for x in leaves[6:]),
-                                   start_pos, 16, None, precision="ieee")
-        assert rel_rms(y.detach(), y_ieee) > 1e-6
-    ga = torch.autograd.grad(objective(y.double(), [s.double() for s in st]), leaves)
-    gb = torch.autograd.grad(objective(y64, st64), leaves64)
-    for i, (a, b) in enumerate(zip(ga, gb)):
-        assert_close(a.double(), b, tol, f"gradient {i}")
+        y_ieee, _ = _triton_linear(*leaves[:6], tuple(leaves[6:]), start_pos, 16, None, precision="ieee")
+        assert rel_rms(y, y_ieee) > 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["varlen", "split_keys"])
+def test_triton_channel_decay_against_fp64(monkeypatch, case):
+    """The per-key-channel decay (the layer's default) on the kernel == float64 reference, dlog_gamma per channel
+    included: varlen with an empty and a length-1 sequence, start_pos > 0, lengths not a multiple of the chunk; and
+    keys in two register tiles (the second half masked)."""
+    pytest.importorskip("triton")
+    if case == "varlen":
+        cu, starts = torch.tensor([0, 9, 9, 10, 40]), torch.tensor([0, 4, 15, 7])
+        xs64, state64 = linear_inputs(B=1, T=40, K=16, V=16, channel=True, dtype=torch.float64, n_seq=4, seed=7)
+    else:
+        import memzoo.kernels.titans.triton_chunk as triton_chunk
+
+        monkeypatch.setattr(triton_chunk, "_BK_MAX", 16)
+        cu, starts = None, torch.tensor([3, 0])
+        xs64, state64 = linear_inputs(T=21, K=24, V=16, channel=True, dtype=torch.float64, seed=8)
+    _against_fp64(xs64, state64, starts, cu, torch.float32, "ieee", 1e-5)
 
 
 @pytest.mark.slow

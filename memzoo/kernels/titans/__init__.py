@@ -6,9 +6,8 @@ tokens are taken at the chunk-start weights W_t' (the paper's mini-batch gradien
     S_t = eta_t S_{t-1} - theta_t grad 1/2 ||M_{W_t'}(k_t) - v_t||^2,    W_t = (1 - alpha_t) W_{t-1} + S_t,
     y_t = M_{W_t}(q_t)
 
-``impl="auto"`` picks Triton for CUDA inputs of the linear memory with a per-head decay and of the MLP memory (the
-sizes its kernel takes), and the chunked reference otherwise (CPU always gets the reference; the channel-wise decay
-has no Triton kernel yet).
+``impl="auto"`` picks Triton for CUDA inputs of the linear memory (decay per head or per key channel) and of the MLP
+memory (the sizes its kernel takes), and the chunked reference otherwise (CPU always gets the reference).
 The Miras variants (``miras=Miras(error_map=..., retention=...)``, arXiv 2504.13173) of ``titans_linear`` run the
 chunked reference: "auto" sends them there, and ``impl="triton"`` with a variant raises instead of computing plain
 Titans.  The MLP kernel covers every variant the MLP memory has (the three error maps, the l2 and lq retentions).
@@ -102,9 +101,7 @@ def titans_linear(
     if impl == "triton" and not miras.is_titans:
         raise ValueError(f"the Triton kernel implements the l2 error map and l2 retention only, got "
                          f"error_map={miras.error_map!r}, retention={miras.retention!r}; use impl='auto' or 'ref'")
-    # The kernel covers the per-head decay; under "auto" a channel-wise decay takes the reference.
-    path = dispatch("titans_linear", impl, q, tokens=q.shape[1], triton=miras.is_titans,
-                    auto_ref=log_gamma.dim() == 4)
+    path = dispatch("titans_linear", impl, q, tokens=q.shape[1], triton=miras.is_titans)
     if path == EMPTY:
         return _no_tokens(q, v, (k, theta, log_eta, log_gamma), initial_state)
     if path == "triton":
