@@ -13,6 +13,7 @@ from memzoo.eval.tasks.mqar import MQARConfig
 from memzoo.eval.tasks.niah import NIAHConfig
 from memzoo.eval.tasks.regbench import RegBenchConfig
 from memzoo.eval.tasks.selective_copy import SelectiveCopyConfig
+from memzoo.eval.tasks.seq_digits import CLASS_0, QUERY, SeqDigitsConfig
 from memzoo.eval.tasks.set_disjoint import SetDisjointConfig
 
 SMALL = {
@@ -21,6 +22,7 @@ SMALL = {
     "set_disjointness": SetDisjointConfig(vocab_size=128, num_examples=50, first_len=4, second_len=16),
     "selective_copy": SelectiveCopyConfig(num_examples=50, seq_len=64, n_copy=8),
     "regbench": RegBenchConfig(num_examples=20, seq_len=128),
+    "seq_digits": SeqDigitsConfig(num_examples=50),
 }
 
 
@@ -200,3 +202,33 @@ def test_segment_seeds_disjoint_ranges():
     a = make_task(cfg, segment_seed(cfg, "train", 0, 0))
     b = make_task(cfg, segment_seed(cfg, "test", 0, 0))
     assert not torch.equal(a.inputs, b.inputs)
+
+
+def test_seq_digits_layout_and_fixed_split():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = {tuple(row): int(c) for row, c in zip(digits.data.astype(int).tolist(), digits.target)}
+    train, test = make_task(SeqDigitsConfig(), 0), make_task(SeqDigitsConfig(split="test"), 0)
+    assert train.inputs.shape == (1400, 65) and test.inputs.shape == (397, 65)
+    for d in (train, test):
+        assert (d.inputs[:, -1] == QUERY).all() and (d.labels[:, :-1] == IGNORE).all()
+        # Each row is an image of the dataset, labelled with its own class.
+        for row, label in zip(d.inputs[:, :64].tolist(), d.labels[:, -1].tolist()):
+            assert pixels[tuple(row)] == label - CLASS_0
+        assert sum(int(m.sum()) for m in d.slices.values()) == d.inputs.shape[0]
+    # The split does not depend on the seed (only the order does), and train and test share no image (the
+    # 1797 images are distinct).
+    other = make_task(SeqDigitsConfig(), 7)
+    assert not torch.equal(other.inputs, train.inputs)
+    assert sorted(map(tuple, other.inputs.tolist())) == sorted(map(tuple, train.inputs.tolist()))
+    assert len(pixels) == 1797 and not set(map(tuple, train.inputs.tolist())) & set(map(tuple, test.inputs.tolist()))
+    perm = make_task(SeqDigitsConfig(split="test", permuted=True), 0)
+    assert torch.equal(perm.labels, test.labels) and not torch.equal(perm.inputs, test.inputs)
+    assert torch.equal(perm.inputs[:, :64].sort(1).values, test.inputs[:, :64].sort(1).values)
+    with pytest.raises(ValueError, match="exceeds the test split's 397"):
+        SeqDigitsConfig(split="test", num_examples=398)
+    with pytest.raises(ValueError, match="split must be one of"):
+        SeqDigitsConfig(split="valid")
+    with pytest.raises(ValueError, match="vocab_size is fixed at 28"):
+        SeqDigitsConfig(vocab_size=30)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import mqar, niah, regbench, selective_copy, set_disjoint
+from . import mqar, niah, regbench, selective_copy, seq_digits, set_disjoint
 from .base import IGNORE, TaskData
 
 __all__ = ["IGNORE", "TASKS", "Task", "TaskData", "make_task"]
@@ -35,6 +35,7 @@ TASKS: dict[str, Task] = {
     "set_disjointness": Task("set_disjointness", set_disjoint.SetDisjointConfig, set_disjoint.make),
     "selective_copy": Task("selective_copy", selective_copy.SelectiveCopyConfig, selective_copy.make),
     "regbench": Task("regbench", regbench.RegBenchConfig, regbench.make),
+    "seq_digits": Task("seq_digits", seq_digits.SeqDigitsConfig, seq_digits.make),
     "text_niah": Task("text_niah", None, None, primary="string_match", trainable=False),
     # Class-incremental learning on frozen features (memzoo.eval.cil): classifiers, not language models.
     "cil": Task("cil", None, None, trainable=False),
