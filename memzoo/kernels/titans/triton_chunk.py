@@ -104,6 +104,13 @@ def _chan_cumsum(log_gamma, t0, i_h, o_t, m_t, i_k, H: tl.constexpr, K: tl.const
 
 
 @triton.jit
+def _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """One K tile of q, k ([BT, BK], input dtype) and of the in-chunk log-cumsum of the per-channel log_gamma."""
+    return (_tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK), _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK),
+            _chan_cumsum(log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK))
+
+
+@triton.jit
 def _chan_x(b_lgc, b_nm, b_m, m_t, o_t, i):
     """X_i [BT, BK] = beta_t / beta_i for t >= i (0 above, or when row i is padding), row i of N and m_i."""
     m_i = o_t == i
@@ -140,10 +147,8 @@ def _fwd_reads_chan(q, k, log_gamma, wb0, b_w, b_s, i_c, b_c, b_e, b_y, b_nm, b_
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """One K tile's share of C, E = K W_base - V and (q * beta) W + (q * f) S under a per-channel decay."""
-    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
-    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    b_q, b_k, b_lgc = _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK] each
     dt = b_k.dtype
-    b_lgc = _chan_cumsum(log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)
     b_c, b_f = _chan_c(b_q, b_k, b_lgc, b_nm, b_m, b_c, m_t, o_t, BT, DOT_PRECISION)
     if i_c == 0:
         b_e = tl.dot(b_k, _st(wb0, i_k, o_v, m_v, K, V, BK).to(dt), b_e, input_precision=DOT_PRECISION)
@@ -169,43 +174,36 @@ def _fwd_update_chan(k, log_gamma, b_w, b_s, b_e, b_ne, b_nm, b_m, b_m_end, t0, 
 
 
 @triton.jit
-def _bwd_reads_chan(q, k, log_gamma, p_wg, b_dw, b_ds, b_c, b_e, b_kgdw, b_kds, b_nm, b_m, t0, i_h, o_t, m_t, last,
-                    o_v, m_v, i_k, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One K tile's share of C, E, (K * Gam) dW and K dS."""
-    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+def _bwd_reads_chan(k, log_gamma, p_wg, b_dw, b_ds, b_e, b_kgdw, b_kds, b_nm, b_m, t0, i_h, o_t, m_t, last, o_v, m_v,
+                    i_k, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One K tile's share of E, (K * Gam) dW and K dS."""
     b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
     dt = b_k.dtype
     b_lgc = _chan_cumsum(log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)
-    b_c, _ = _chan_c(b_q, b_k, b_lgc, b_nm, b_m, b_c, m_t, o_t, BT, DOT_PRECISION)
     _, _, _, b_gam = _chan_end(b_lgc, b_nm, b_m, m_t, last, DOT_PRECISION)
     b_e = tl.dot(b_k, _st(p_wg, i_k, o_v, m_v, K, V, BK).to(dt), b_e, input_precision=DOT_PRECISION)
     b_kgdw = tl.dot((b_k * b_gam).to(dt), b_dw.to(dt), b_kgdw, input_precision=DOT_PRECISION)
     b_kds = tl.dot(b_k, b_ds.to(dt), b_kds, input_precision=DOT_PRECISION)
-    return b_c, b_e, b_kgdw, b_kds
+    return b_e, b_kgdw, b_kds
 
 
 @triton.jit
-def _bwd_tile_chan(q, k, log_gamma, p_wg, dk, dwb0, dwb_out, b_dw, b_ds, b_de, b_dc, b_e, b_ne, b_do, b_nm, b_m,
+def _bwd_tile_chan(q, k, log_gamma, p_wg, dk, dwb0, dwb_out, b_dw, b_ds, b_de, b_e, b_ne, b_do, b_nm, b_m,
                    b_m_end, i_c, next_chunk, t0, i_h, o_t, m_t, last, o_v, m_v, i_k, H: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    """dk of one K tile and the gradients of its rows of the chunk-start states, per-channel decay."""
-    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
-    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    """dk of one K tile (but C's share, added by the dq launch) and the gradients of its rows of the chunk-start
+    states, per-channel decay."""
+    b_q, b_k, b_lgc = _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK] each
     dt = b_k.dtype
-    b_lgc = _chan_cumsum(log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)
     b_beta_b, b_f_b, _, b_gam = _chan_end(b_lgc, b_nm, b_m, m_t, last, DOT_PRECISION)
-    # C's share of dk, sum_i ((dC * N_i,:)^T (q * X_i)), and f.
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_f = tl.zeros([BT, BK], dtype=tl.float32)
     for i in range(0, BT):
         b_x, b_nmi, b_mi = _chan_x(b_lgc, b_nm, b_m, m_t, o_t, i)
-        b_dk = tl.dot(tl.trans((b_dc * b_nmi[None, :]).to(dt)), (b_q * b_x).to(dt), b_dk,
-                      input_precision=DOT_PRECISION)
         b_f += b_x * b_mi
     b_wg = _st(p_wg, i_k, o_v, m_v, K, V, BK)  # [BK, BV]
-    b_dk = tl.dot(b_de.to(dt), tl.trans(b_wg.to(dt)), b_dk, input_precision=DOT_PRECISION)
+    b_dk = tl.dot(b_de.to(dt), tl.trans(b_wg.to(dt)), input_precision=DOT_PRECISION)
     b_dk -= b_gam * tl.dot(b_e.to(dt), tl.trans(b_dw.to(dt)), input_precision=DOT_PRECISION)
     b_dk = tl.dot(b_ne, tl.trans(b_ds.to(dt)), b_dk, input_precision=DOT_PRECISION)  # [BT, BK]
     _tok_store(dk, b_dk, t0, i_h, o_t, m_t, i_k, H, K, BK)
@@ -221,19 +219,23 @@ def _bwd_tile_chan(q, k, log_gamma, p_wg, dk, dwb0, dwb_out, b_dw, b_ds, b_de, b
 
 
 @triton.jit
-def _dq_tile_chan(k, log_gamma, dq, p_w, p_s, b_do, b_dc, b_nm, b_m, t0, i_h, o_t, m_t, o_v, m_v, i_k,
+def _dq_tile_chan(q, k, log_gamma, dq, dk, p_w, p_s, b_do, b_dc, b_nm, b_m, t0, i_h, o_t, m_t, o_v, m_v, i_k,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    """dq of one K tile: beta * (dY W^T) + f * (dY S^T) + sum_i X_i * ((dC * N_i,:) K)."""
-    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    """dq of one K tile: beta * (dY W^T) + f * (dY S^T) + sum_i X_i * ((dC * N_i,:) K); and C's share of dk,
+    sum_i (dC * N_i,:)^T (q * X_i), added to the reverse pass's dk (kept out of that pass: it spilled)."""
+    b_q, b_k, b_lgc = _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK] each
     dt = b_k.dtype
-    b_lgc = _chan_cumsum(log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_f = tl.zeros([BT, BK], dtype=tl.float32)
     for i in range(0, BT):
         b_x, b_nmi, b_mi = _chan_x(b_lgc, b_nm, b_m, m_t, o_t, i)
-        b_dq += b_x * tl.dot((b_dc * b_nmi[None, :]).to(dt), b_k, input_precision=DOT_PRECISION)
+        b_dcn = (b_dc * b_nmi[None, :]).to(dt)  # [BT, BT]
+        b_dq += b_x * tl.dot(b_dcn, b_k, input_precision=DOT_PRECISION)
+        b_dk = tl.dot(tl.trans(b_dcn), (b_q * b_x).to(dt), b_dk, input_precision=DOT_PRECISION)
         b_f += b_x * b_mi
+    _tok_store(dk, _tok(dk, t0, i_h, o_t, m_t, i_k, H, K, BK) + b_dk, t0, i_h, o_t, m_t, i_k, H, K, BK)
     b_w = _st(p_w, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start W
     b_s = _st(p_s, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start S
     b_dq += tl.exp(b_lgc) * tl.dot(b_do, tl.trans(b_w.to(dt)), input_precision=DOT_PRECISION)
@@ -251,10 +253,8 @@ def _dgate_tile_chan(q, k, log_gamma, dlg, p_w, p_s, p_dw, b_do, b_e, b_dc, b_nm
     giving dN) and the X_i of C (giving dN); each exponent difference lgc_t - lgc_i sends +z to t and -z to i, and the
     log-cumsum's backward is a reverse cumsum over the chunk.
     """
-    b_q = _tok(q, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
-    b_k = _tok(k, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK]
+    b_q, b_k, b_lgc = _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK] each
     dt = b_k.dtype
-    b_lgc = _chan_cumsum(log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)
     b_w = _st(p_w, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start W
     b_s = _st(p_s, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start S
     b_dw = _st(p_dw, i_k, o_v, m_v, K, V, BK)  # [BK, BV] gradient w.r.t. the chunk-end W
@@ -286,10 +286,12 @@ def _dgate_tile_chan(q, k, log_gamma, dlg, p_w, p_s, p_dw, b_do, b_e, b_dc, b_nm
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_fwd_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, w0, s0, start_pos, cu, y, wb_out, w_out, s_out, h_w, h_s, chunk_off,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NK: tl.constexpr, CHANNEL: tl.constexpr, STORE_STATES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dy, h_cdy, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, NK: tl.constexpr, CHANNEL: tl.constexpr, STORE_STATES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Forward walk of one (V tile, sequence, head); W and S are held as NK (1 or 2) register tiles [BK, BV]."""
+    """Forward walk of one (V tile, sequence, head); W and S are held as NK (1 or 2) register tiles [BK, BV]. With
+    STORE_STATES (the backward's re-run) it stores every chunk's start states (h_w, h_s) and, under a per-channel
+    decay, C^T dY (h_cdy, [T, H, V] fp32) for the reverse pass."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -358,6 +360,10 @@ def _titans_linear_fwd_kernel(
                                                 b_m, t0, i_h, o_t, m_t, o_v, m_v, 1, H, K, V, BT, BK, DOT_PRECISION)
             b_y = tl.dot((-b_c).to(dt), b_e.to(dt), b_y, input_precision=DOT_PRECISION)  # [BT, BV]
             tl.store(y + (t0 * H + i_h) * V + o_tv, b_y.to(y.dtype.element_ty), mask=m_tv)
+            if STORE_STATES:
+                b_do = tl.load(dy + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0).to(dt)  # [BT, BV]
+                b_cdy = tl.dot(tl.trans(b_c).to(dt), b_do, input_precision=DOT_PRECISION)  # [BT, BV]
+                tl.store(h_cdy + (t0 * H + i_h) * V + o_tv, b_cdy, mask=m_tv)
             b_ne = (-tl.sum(tl.where(last[:, None], b_nm, 0.0), axis=0)[:, None] * b_e).to(dt)  # [BT, BV]
             b_w1, b_s1 = _fwd_update_chan(k, log_gamma, b_w1, b_s1, b_e, b_ne, b_nm, b_m, b_m_end, t0, i_h, o_t, m_t,
                                           last, 0, H, K, BK, DOT_PRECISION)
@@ -452,7 +458,7 @@ def _bwd_tile(q, k, p_wg, dk, dwb0, dwb_out, b_dw, b_ds, b_de, b_dag, b_ge, b_ne
 
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_bwd_kernel(
-    q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dwb_out, dw_out, ds_out,
+    q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, h_cdy, dy, dwb_out, dw_out, ds_out,
     dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -526,28 +532,25 @@ def _titans_linear_bwd_kernel(
         b_m_end = tl.sum(tl.where(last, b_m, 0.0))
         b_n_end = tl.sum(tl.where(last[:, None], b_nm, 0.0), axis=0)  # [BT] row b of N
         if CHANNEL:
-            b_c = tl.zeros([BT, BT], dtype=tl.float32)
             b_e = -b_v  # [BT, BV] becomes E = K W_base - V
             b_kgdw = tl.zeros([BT, BV], dtype=tl.float32)
             b_kds = tl.zeros([BT, BV], dtype=tl.float32)
-            b_c, b_e, b_kgdw, b_kds = _bwd_reads_chan(q, k, log_gamma, p_wg, b_dw1, b_ds1, b_c, b_e, b_kgdw, b_kds,
-                                                      b_nm, b_m, t0, i_h, o_t, m_t, last, o_v, m_v, 0, H, K, V, BT,
-                                                      BK, DOT_PRECISION)
+            b_e, b_kgdw, b_kds = _bwd_reads_chan(k, log_gamma, p_wg, b_dw1, b_ds1, b_e, b_kgdw, b_kds, b_nm, b_m, t0,
+                                                 i_h, o_t, m_t, last, o_v, m_v, 0, H, K, V, BK, DOT_PRECISION)
             if NK > 1:
-                b_c, b_e, b_kgdw, b_kds = _bwd_reads_chan(q, k, log_gamma, p_wg, b_dw2, b_ds2, b_c, b_e, b_kgdw,
-                                                          b_kds, b_nm, b_m, t0, i_h, o_t, m_t, last, o_v, m_v, 1, H,
-                                                          K, V, BT, BK, DOT_PRECISION)
-            b_dc = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT] gradient of C
-            b_de = -(b_kgdw + b_n_end[:, None] * b_kds)  # [BT, BV]
-            b_de = tl.dot(tl.trans(-b_c).to(dt), b_do, b_de, input_precision=DOT_PRECISION)
+                b_e, b_kgdw, b_kds = _bwd_reads_chan(k, log_gamma, p_wg, b_dw2, b_ds2, b_e, b_kgdw, b_kds, b_nm, b_m,
+                                                     t0, i_h, o_t, m_t, last, o_v, m_v, 1, H, K, V, BK, DOT_PRECISION)
+            # -C^T dY as the forward re-run stored it
+            b_de = -tl.load(h_cdy + (t0 * H + i_h) * V + o_tv, mask=m_tv, other=0.0)  # [BT, BV]
+            b_de -= b_kgdw + b_n_end[:, None] * b_kds
             tl.store(dv + (t0 * H + i_h) * V + o_tv, (-b_de).to(dv.dtype.element_ty), mask=m_tv)
             b_ne = (-b_n_end[:, None] * b_e).to(dt)  # [BT, BV]
             b_dw1, b_ds1 = _bwd_tile_chan(q, k, log_gamma, p_wg, p_dk, dwb0 + p_state, dwb_out + p_state, b_dw1,
-                                          b_ds1, b_de, b_dc, b_e, b_ne, b_do, b_nm, b_m, b_m_end, i_c, next_chunk,
+                                          b_ds1, b_de, b_e, b_ne, b_do, b_nm, b_m, b_m_end, i_c, next_chunk,
                                           t0, i_h, o_t, m_t, last, o_v, m_v, 0, H, K, V, BT, BK, BV, DOT_PRECISION)
             if NK > 1:
                 b_dw2, b_ds2 = _bwd_tile_chan(q, k, log_gamma, p_wg, p_dk, dwb0 + p_state, dwb_out + p_state, b_dw2,
-                                              b_ds2, b_de, b_dc, b_e, b_ne, b_do, b_nm, b_m, b_m_end, i_c, next_chunk,
+                                              b_ds2, b_de, b_e, b_ne, b_do, b_nm, b_m, b_m_end, i_c, next_chunk,
                                               t0, i_h, o_t, m_t, last, o_v, m_v, 1, H, K, V, BT, BK, BV,
                                               DOT_PRECISION)
         else:
@@ -637,7 +640,7 @@ def _dtheta_dlog_eta(b_dN, b_dm, b_p, b_nm, b_m):
 @triton.jit(do_not_specialize=["T"])
 def _titans_linear_dgate_kernel(
     q, k, v, theta, log_eta, log_gamma, wb0, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
-    dq, dth, dle, dlg, T, NT,
+    dq, dk, dth, dle, dlg, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, CHANNEL: tl.constexpr, DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -698,8 +701,8 @@ def _titans_linear_dgate_kernel(
                 b_e = tl.dot(b_kt, _st(p_wg, i_k, o_v, m_v, K, V, BK).to(dt), b_e, input_precision=DOT_PRECISION)
             b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT]
             if CHANNEL:
-                _dq_tile_chan(k, log_gamma, dq + o_dpart * H * K, h_w + p_h, h_s + p_h, b_do, b_da, b_nm, b_m, t0, i_h,
-                              o_t, m_t, o_v, m_v, i_kt, H, K, V, BT, BK, DOT_PRECISION)
+                _dq_tile_chan(q, k, log_gamma, dq + o_dpart * H * K, dk + o_dpart * H * K, h_w + p_h, h_s + p_h, b_do,
+                              b_da, b_nm, b_m, t0, i_h, o_t, m_t, o_v, m_v, i_kt, H, K, V, BT, BK, DOT_PRECISION)
             else:
                 for i_k in tl.static_range(NK):
                     _dq_tile(k, dq + o_dpart * H * K, h_w + p_h, h_s + p_h, b_do, b_beta, b_f, (b_da * b_G).to(dt), t0,
@@ -786,7 +789,7 @@ def _stages(chunk_size: int, BK: int) -> int:
 
 
 def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, chunk_size, precision,
-                    store_states=False):
+                    store_states=False, dy=None):
     T, H, K = q.shape
     V = v.shape[-1]
     n_seq = cu.shape[0] - 1
@@ -801,15 +804,20 @@ def _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
         h_w, h_s = (torch.empty(rows, H, K, V, dtype=torch.float32, device=q.device) for _ in range(2))
     else:
         chunk_off, h_w, h_s = start_pos, y, y
+    # per-channel decay: the backward's re-run stores C^T dY for the reverse pass
+    h_cdy = y
+    if store_states and log_gamma.dim() == 3:
+        h_cdy = torch.empty(T, H, V, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(V, BV), n_seq * H)
     _titans_linear_fwd_kernel[grid](
-        q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, y, *outs, h_w, h_s, chunk_off, T,
+        q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu, y, *outs, h_w, h_s, chunk_off,
+        y if dy is None else dy, h_cdy, T,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK, CHANNEL=log_gamma.dim() == 3, STORE_STATES=store_states,
         DOT_PRECISION=precision,
         num_stages=_stages(chunk_size, BK), num_warps=_NUM_WARPS,
     )
     if store_states:
-        return (y, *outs), (h_w, h_s, chunk_off)
+        return (y, *outs), (h_w, h_s, chunk_off, h_cdy)
     return (y, *outs)
 
 
@@ -821,14 +829,14 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     BK, NK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     channel = log_gamma.dim() == 3
-    _, (h_w, h_s, chunk_off) = _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
-                                               chunk_size, precision, store_states=True)
+    _, (h_w, h_s, chunk_off, h_cdy) = _launch_forward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu,
+                                                      chunk_size, precision, store_states=True, dy=dy)
     dq, dk = (torch.empty(NV, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty_like(v)
     dw_end, ds_end = torch.empty_like(h_w), torch.empty_like(h_s)
     dwb0, dw0, ds0 = (torch.empty(n_seq, H, K, V, dtype=torch.float32, device=q.device) for _ in range(3))
     _titans_linear_bwd_kernel[(NV, n_seq * H)](
-        q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dwb, dw, ds,
+        q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, h_cdy, dy, dwb, dw, ds,
         dk, dv, dw_end, ds_end, dwb0, dw0, ds0, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK,
         CHANNEL=channel, DOT_PRECISION=precision, num_stages=_stages(chunk_size, BK), num_warps=_NUM_WARPS,
     )
@@ -840,7 +848,7 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
     for want_dq in (True, False):
         _titans_linear_dgate_kernel[(n_part, n_seq * H)](
             q, k, v, theta, log_eta, log_gamma, wb, start_pos, cu, h_w, h_s, chunk_off, dy, dw_end, ds_end,
-            dq, dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK, CHANNEL=channel, DQ=want_dq,
+            dq, dk, dth, dle, dlg, T, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK, CHANNEL=channel, DQ=want_dq,
             DOT_PRECISION=precision, num_stages=_stages(chunk_size, BK), num_warps=_NUM_WARPS,
         )
     grads = (dq.sum(0), dk.sum(0), dv, dth.sum(0), dle.sum(0), dlg.sum(0))
