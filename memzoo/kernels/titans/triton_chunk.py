@@ -219,11 +219,13 @@ def _bwd_tile_chan(q, k, log_gamma, p_wg, dk, dwb0, dwb_out, b_dw, b_ds, b_de, b
 
 
 @triton.jit
-def _dq_tile_chan(q, k, log_gamma, dq, dk, p_w, p_s, b_do, b_dc, b_nm, b_m, t0, i_h, o_t, m_t, o_v, m_v, i_k,
+def _dq_tile_chan(q, k, log_gamma, dq, dk, p_w, p_s, b_do, b_dc, b_nm, b_m, b_dn, t0, i_h, o_t, m_t, o_v, m_v, i_k,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    """dq of one K tile: beta * (dY W^T) + f * (dY S^T) + sum_i X_i * ((dC * N_i,:) K); and C's share of dk,
-    sum_i (dC * N_i,:)^T (q * X_i), added to the reverse pass's dk (kept out of that pass: it spilled)."""
+    """dq of one K tile: beta * (dY W^T) + f * (dY S^T) + sum_i X_i * ((dC * N_i,:) K); C's share of dk,
+    sum_i (dC * N_i,:)^T (q * X_i), added to the reverse pass's dk, and of dN (row i: colsum(dC * (q * X_i) K^T)),
+    returned; both from one dot dC^T (q * X_i) per row (kept out of the reverse pass and the gate kernel: they spilled
+    there)."""
     b_q, b_k, b_lgc = _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK] each
     dt = b_k.dtype
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -231,9 +233,11 @@ def _dq_tile_chan(q, k, log_gamma, dq, dk, p_w, p_s, b_do, b_dc, b_nm, b_m, t0, 
     b_f = tl.zeros([BT, BK], dtype=tl.float32)
     for i in range(0, BT):
         b_x, b_nmi, b_mi = _chan_x(b_lgc, b_nm, b_m, m_t, o_t, i)
-        b_dcn = (b_dc * b_nmi[None, :]).to(dt)  # [BT, BT]
-        b_dq += b_x * tl.dot(b_dcn, b_k, input_precision=DOT_PRECISION)
-        b_dk = tl.dot(tl.trans(b_dcn), (b_q * b_x).to(dt), b_dk, input_precision=DOT_PRECISION)
+        b_dq += b_x * tl.dot((b_dc * b_nmi[None, :]).to(dt), b_k, input_precision=DOT_PRECISION)
+        # dC^T (q * X_i) gives both: dk_j += N_ij (...)_j and dN_ij = <k_j, (...)_j>
+        b_pq = tl.dot(tl.trans(b_dc.to(dt)), (b_q * b_x).to(dt), input_precision=DOT_PRECISION)  # [BT, BK]
+        b_dk += b_nmi[:, None] * b_pq
+        b_dn += tl.where((o_t == i)[:, None], tl.sum(b_k.to(tl.float32) * b_pq, axis=1)[None, :], 0.0)
         b_f += b_x * b_mi
     _tok_store(dk, _tok(dk, t0, i_h, o_t, m_t, i_k, H, K, BK) + b_dk, t0, i_h, o_t, m_t, i_k, H, K, BK)
     b_w = _st(p_w, i_k, o_v, m_v, K, V, BK)  # [BK, BV] chunk-start W
@@ -241,16 +245,18 @@ def _dq_tile_chan(q, k, log_gamma, dq, dk, p_w, p_s, b_do, b_dc, b_nm, b_m, t0, 
     b_dq += tl.exp(b_lgc) * tl.dot(b_do, tl.trans(b_w.to(dt)), input_precision=DOT_PRECISION)
     b_dq += b_f * tl.dot(b_do, tl.trans(b_s.to(dt)), input_precision=DOT_PRECISION)
     _tok_store(dq, b_dq, t0, i_h, o_t, m_t, i_k, H, K, BK)
+    return b_dn
 
 
 @triton.jit
 def _dgate_tile_chan(q, k, log_gamma, dlg, p_w, p_s, p_dw, b_do, b_e, b_dc, b_nm, b_m, b_dn, b_dm, t0, i_h, o_t, m_t,
                      last, o_v, m_v, i_k, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dlog_gamma of one K tile (this V tile's share, stored) and its shares of dN and dm.
+    """dlog_gamma of one K tile (this V tile's share, stored) and its shares of dN and dm (but C's share of dN, from
+    the dq launch).
 
     Through beta (Q W and the end weights), f (Q S and the end weights, also giving dm), Gam (the end weights, also
-    giving dN) and the X_i of C (giving dN); each exponent difference lgc_t - lgc_i sends +z to t and -z to i, and the
+    giving dN) and the X_i of C; each exponent difference lgc_t - lgc_i sends +z to t and -z to i, and the
     log-cumsum's backward is a reverse cumsum over the chunk.
     """
     b_q, b_k, b_lgc = _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK] each
@@ -275,8 +281,6 @@ def _dgate_tile_chan(q, k, log_gamma, dlg, p_w, p_s, p_dw, b_do, b_e, b_dc, b_nm
         b_qx = b_q * b_x  # [BT, BK]
         b_z = b_qx * tl.dot((b_dc * b_nmi[None, :]).to(dt), b_k, input_precision=DOT_PRECISION) + b_df * b_x * b_mi
         b_dlgc += b_z - tl.where(m_i[:, None], tl.sum(b_z, axis=0)[None, :], 0.0)
-        b_qk = tl.dot(b_qx.to(dt), tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BT]
-        b_dn += tl.where(m_i[:, None], tl.sum(b_dc * b_qk, axis=0)[None, :], 0.0)
         b_dm += tl.where(m_i, tl.sum(b_df * b_x), 0.0)
     b_dlg = tl.sum(b_dlgc, axis=0)[None, :] - tl.cumsum(b_dlgc, axis=0) + b_dlgc
     _tok_store(dlg, b_dlg, t0, i_h, o_t, m_t, i_k, H, K, BK)
@@ -673,6 +677,10 @@ def _titans_linear_dgate_kernel(
     last = o_t == BT - 1
     o_dpart = tl.cast(i_v, tl.int64) * NT
     o_gpart = tl.cast(tl.program_id(0), tl.int64) * NT
+    if CHANNEL:
+        if not DQ:
+            # the dq launch wrote the first NV x NK partial sums of dtheta, dlog_eta (from C's share of dN)
+            o_gpart += tl.cast(tl.num_programs(0), tl.int64) * NT
     for i_c in range(0, n_chunks):
         p_h = ((o_first + i_c) * H + i_h) * K * V
         t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
@@ -701,8 +709,13 @@ def _titans_linear_dgate_kernel(
                 b_e = tl.dot(b_kt, _st(p_wg, i_k, o_v, m_v, K, V, BK).to(dt), b_e, input_precision=DOT_PRECISION)
             b_da = -tl.dot(b_do, tl.trans(b_e.to(dt)), input_precision=DOT_PRECISION)  # [BT, BT]
             if CHANNEL:
-                _dq_tile_chan(q, k, log_gamma, dq + o_dpart * H * K, dk + o_dpart * H * K, h_w + p_h, h_s + p_h, b_do,
-                              b_da, b_nm, b_m, t0, i_h, o_t, m_t, o_v, m_v, i_kt, H, K, V, BT, BK, DOT_PRECISION)
+                b_dN = _dq_tile_chan(q, k, log_gamma, dq + o_dpart * H * K, dk + o_dpart * H * K, h_w + p_h, h_s + p_h,
+                                     b_do, b_da, b_nm, b_m, tl.zeros([BT, BT], dtype=tl.float32), t0, i_h, o_t, m_t,
+                                     o_v, m_v, i_kt, H, K, V, BT, BK, DOT_PRECISION)
+                b_dth, b_dle = _dtheta_dlog_eta(b_dN, tl.zeros([BT], dtype=tl.float32), b_p, b_nm, b_m)
+                p_gp = (o_gpart + t0) * H + i_h + o_t * H
+                tl.store(dth + p_gp, b_dth, mask=m_t)
+                tl.store(dle + p_gp, b_dle, mask=m_t)
             else:
                 for i_k in tl.static_range(NK):
                     _dq_tile(k, dq + o_dpart * H * K, h_w + p_h, h_s + p_h, b_do, b_beta, b_f, (b_da * b_G).to(dt), t0,
@@ -841,9 +854,10 @@ def _launch_backward(q, k, v, theta, log_eta, log_gamma, wb, w, s, start_pos, cu
         CHANNEL=channel, DOT_PRECISION=precision, num_stages=_stages(chunk_size, BK), num_warps=_NUM_WARPS,
     )
     # dq, then the gate gradients, each in its own launch: with them the reverse pass spills. With a per-channel
-    # decay, one program per key tile (dtheta, dlog_eta: NV x NK partial sums).
+    # decay, one program per key tile, and both launches give dtheta, dlog_eta (2 x NV x NK partial sums).
     n_part = NV * NK if channel else NV
-    dth, dle = (torch.empty(n_part, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
+    dth, dle = (torch.empty(2 * n_part if channel else n_part, T, H, dtype=torch.float32, device=q.device)
+                for _ in range(2))
     dlg = torch.empty(NV, *log_gamma.shape, dtype=torch.float32, device=q.device)
     for want_dq in (True, False):
         _titans_linear_dgate_kernel[(n_part, n_seq * H)](
