@@ -392,6 +392,7 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
 def _checkpoint_wrapper(directory: Path, tensors: dict[str, torch.Tensor]) -> Any:
     """The wrapper a ``checkpoints/checkpoint_N`` folder was saved from (built as the trainer built it, then
     loaded with every weight of the checkpoint, strictly), or None when the run trained a bare model."""
+    from ..models.wrappers.base import load_all_weights
     from .config import TrainConfig
 
     run = directory.parent.parent / "config.json"
@@ -405,12 +406,8 @@ def _checkpoint_wrapper(directory: Path, tensors: dict[str, torch.Tensor]) -> An
         return None
     cls, wrapper_config = wrapper
     model = cls.build(cfg.model, wrapper_config, say=lambda msg: warnings.warn(msg, stacklevel=3))
-    tied = {k for k in model.state_dict() if k.endswith("lm_head.weight")} if cfg.model.tie_embeddings else set()
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"from_pretrained({str(directory)!r}): the checkpoint does not match the run's "
-                         f"{cls.name} model: missing {missing}, unexpected {unexpected}")
+    load_all_weights(model, tensors, cfg.model.tie_embeddings,
+                     f"from_pretrained({str(directory)!r}), the run's {cls.name} model")
     return model
 
 

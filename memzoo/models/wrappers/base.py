@@ -136,13 +136,17 @@ class Wrapper(nn.Module):
         """Rebuild from an export: ``meta`` is ``wrapper.json``, ``tensors`` ``model.safetensors``, ``model_config``
         ``config.json`` (default: a fresh backbone of that config, then every weight, strictly)."""
         model = cls(_build_model(model_config), cls.config_class(**meta["config"]))
-        tied = {k for k in model.state_dict() if k.endswith("lm_head.weight")} if model_config.tie_embeddings else set()
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            raise ValueError(f"{cls.__name__} export {str(directory)!r}: weights do not match: missing {missing}, "
-                             f"unexpected {unexpected}")
+        load_all_weights(model, tensors, model_config.tie_embeddings, f"{cls.__name__} export {str(directory)!r}")
         return model
+
+
+def load_all_weights(model: nn.Module, tensors: dict[str, Tensor], tie_embeddings: bool, what: str) -> None:
+    """Every weight of ``model`` from ``tensors``, strictly, except a tied ``lm_head.weight`` (stored once)."""
+    tied = {k for k in model.state_dict() if k.endswith("lm_head.weight")} if tie_embeddings else set()
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{what}: weights do not match: missing {missing}, unexpected {unexpected}")
 
 
 def _build_model(config: Any) -> nn.Module:
