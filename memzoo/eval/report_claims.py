@@ -84,7 +84,8 @@ def longmem_claim(model: str) -> Claim:
     retrieval bank, on the passkey needle (the bank is the only path to a needle older than a segment)."""
     if model == "longmem-on":
         return Claim("LongMem: the bank lowers PPL 1.38-1.62 on PG-22 vs its backbone", None,
-                     "compare with the memory-off row")
+                     "compare with the memory-off row; over a pretrained backbone (longmem.md, 3 seeds) the bank "
+                     "lifts recall from 0.066 to 0.31")
     return Claim("memory-free baseline", None, "baseline")
 
 
