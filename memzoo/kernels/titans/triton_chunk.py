@@ -69,6 +69,17 @@ def _st_store(p, x, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
+def _st_store_pair(p_a, p_b, a1, b1, a2, b2, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                   NK: tl.constexpr):
+    """Store a pair of states (W and S, or their gradients) held as NK key tiles: tiles 1 (a1, b1), 2 (a2, b2)."""
+    _st_store(p_a, a1, 0, o_v, m_v, K, V, BK)
+    _st_store(p_b, b1, 0, o_v, m_v, K, V, BK)
+    if NK > 1:
+        _st_store(p_a, a2, 1, o_v, m_v, K, V, BK)
+        _st_store(p_b, b2, 1, o_v, m_v, K, V, BK)
+
+
+@triton.jit
 def _fwd_reads(q, k, wb0, b_w, b_s, i_c, b_qk, b_e, b_qw, b_qs, t0, i_h, o_t, m_t, o_v, m_v, i_k,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -328,11 +339,7 @@ def _titans_linear_fwd_kernel(
         if STORE_STATES:
             # Chunk-start states for the backward pass (only chunk boundaries are ever stored).
             p_h = ((o_first + i_c) * H + i_h) * K * V
-            _st_store(h_w + p_h, b_w1, 0, o_v, m_v, K, V, BK)
-            _st_store(h_s + p_h, b_s1, 0, o_v, m_v, K, V, BK)
-            if NK > 1:
-                _st_store(h_w + p_h, b_w2, 1, o_v, m_v, K, V, BK)
-                _st_store(h_s + p_h, b_s2, 1, o_v, m_v, K, V, BK)
+            _st_store_pair(h_w + p_h, h_s + p_h, b_w1, b_s1, b_w2, b_s2, o_v, m_v, K, V, BK, NK)
         # Token t0 + o_t of the packed sequence sits at slot o_t of this chunk (t0 < bos in a partial first chunk).
         t0 = bos + tl.cast(i_c, tl.int64) * BT - pos0
         o_rel = t0 - bos + o_t  # [BT] token index inside the sequence
@@ -400,11 +407,7 @@ def _titans_linear_fwd_kernel(
             _st_store(wb_out + p_state, b_w1, 0, o_v, m_v, K, V, BK)
             if NK > 1:
                 _st_store(wb_out + p_state, b_w2, 1, o_v, m_v, K, V, BK)
-    _st_store(w_out + p_state, b_w1, 0, o_v, m_v, K, V, BK)
-    _st_store(s_out + p_state, b_s1, 0, o_v, m_v, K, V, BK)
-    if NK > 1:
-        _st_store(w_out + p_state, b_w2, 1, o_v, m_v, K, V, BK)
-        _st_store(s_out + p_state, b_s2, 1, o_v, m_v, K, V, BK)
+    _st_store_pair(w_out + p_state, s_out + p_state, b_w1, b_s1, b_w2, b_s2, o_v, m_v, K, V, BK, NK)
 
 
 @triton.jit
@@ -586,11 +589,7 @@ def _titans_linear_bwd_kernel(
                 b_dw2, b_ds2 = _bwd_tile(q, k, p_wg, p_dk, dwb0 + p_state, dwb_out + p_state, b_dw2, b_ds2, b_de, b_dag,
                                          b_ge, b_ne, b_bdo, b_fdo, b_beta_end, b_f_end, b_m_end, i_c, next_chunk, t0,
                                          i_h, o_t, m_t, o_v, m_v, 1, H, K, V, BK, BV, DOT_PRECISION)
-    _st_store(dw0 + p_state, b_dw1, 0, o_v, m_v, K, V, BK)
-    _st_store(ds0 + p_state, b_ds1, 0, o_v, m_v, K, V, BK)
-    if NK > 1:
-        _st_store(dw0 + p_state, b_dw2, 1, o_v, m_v, K, V, BK)
-        _st_store(ds0 + p_state, b_ds2, 1, o_v, m_v, K, V, BK)
+    _st_store_pair(dw0 + p_state, ds0 + p_state, b_dw1, b_ds1, b_dw2, b_ds2, o_v, m_v, K, V, BK, NK)
 
 
 @triton.jit
