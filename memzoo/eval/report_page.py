@@ -184,12 +184,26 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
     return [*_table(header, rows), "", *_img(page, png, "MQAR accuracy vs state size")]
 
 
-def _progress_row(study: str, payloads: list[dict[str, Any] | None]) -> str:
-    cpu = [p["cpu_s"] / 60 for p in payloads if p is not None]
-    if not cpu:
-        return f"| {study} | 0/{len(payloads)} | not measured yet | not measured yet |"
-    rate = statistics.fmean(cpu)
-    return f"| {study} | {len(cpu)}/{len(payloads)} | {rate:.1f} | {rate * (len(payloads) - len(cpu)) / 60:.1f} |"
+def _work(run: Run) -> float:
+    """A run's training work in tokens x width (what the estimate of a pending run scales by)."""
+    tokens = sum(getattr(c, "num_examples", 1) * (getattr(c, "input_seq_len", None) or getattr(c, "seq_len", 1))
+                 for c in run.data.train)
+    return float(tokens * run.train.epochs * run.d_model)
+
+
+def _progress_row(study: str, runs: list[Run], payloads: list[dict[str, Any] | None]) -> str:
+    """Finished runs, their mean CPU time, and the pending runs' CPU time estimated from the finished runs of the
+    same model (of the whole study where a model has none), scaled by tokens x width."""
+    done = [(r, p) for r, p in zip(runs, payloads) if p is not None]
+    if not done:
+        return f"| {study} | 0/{len(runs)} | not measured yet | not measured yet |"
+    rate = {}  # CPU seconds per unit of work, by model and for the whole study
+    for key in {r.spec.name for r, _ in done} | {None}:
+        same = [p["cpu_s"] / _work(r) for r, p in done if key is None or r.spec.name == key]
+        rate[key] = statistics.fmean(same)
+    pending = sum(rate.get(r.spec.name, rate[None]) * _work(r) for r, p in zip(runs, payloads) if p is None)
+    mean = statistics.fmean(p["cpu_s"] for _, p in done) / 60
+    return f"| {study} | {len(done)}/{len(runs)} | {mean:.1f} | {pending / 3600:.1f} |"
 
 
 def _claims(smoke: bool) -> dict[str, Callable[..., Claim]]:
@@ -237,9 +251,12 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
         f"CPU time of the finished runs: {cpu_h:.2f} h. Commits: {', '.join(commits) or 'none'}. "
         f"Machines: {', '.join(machines) or 'none'}.",
         "",
-        "| study | runs finished | CPU min per finished run | pending runs at that rate, CPU h |",
+        "| study | runs finished | CPU min per finished run | pending runs, CPU h (estimate) |",
         "|---|---|---|---|",
-        *[_progress_row(s, [res[r.key] for r in g]) for s, g in by_study.items()],
+        *[_progress_row(s, g, [res[r.key] for r in g]) for s, g in by_study.items()],
+        "",
+        "A pending run's CPU time is estimated from the finished runs of the same model, scaled by training tokens "
+        "x width: a rough guide (a step's cost grows faster than the width on a CPU; early stopping cuts runs short).",
         "",
         "Numbers are means ± sample standard deviation over seeds. EM = exact match of the whole passkey.",
         "",

@@ -14,7 +14,7 @@ import pytest
 from memzoo.eval.cli import main as bench_main
 from memzoo.eval.harness import train_one
 from memzoo.eval.report import _claim, load_result, run_path, run_suite
-from memzoo.eval.report_page import cell
+from memzoo.eval.report_page import _progress_row, cell
 from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
 
 
@@ -135,6 +135,20 @@ def test_other_seeds_take_the_best_rate_of_the_sweep(tmp_path):
         dataclasses.replace(base, lr=None)
     with pytest.raises(ValueError, match="not a run of the suite"):
         best.resolve(tmp_path, {})
+
+
+def test_pending_cpu_time_is_scaled_from_the_same_models_finished_runs():
+    base = next(r for r in build_suite("tiny") if r.study == "mqar")
+    a64 = dataclasses.replace(base, key="a64")
+    a128 = dataclasses.replace(base, key="a128", d_model=2 * base.d_model)
+    other = dataclasses.replace(base, key="b", spec=dataclasses.replace(base.spec, name="other"))
+    cheap = dataclasses.replace(base, key="c", spec=dataclasses.replace(base.spec, name="cheap"))
+    runs = [a64, a128, other, cheap]
+    # a64 finished in 1 CPU-h, cheap in 0.5 CPU-h: a128 (same model, twice the width) costs 2 h, "other" (no
+    # finished run of its own) the study's mean rate, 0.75 h: 2.75 h pending.
+    row = _progress_row("mqar", runs, [{"cpu_s": 3600.0}, None, None, {"cpu_s": 1800.0}])
+    assert row == "| mqar | 2/4 | 45.0 | 2.8 |", row
+    assert _progress_row("mqar", runs, [None] * 4).endswith("not measured yet |")
 
 
 def test_cpu_preset_sweeps_at_one_seed_and_reruns_the_best_rate():
