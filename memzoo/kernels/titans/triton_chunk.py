@@ -204,18 +204,17 @@ def _bwd_tile_chan(q, k, log_gamma, p_wg, dk, dwb0, dwb_out, b_dw, b_ds, b_de, b
                    b_m_end, i_c, next_chunk, t0, i_h, o_t, m_t, last, o_v, m_v, i_k, H: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    """dk of one K tile (but C's share, added by the dq launch) and the gradients of its rows of the chunk-start
-    states, per-channel decay."""
+    """dk of one K tile (but C's share, added by the dq launch, and Gam's, added by the gate launch) and the gradients
+    of its rows of the chunk-start states, per-channel decay."""
     b_q, b_k, b_lgc = _chan_tiles(q, k, log_gamma, t0, i_h, o_t, m_t, i_k, H, K, BK)  # [BT, BK] each
     dt = b_k.dtype
-    b_beta_b, b_f_b, _, b_gam = _chan_end(b_lgc, b_nm, b_m, m_t, last, DOT_PRECISION)
+    b_beta_b, b_f_b, _, _ = _chan_end(b_lgc, b_nm, b_m, m_t, last, DOT_PRECISION)
     b_f = tl.zeros([BT, BK], dtype=tl.float32)
     for i in range(0, BT):
         b_x, b_nmi, b_mi = _chan_x(b_lgc, b_nm, b_m, m_t, o_t, i)
         b_f += b_x * b_mi
     b_wg = _st(p_wg, i_k, o_v, m_v, K, V, BK)  # [BK, BV]
     b_dk = tl.dot(b_de.to(dt), tl.trans(b_wg.to(dt)), input_precision=DOT_PRECISION)
-    b_dk -= b_gam * tl.dot(b_e.to(dt), tl.trans(b_dw.to(dt)), input_precision=DOT_PRECISION)
     b_dk = tl.dot(b_ne, tl.trans(b_ds.to(dt)), b_dk, input_precision=DOT_PRECISION)  # [BT, BK]
     _tok_store(dk, b_dk, t0, i_h, o_t, m_t, i_k, H, K, BK)
     b_dwg = tl.dot(tl.trans(b_k), b_de.to(dt), input_precision=DOT_PRECISION)  # [BK, BV]
@@ -260,11 +259,11 @@ def _dq_tile_chan(q, k, log_gamma, dq, dk, p_w, p_s, b_do, b_dc, b_nm, b_m, b_dn
 
 
 @triton.jit
-def _dgate_tile_chan(q, k, log_gamma, dlg, p_w, p_s, p_dw, b_do, b_e, b_dc, b_nm, b_m, b_dn, b_dm, t0, i_h, o_t, m_t,
-                     last, o_v, m_v, i_k, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _dgate_tile_chan(q, k, log_gamma, dlg, dk, p_w, p_s, p_dw, b_do, b_e, b_dc, b_nm, b_m, b_dn, b_dm, t0, i_h, o_t,
+                     m_t, last, o_v, m_v, i_k, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dlog_gamma of one K tile (this V tile's share, stored) and its shares of dN and dm (but C's share of dN, from
-    the dq launch).
+    """dlog_gamma of one K tile (this V tile's share, stored), its shares of dN and dm (but C's share of dN, from
+    the dq launch) and Gam's share of dk, Gam * d(K * Gam), added to dk (out of the reverse pass: it spilled there).
 
     Through beta (Q W and the end weights), f (Q S and the end weights, also giving dm), Gam (the end weights, also
     giving dN) and the X_i of C; each exponent difference lgc_t - lgc_i sends +z to t and -z to i, and the
@@ -281,8 +280,10 @@ def _dgate_tile_chan(q, k, log_gamma, dlg, p_w, p_s, p_dw, b_do, b_e, b_dc, b_nm
     b_df += tl.where(last[:, None], tl.sum(b_dw * b_s, axis=1)[None, :], 0.0)
     b_dlgc = b_dbeta * tl.exp(b_lgc)
     # Gam_j = sum_i N_ij Xb_i with Xb_i = beta_b / beta_i.
-    _, _, b_xb, _ = _chan_end(b_lgc, b_nm, b_m, m_t, last, DOT_PRECISION)
-    b_dgam = -b_k.to(tl.float32) * tl.dot(b_e.to(dt), tl.trans(b_dw.to(dt)), input_precision=DOT_PRECISION)
+    _, _, b_xb, b_gam = _chan_end(b_lgc, b_nm, b_m, m_t, last, DOT_PRECISION)
+    b_dkg = -tl.dot(b_e.to(dt), tl.trans(b_dw.to(dt)), input_precision=DOT_PRECISION)  # [BT, BK] d(K * Gam)
+    _tok_store(dk, _tok(dk, t0, i_h, o_t, m_t, i_k, H, K, BK) + b_gam * b_dkg, t0, i_h, o_t, m_t, i_k, H, K, BK)
+    b_dgam = b_k.to(tl.float32) * b_dkg
     b_dn = tl.dot(b_xb, tl.trans(b_dgam), b_dn, input_precision=DOT_PRECISION)
     b_z = tl.dot(b_nm, b_dgam, input_precision=DOT_PRECISION) * b_xb  # [BT, BK]
     b_dlgc += tl.where(last[:, None], tl.sum(b_z, axis=0)[None, :], 0.0) - b_z
@@ -649,7 +650,8 @@ def _titans_linear_dgate_kernel(
 ):
     """dq (``DQ``) or else the gate gradients (dtheta, dlog_eta, dlog_gamma), partial sums over this program's V tile,
     of every chunk from its start states (h_w, h_s, the base) and end-state gradients (dw_end, ds_end); no tile is
-    carried between chunks. Two launches, so neither holds the other's tiles.
+    carried between chunks. Two launches, so neither holds the other's tiles. Under a per-channel decay both also add
+    to the reverse pass's dk: C's share (dq launch) and Gam's (gate launch).
 
     dG = dA * QK^T minus the end-row terms, dbeta, df, dm, chained through G = Lam N, f = Lam m, the exponentials and
     a reverse in-chunk cumsum.
@@ -735,9 +737,10 @@ def _titans_linear_dgate_kernel(
                 m_end = last & (i_kt == 0)
                 b_dN = -tl.where(m_end[:, None], tl.sum(b_e * b_kds, axis=1)[None, :], 0.0)  # [BT, BT]
                 b_dm = tl.where(m_end, tl.sum(b_dss), 0.0)  # [BT]
-                b_dN, b_dm = _dgate_tile_chan(q, k, log_gamma, dlg + o_dpart * H * K, h_w + p_h, h_s + p_h,
-                                              dw_end + p_h, b_do, b_e, b_da, b_nm, b_m, b_dN, b_dm, t0, i_h, o_t, m_t,
-                                              last, o_v, m_v, i_kt, H, K, V, BT, BK, DOT_PRECISION)
+                b_dN, b_dm = _dgate_tile_chan(q, k, log_gamma, dlg + o_dpart * H * K, dk + o_dpart * H * K,
+                                              h_w + p_h, h_s + p_h, dw_end + p_h, b_do, b_e, b_da, b_nm, b_m, b_dN,
+                                              b_dm, t0, i_h, o_t, m_t, last, o_v, m_v, i_kt, H, K, V, BT, BK,
+                                              DOT_PRECISION)
                 b_dth, b_dle = _dtheta_dlog_eta(b_dN, b_dm, b_p, b_nm, b_m)
                 p_gp = (o_gpart + t0) * H + i_h + o_t * H
                 tl.store(dth + p_gp, b_dth, mask=m_t)
