@@ -205,3 +205,38 @@ def test_layer_on_the_kernel_equals_reference(opts):
              for layer, (y, st) in zip(layers, outs)]
     for (name, _), a, b in zip(layers[0].named_parameters(), *grads):
         assert_close(a, b, 1e-4, name)
+
+
+def _walk_inputs(case, miras):
+    """The inputs of the chunk walk (``mlp_chunked``'s call of its walk) for a float64 case, with the states the
+    reference walk stores and the hidden quantities it keeps for its backward."""
+    from memzoo.kernels.titans.mlp_chunk import _chunks_op, _miras_args, _ref_walk
+
+    xs, state, start_pos, cu = _float64_case(case)
+    args = []
+    mlp_chunked(*xs, state, start_pos, 16, cu, miras, lambda *a: args.append(a) or _ref_walk(*a))
+    qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk = args[0][:11]
+    fwd = _chunks_op(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk, *_miras_args(miras))
+    return (qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk), fwd[4:], _miras_args(miras)
+
+
+@pytest.mark.parametrize("case,miras", [("T37", "l2"), ("T50_E64", "huber"), ("varlen", "lp+lq"), ("T37", "lq")],
+                         ids=str)
+def test_triton_reverse_walk_equals_pytorch_walk(monkeypatch, case, miras):
+    """The backward op on the kernel's reverse walk against the PyTorch walk, float64, random cotangents (padding
+    rows included): the gradients of all ten walk inputs (qq, m2, g1, k, v, initial state, initial base, chunk-end
+    coefficients, chunk-end rows of G and N) to 1e-12; every output the kernel writes starts as NaN."""
+    from memzoo.kernels.titans.mlp_chunk import _chunks_bwd_op, _triton_chunks_bwd_op
+
+    inputs_, stored, margs = _walk_inputs(case, _MIRAS[miras])
+    qq, k, base0, xs = inputs_[0], inputs_[3], inputs_[5], stored[0]
+    gen = torch.Generator().manual_seed(2)
+    cot = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (qq, k, xs[:, 0], base0)]
+    want = _chunks_bwd_op(*inputs_, *stored, *cot, *margs)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: empty_like(x, **kw).fill_(float("nan")))
+    got = _triton_chunks_bwd_op(*inputs_, xs, *cot, *margs, torch.float64, "ieee")
+    monkeypatch.undo()
+    names = ["qq", "m2", "g1", "k", "v", "x0", "base0", "ends", "g_end", "n_end"]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert_close(a, b, 1e-12, name)

@@ -148,11 +148,10 @@ def _chunks_forward(qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk,
     return p, corr, xs[:, NC].clone(), base_end, xs, act, g_z, g_h, h, z, u, h_q, a_q
 
 
-def _chunks_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, act, g_z, g_h, h, z, u, h_q, a_q,
-                     d_p, d_corr, d_end, d_base_end, miras):
-    """The gradients of ``_chunks_forward``'s inputs (qq, m2, g1, k, v, x0, base0, ends, g_end, n_end)."""
-    NC, D = k.shape[0], k.shape[-1]
-    # The reads' backward, every chunk at once; only their state gradients wait for the reverse walk.
+def _reads_backward(qq, m2, g1, xs, act, g_z, g_h, h_q, a_q, d_p, d_corr):
+    """The reads' backward, every chunk at once (only their state gradients wait for the reverse walk): d qq, d m2,
+    d g1, and the cotangents d G_z, d H_q, d act, d G_h the walk takes."""
+    NC = qq.shape[0]
     s1 = a_q @ act.mT  # [NC, N, H, b, b]
     d_mask = d_corr @ g_z.mT
     d_g1, d_s1 = d_mask * s1, d_mask * g1
@@ -162,6 +161,14 @@ def _chunks_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs
     d_qq = d_hq @ xs[1, :NC]
     d_m2 = -(d_hq @ g_h.mT)
     d_gh = -(m2.mT @ d_hq)
+    return d_qq, d_m2, d_g1, d_gz, d_hq, d_act, d_gh
+
+
+def _chunks_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, act, g_z, g_h, h, z, u, h_q, a_q,
+                     d_p, d_corr, d_end, d_base_end, miras):
+    """The gradients of ``_chunks_forward``'s inputs (qq, m2, g1, k, v, x0, base0, ends, g_end, n_end)."""
+    NC, D = k.shape[0], k.shape[-1]
+    d_qq, d_m2, d_g1, d_gz, d_hq, d_act, d_gh = _reads_backward(qq, m2, g1, xs, act, g_z, g_h, h_q, a_q, d_p, d_corr)
     factors = _base_factors(k, v, h, z, u, miras)
     scale = _scale(ends, D)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -308,8 +315,33 @@ def _triton_setup_context(ctx, inputs, output):
     qq, m2, g1, k, v, x0, base0, ends, g_end, n_end, next_chunk = inputs[:11]
     ctx.save_for_backward(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, output[4])
     ctx.miras = inputs[12:19]
+    ctx.dots = inputs[19:21]
     ctx.stored = inputs[21]
     ctx.set_materialize_grads(False)
+
+
+# The Triton backward: the base pass and hidden reads recomputed batched from the stored chunk-start states, the
+# reads' backward batched (``_reads_backward``), the reverse walk on the kernel (``triton_mlp_bwd.py``).
+@torch.library.custom_op("memzoo::titans_mlp_chunks_triton_bwd", mutates_args=())
+def _triton_chunks_bwd_op(qq: Tensor, m2: Tensor, g1: Tensor, k: Tensor, v: Tensor, base0: Tensor, ends: Tensor,
+                          g_end: Tensor, n_end: Tensor, next_chunk: Tensor, xs: Tensor, d_p: Tensor, d_corr: Tensor,
+                          d_end: Tensor, d_base_end: Tensor, error_map: str, p: float, lp_eps: float,
+                          huber_delta: float, retention: str, q: float, lq_eps: float, dtype: torch.dtype,
+                          precision: str) -> list[Tensor]:
+    from .triton_mlp_bwd import titans_mlp_walk_bwd_triton
+
+    miras = Miras(error_map, p, lp_eps, huber_delta, retention, q, lq_eps)
+    act, g_z, g_h, h, z, u, h_q, a_q = _recompute_hidden(qq, m2, k, v, base0, xs, miras)
+    d_qq, d_m2, d_g1, d_gz, d_hq, d_act, d_gh = _reads_backward(qq, m2, g1, xs, act, g_z, g_h, h_q, a_q, d_p, d_corr)
+    walk = titans_mlp_walk_bwd_triton(qq, k, xs, base0, ends, g_end, n_end, next_chunk, act, g_z, g_h, a_q, d_p,
+                                      d_hq, d_act, d_gh, d_gz, _base_factors(k, v, h, z, u, miras), d_end,
+                                      d_base_end, miras, dtype, precision)
+    return [d_qq, d_m2, d_g1, *walk]
+
+
+@_triton_chunks_bwd_op.register_fake
+def _(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, *rest):
+    return [torch.empty_like(x) for x in (qq, m2, g1, k, v, xs[:, 0], base0, ends, g_end, n_end)]
 
 
 def _triton_backward(ctx, grads):
@@ -317,13 +349,12 @@ def _triton_backward(ctx, grads):
         raise RuntimeError("titans_mlp: the Triton forward ran without storing chunk states (no input required "
                            "grad at the call); rerun it with grad enabled")
     qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs = ctx.saved_tensors
-    hidden = _recompute_hidden(qq, m2, k, v, base0, xs, Miras(*ctx.miras))
     d_p = torch.zeros_like(qq) if grads[0] is None else grads[0]
     d_corr = torch.zeros_like(k) if grads[1] is None else grads[1]
     d_end = torch.zeros_like(xs[:, 0]) if grads[2] is None else grads[2]
     d_base_end = torch.zeros_like(base0) if grads[3] is None else grads[3]
-    d = _chunks_bwd_op(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, *hidden, d_p, d_corr, d_end,
-                       d_base_end, *ctx.miras)
+    d = _triton_chunks_bwd_op(qq, m2, g1, k, v, base0, ends, g_end, n_end, next_chunk, xs, d_p, d_corr, d_end,
+                              d_base_end, *ctx.miras, *ctx.dots)
     return (*d, None, None, *(None,) * 10)
 
 
