@@ -213,13 +213,16 @@ def _titans_cases():
     for name, dt in _DTYPES.items():
         for d in (64, 128):
             for train in (True, False):
-                # CI: the training launch (states stored for the backward) at the CI cases; the sweep adds inference
+                # CI: the training launches (forward storing states, the backward's reverse walk) at the CI cases; the
+                # sweep adds inference and the lq retention's specialisations
                 case = f"{name} mlp D{d} E{4 * d} chunk16 {'train' if train else 'infer'}"
                 yield "titans", case, partial(_titans_mlp_case, dt, d, train), _in_ci(name, d) and train
+            lq = partial(_titans_mlp_case, dt, d, True, True)
+            yield "titans", f"{name} mlp D{d} E{4 * d} chunk16 train lq", lq, False
 
 
-def _titans_mlp_case(dt: torch.dtype, d: int, train: bool) -> None:
-    from .titans import titans_mlp
+def _titans_mlp_case(dt: torch.dtype, d: int, train: bool, lq: bool = False) -> None:
+    from .titans import Miras, titans_mlp
 
     T, H, E = 64, 2, 4 * d
     q, k, v = (_leaf(1, T, H, d, dtype=dt) for _ in range(3))
@@ -229,7 +232,7 @@ def _titans_mlp_case(dt: torch.dtype, d: int, train: bool) -> None:
     # inference (no grad): the kernel keeps two alternating state slots instead of every chunk's
     with torch.set_grad_enabled(train):
         y, st = titans_mlp(q, k, v, th1, th2, log_eta, log_gamma, state, torch.zeros(1, dtype=torch.long), 16,
-                           impl="triton")
+                           impl="triton", miras=Miras(retention="lq" if lq else "l2"))
     if train:
         _backward(y, *st)
 

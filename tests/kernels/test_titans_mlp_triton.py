@@ -1,8 +1,9 @@
-"""The Triton forward of the MLP Titans memory (interpreter) against the chunked dual form and the token loop:
-outputs, all six final states and every gradient (the backward is the reference's, fed with the kernel's stored
-chunk states).  The kernel's algebra in float64 (the interpreter runs it at the input dtype) to 1e-12 for split
-chunks, varlen with empty and length-1 sequences and every Miras variant; fp32 / TF32 / bf16 within rounding bounds;
-the no-grad path (two alternating state slots); refusals."""
+"""The Triton forward and backward of the MLP Titans memory (interpreter) against the chunked dual form and the token
+loop: outputs, all six final states and every gradient (the backward's reverse walk on its kernel, fed with the
+forward kernel's stored chunk states; also compared alone with the PyTorch walk).  The kernels' algebra in float64
+(the interpreter runs it at the input dtype) to 1e-12 for split chunks, varlen with empty and length-1 sequences and
+every Miras variant; fp32 / TF32 / bf16 within rounding bounds; the no-grad path (two alternating state slots);
+refusals."""
 
 import pytest
 import torch

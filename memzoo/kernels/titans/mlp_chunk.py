@@ -14,7 +14,9 @@ start state (the only per-chunk state stored), then reads every chunk at once wi
 does the reads' backward batched, then walks the chunks in reverse carrying the state gradient through the linear
 update, the reads' state gradients and the base backward's own (second-order) gradient, all by hand.  Internally
 both matrices are kept as ``[E, D]`` (A1 and A2^T) with the momentum beside the weights, ``X = [W | S]``
-``[2, ..., E, 2D]`` (matrix first), so one batched product updates weights and momenta.
+``[2, ..., E, 2D]`` (matrix first), so one batched product updates weights and momenta.  The Triton path
+(``impl="triton"``) runs the walk and reads in ``triton_mlp.py`` and, in its backward, the reverse walk in
+``triton_mlp_bwd.py`` (the reads' backward stays batched here, ``_reads_backward``); the PyTorch walk is its reference.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ X = [W | S] (both matrices as ``[E, D]``: A1 and A2^T, momentum beside the weigh
 One program per (sequence, head) walks its chunks.  The four ``[E, D]`` matrices do not fit on chip at D = 64,
 E = 256 (256 KB fp32), so the states live in an fp32 workspace in global memory (L2-resident on a GPU): chunk c
 reads slot c and writes slot c + 1, E streamed in tiles of BE rows.  When the backward will run every chunk's start
-state is kept (slots ``[2, NC + 1, N, H, E, 2D]``, what ``mlp_chunk``'s hand-written backward reads); otherwise two
+state is kept (slots ``[2, NC + 1, N, H, E, 2D]``, what the backward,
+``mlp_chunk``'s or ``triton_mlp_bwd``'s reverse walk, reads); otherwise two
 slots alternate.  Per chunk four E loops: (a) H per tile into a per-program scratch ``[3, b, E]`` and Z (a ``[b, D]``
 tile: the LayerNorm needs all of it), then G_z; G_h into the scratch; (b) the hidden reads (A_q into the scratch)
 and the update of A2; (c) the output reads (accumulating p and the ``[b, b]`` product A_q A^T over E) and the update
