@@ -76,6 +76,13 @@ def _copy_rows(src, dst, src_stride, dst_stride, E: tl.constexpr, W: tl.constexp
 
 
 @triton.jit
+def _chunk_base(p_in, p_b0, sz_b0, sz_mat, first, D: tl.constexpr):
+    """The gradient base of a chunk, matrix 1 and 2 pointers and their row stride: the initial base (rows D apart) in
+    the first chunk, else the weight columns of the chunk's start state (rows 2D apart)."""
+    return tl.where(first, p_b0, p_in), tl.where(first, p_b0 + sz_b0, p_in + sz_mat), tl.where(first, D, 2 * D)
+
+
+@triton.jit
 def _lq_retain(p_x, lq_q, lq_eps, E: tl.constexpr, D: tl.constexpr, BE: tl.constexpr):
     """W <- W / (||W||_q^q + eps)^((q-2)/q) on the weight columns of one ``[E, 2D]`` state."""
     o_e = tl.arange(0, BE)
@@ -137,11 +144,7 @@ def _titans_mlp_fwd_kernel(
             s_new = 1 - s_in
         p_in = p_x + s_in * sz_slot
         p_new = p_x + s_new * sz_slot
-        # The base: the initial one in the first chunk (rows D apart), else the weight columns of the start state.
-        first = i_c == 0
-        p_g1 = tl.where(first, p_b0, p_in)
-        p_g2 = tl.where(first, p_b0 + sz_b0, p_in + sz_mat)
-        rs = tl.where(first, D, 2 * D)
+        p_g1, p_g2, rs = _chunk_base(p_in, p_b0, sz_b0, sz_mat, i_c == 0, D)
         p_tok = tl.cast(i_c, tl.int64) * NH + i_nh
         b_k = tl.load(k + p_tok * (BT * D) + o_td)  # [BT, D]
         b_v = tl.load(v + p_tok * (BT * D) + o_td)  # [BT, D]

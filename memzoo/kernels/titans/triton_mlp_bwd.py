@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import Miras
-from .triton_mlp import _DOT_DTYPES, _config
+from .triton_mlp import _DOT_DTYPES, _chunk_base, _config
 
 __all__ = ["titans_mlp_walk_bwd_triton"]
 
@@ -173,11 +173,8 @@ def _titans_mlp_bwd_kernel(
     for i_r in range(0, NC):
         i_c = NC - 1 - i_r
         p_in = p_x + i_c * sz_slot
-        # The base: the initial one in the first chunk (rows D apart), else the weight columns of the start state.
         first = i_c == 0
-        p_g1 = tl.where(first, p_b0, p_in)
-        p_g2 = tl.where(first, p_b0 + sz_b0, p_in + sz_mat)
-        rs = tl.where(first, D, 2 * D)
+        p_g1, p_g2, rs = _chunk_base(p_in, p_b0, sz_b0, sz_mat, first, D)
         p_tok = tl.cast(i_c, tl.int64) * NH + i_nh
         p_te = p_tok * (BT * E)
         beta_b = tl.load(ends + p_tok * 3)
