@@ -241,3 +241,15 @@ def test_triton_reverse_walk_equals_pytorch_walk(monkeypatch, case, miras):
     names = ["qq", "m2", "g1", "k", "v", "x0", "base0", "ends", "g_end", "n_end"]
     for name, a, b in zip(names, got, want, strict=True):
         assert_close(a, b, 1e-12, name)
+
+
+def test_triton_reverse_walk_op_passes_opcheck():
+    """The backward's custom op: schema (inputs not mutated: the kernel overwrites only its own buffers), fake
+    tensors and dispatch."""
+    inputs_, stored, margs = _walk_inputs("T37", _MIRAS["lq"])
+    gen = torch.Generator().manual_seed(3)
+    qq, k, base0, xs = inputs_[0], inputs_[3], inputs_[5], stored[0]
+    cot = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (qq, k, xs[:, 0], base0)]
+    args = (*inputs_, xs, *cot, *margs, torch.float64, "ieee")
+    result = torch.library.opcheck(torch.ops.memzoo.titans_mlp_chunks_triton_bwd.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
