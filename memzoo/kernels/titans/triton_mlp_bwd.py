@@ -53,14 +53,14 @@ def _lq_retain_vjp(p_x, p_c, p_lhs, b_ge, b_rows, beta_b, f_b, lq_q, lq_eps, D: 
     o_e = tl.arange(0, BE)
     o_d = tl.arange(0, D)
     o_te = tl.arange(0, BT)[:, None] * E + o_e[None, :]
-    b_nq = tl.zeros([BE, D], dtype=p_c.dtype.element_ty)
-    b_gw = tl.zeros([BE, D], dtype=p_c.dtype.element_ty)
+    b_nq = tl.zeros([D], dtype=p_c.dtype.element_ty)
+    b_gw = tl.zeros([D], dtype=p_c.dtype.element_ty)
     for i_e in range(0, E // BE):
         o_w = (i_e * BE + o_e)[:, None] * (2 * D) + o_d[None, :]  # [BE, D]
         b_w = _updated_weights(p_x, tl.load(p_lhs + i_e * BE + o_te), b_ge, b_rows, beta_b, f_b, o_w, D, DT,
                                DOT_PRECISION)
-        b_nq += tl.exp(lq_q * tl.log(tl.maximum(tl.abs(b_w), 1e-30)))
-        b_gw += tl.load(p_c + o_w) * b_w
+        b_nq += tl.sum(tl.exp(lq_q * tl.log(tl.maximum(tl.abs(b_w), 1e-30))), axis=0)
+        b_gw += tl.sum(tl.load(p_c + o_w) * b_w, axis=0)
     b_log_n = tl.log(tl.sum(b_nq) + lq_eps)
     b_c = tl.exp(-(lq_q - 2.0) / lq_q * b_log_n)
     b_c2 = (lq_q - 2.0) * tl.sum(b_gw) * tl.exp(-(2.0 * lq_q - 2.0) / lq_q * b_log_n)
@@ -90,11 +90,12 @@ def _dlhs_half(p_cc, p_dlhs, p_rows, b_g, E: tl.constexpr, D: tl.constexpr, BT: 
 
 
 @triton.jit
-def _carry_pass(p_x, p_c, p_lhs, p_dlhs, p_rows, b_ge, b_ne, p_dge, p_dne, E: tl.constexpr, D: tl.constexpr,
+def _carry_pass(p_x, p_c, p_lhs, p_dlhs, p_rows, p_ge, p_ne, p_dge, p_dne, E: tl.constexpr, D: tl.constexpr,
                 BT: tl.constexpr, BE: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Step (1) for one matrix: adds d lhs = -(g_b rows) dW'^T - (n_b rows) dS'^T to the ``[BT, E]`` cotangent at
-    ``p_dlhs`` (in place), with d rhs = -lhs [dW' | dS'] stores the gradients of the chunk-end rows g_b, n_b at
-    ``p_dge``, ``p_dne``; returns the gradient of the ``[BT, D]`` rows and <dW', W>, <dW', S>, <dS', S>."""
+    ``p_dlhs`` (in place), with d rhs = -lhs [dW' | dS'] stores the gradients of the chunk-end rows g_b, n_b (at
+    ``p_ge``, ``p_ne``) at ``p_dge``, ``p_dne``; returns the gradient of the ``[BT, D]`` rows and <dW', W>,
+    <dW', S>, <dS', S>."""
     o_t = tl.arange(0, BT)
     o_e = tl.arange(0, BE)
     o_d = tl.arange(0, D)
@@ -116,6 +117,8 @@ def _carry_pass(p_x, p_c, p_lhs, p_dlhs, p_rows, b_ge, b_ne, p_dge, p_dne, E: tl
         b_dw = tl.dot(b_lhs, b_cw.to(DT), b_dw, input_precision=DOT_PRECISION)
         b_ds = tl.dot(b_lhs, b_cs.to(DT), b_ds, input_precision=DOT_PRECISION)
     b_rows = tl.load(p_rows + o_t[:, None] * D + o_d[None, :])  # [BT, D]
+    b_ge = tl.load(p_ge + o_t)  # [BT]
+    b_ne = tl.load(p_ne + o_t)
     tl.store(p_dge + o_t, -tl.sum(b_dw * b_rows, axis=1))
     tl.store(p_dne + o_t, -tl.sum(b_ds * b_rows, axis=1))
     b_drows = -(b_dw * b_ge[:, None] + b_ds * b_ne[:, None])
@@ -181,30 +184,28 @@ def _titans_mlp_bwd_kernel(
         f_b = tl.load(ends + p_tok * 3 + 1)
         m_b = tl.load(ends + p_tok * 3 + 2)
         p_ge = (tl.cast(i_c, tl.int64) * 2 * NH + i_nh) * BT
-        b_ge0 = tl.load(g_end + p_ge + o_t)  # [BT] the chunk-end rows of G^(1), N^(1), G^(2), N^(2)
-        b_ne0 = tl.load(n_end + p_ge + o_t)
-        b_ge1 = tl.load(g_end + p_ge + NH * BT + o_t)
-        b_ne1 = tl.load(n_end + p_ge + NH * BT + o_t)
+        # the chunk-end rows of G^(1), N^(1) ``[BT]``; G^(2), N^(2) NH * BT on
+        p_gn = (tl.cast(i_c, tl.int64) * 2 * NH + NH + i_nh) * BT
         p_td = p_tok * (BT * D)
 
         # (r) Retention happened where the chunk ended before the sequence's next token.
         if RETAIN_LQ:
             if i_c < i_next:
-                _lq_retain_vjp(p_in, p_c, act + p_te, b_ge0, tl.load(g_z + p_td + o_td).to(DT), beta_b, f_b, lq_q,
-                               lq_eps, D, E, BT, BE, DT, DOT_PRECISION)
-                _lq_retain_vjp(p_in + sz_mat, p_c + sz_slot, g_h + p_te, b_ge1, tl.load(k + p_td + o_td).to(DT),
+                _lq_retain_vjp(p_in, p_c, act + p_te, tl.load(g_end + p_ge + o_t), tl.load(g_z + p_td + o_td).to(DT),
                                beta_b, f_b, lq_q, lq_eps, D, E, BT, BE, DT, DOT_PRECISION)
+                _lq_retain_vjp(p_in + sz_mat, p_c + sz_slot, g_h + p_te, tl.load(g_end + p_gn + o_t),
+                               tl.load(k + p_td + o_td).to(DT), beta_b, f_b, lq_q, lq_eps, D, E, BT, BE, DT,
+                               DOT_PRECISION)
                 tl.debug_barrier()
 
         # (1) Matrix 2 (lhs G_h, rows K; its rows' gradient starts dK), then matrix 1 (lhs A, rows G_z): d lhs into
         # d_gh / d_act, d rhs.
-        p_gn = (tl.cast(i_c, tl.int64) * 2 * NH + NH + i_nh) * BT
         b_drows, d_beta, d_f, d_m = _carry_pass(p_in + sz_mat, p_c + sz_slot, g_h + p_te, d_gh + p_te, k + p_td,
-                                                b_ge1, b_ne1, d_gend + p_gn, d_nend + p_gn, E, D, BT, BE, DT, ACC,
-                                                DOT_PRECISION)
+                                                g_end + p_gn, n_end + p_gn, d_gend + p_gn, d_nend + p_gn, E, D, BT,
+                                                BE, DT, ACC, DOT_PRECISION)
         tl.store(dk + p_td + o_td, b_drows)
-        b_drows, d_beta0, d_f0, d_m0 = _carry_pass(p_in, p_c, act + p_te, d_act + p_te, g_z + p_td, b_ge0, b_ne0,
-                                                   d_gend + p_ge, d_nend + p_ge, E, D, BT, BE, DT, ACC,
+        b_drows, d_beta0, d_f0, d_m0 = _carry_pass(p_in, p_c, act + p_te, d_act + p_te, g_z + p_td, g_end + p_ge,
+                                                   n_end + p_ge, d_gend + p_ge, d_nend + p_ge, E, D, BT, BE, DT, ACC,
                                                    DOT_PRECISION)
         tl.store(d_ends + p_tok * 3, d_beta + d_beta0)
         tl.store(d_ends + p_tok * 3 + 1, d_f + d_f0)
