@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -18,10 +19,15 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# $MEMZOO_RESULTS_DIR redirects the result files (a GPU session writes them where its output is collected).
+RESULTS_DIR = Path(os.environ.get("MEMZOO_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def git_commit() -> str:
+    """``git rev-parse --short HEAD`` (``-dirty`` with uncommitted changes), or ``$MEMZOO_COMMIT`` where it is set
+    (a copy of the tree without its .git, as on a lent GPU machine)."""
+    if os.environ.get("MEMZOO_COMMIT"):
+        return os.environ["MEMZOO_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
