@@ -257,6 +257,15 @@ def _topk_errors(q: Tensor, keys: Tensor, valid: Tensor, tri: list, ref: list) -
     return {"picked_score": pick_err if same_inf else float("inf"), "scores": score_err}
 
 
+def _run_diff(a: Tensor, b: Tensor) -> float:
+    """Largest difference between two runs' tensors; NaN or inf where only one run has it counts as inf."""
+    if not a.numel():
+        return 0.0
+    a, b = a.double(), b.double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    return 0.0 if bool(same.all()) else float((a - b).abs().masked_fill(same, 0).nan_to_num(float("inf")).max())
+
+
 def check(case: Case, dtype_name: str, D: int, device: str, seed: int) -> Result:
     from memzoo.testing import rel_rms
 
@@ -279,8 +288,7 @@ def check(case: Case, dtype_name: str, D: int, device: str, seed: int) -> Result
             raise AssertionError(f"tensors differ: triton {[n for n, _ in tri]} vs ref {[n for n, _ in ref]}")
         res.nonfinite = sum(int((~torch.isfinite(t)).sum()) for n, t in tri if t.is_floating_point()
                             and not (case.compare == "topk" and n == "out0"))
-        res.run_diff = max(float((a.double() - b.double()).abs().nan_to_num(float("inf")).max()) if a.numel() else 0.0
-                           for (_, a), (_, b) in zip(runs[0], runs[1]))
+        res.run_diff = max(_run_diff(a, b) for (_, a), (_, b) in zip(runs[0], runs[1]))
         if case.compare == "topk":
             res.errors = _topk_errors(low[0], low[1], low[2], tri, ref)
         else:
