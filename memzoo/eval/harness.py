@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec
-from .tasks import IGNORE, TASKS, TaskData, make_task
+from .tasks import IGNORE, TASKS, TaskData, higher_is_better, make_task, sweep_score
 
 __all__ = ["segment_seed", "load_segment", "evaluate", "slice_metrics", "train_step", "train_one", "run_bench",
            "mark_best", "steps_per_epoch"]
@@ -240,7 +240,8 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
                           "train_loss": sum(losses) / max(len(losses), 1), "valid_loss": metrics["all"]["loss"],
                           primary: value, "wall_s": round(time.perf_counter() - t0, 3)})
             bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", **{primary[:3]: f"{value:.3f}"})
-            if train.early_stop is not None and value > train.early_stop:
+            # A threshold on accuracy: a loss never stops a run early.
+            if train.early_stop is not None and higher_is_better(primary) and value > train.early_stop:
                 stopped_early = True
                 break
             if step >= total:
@@ -268,13 +269,14 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def mark_best(records: list[dict[str, Any]]) -> None:
-    """Set ``best_lr`` on each record: True for the learning rate with the best ``all`` primary metric
-    among the runs that share model, width, data and seed (ties go to the smaller learning rate)."""
+    """Set ``best_lr`` on each record: True for the learning rate with the best ``all`` primary metric (the
+    highest; the lowest for a loss) among the runs that share model, width, data and seed (ties go to the smaller
+    learning rate)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["model"], r["d_model"], r["data_index"], r["seed"]), []).append(r)
     for runs in groups.values():
-        best = max(runs, key=lambda r: (r["metrics"]["all"][r["primary"]], -r["lr"]))
+        best = max(runs, key=lambda r: (sweep_score(r["primary"], r["metrics"]["all"][r["primary"]]), -r["lr"]))
         for r in runs:
             r["best_lr"] = r is best
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BenchTrainConfig, DataSpec, ModelSpec
+from .tasks import sweep_score
 
 __all__ = ["Run", "run_path", "load_result", "run_suite", "main"]
 
@@ -56,7 +57,8 @@ class Run:
     # Labels the page groups by (e.g. {"variant": "residual"}); JSON values only.
     labels: dict[str, Any] = field(default_factory=dict)
     # Keys of a learning-rate sweep (other runs of the suite): this run takes the learning rate of the sweep run
-    # with the best primary metric, so the sweep is run at one seed and only its best rate at the others.
+    # with the best primary metric (the highest; the lowest for a loss), so the sweep is run at one seed and only
+    # its best rate at the others.
     lr_from: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -86,7 +88,7 @@ class Run:
             if payload is None:
                 return None
             rec = payload["record"]
-            score = float(rec["metrics"]["all"][rec["primary"]])
+            score = sweep_score(rec["primary"], float(rec["metrics"]["all"][rec["primary"]]))
             if best is None or score > best[0]:
                 best = (score, sweep_run.lr)
         assert best is not None

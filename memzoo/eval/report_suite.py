@@ -16,6 +16,7 @@ from .config import BenchTrainConfig, DataSpec, ModelSpec
 from .report import Run
 from .tasks.mqar import MQARConfig
 from .tasks.niah import NIAHConfig
+from .tasks.pydoc_lm import PydocLMConfig
 from .tasks.seq_digits import SeqDigitsConfig
 
 __all__ = ["Scale", "PRESETS", "STUDIES", "build_suite", "mac_variants"]
@@ -48,6 +49,12 @@ class Scale:
     # The S4D study (sequential digits): epochs and learning rate.
     s4d_epochs: int = 20
     s4d_lr: float = 1e-2
+    # The HMT study (byte-level LM on pydoc text): row length, the backbone's window (= HMT's segment), epochs over
+    # the train rows, and the rows used (None: the whole split).
+    lm_len: int = 256
+    lm_window: int = 32
+    lm_epochs: int = 3
+    lm_rows: tuple[int | None, int | None] = (None, None)
     max_steps: int | None = None
     # False for a smoke preset: its runs are too short to say anything about the papers' claims.
     tests_claims: bool = True
@@ -57,7 +64,7 @@ PRESETS: dict[str, Scale] = {
     "tiny": Scale(d_models=(32,), mqar_grid=((16, 2),), mqar_train_examples=64, mqar_lrs=(3e-3,), mqar_epochs=1,
                   mqar_vocab=64, niah_len=24, niah_train_examples=64, niah_epochs=1, niah_lr=3e-3, test_examples=10,
                   seeds=(0,), batch_size=16, mac_segment=8, mac_examples=64, mac_epochs=1, max_steps=4,
-                  tests_claims=False),
+                  lm_len=64, lm_window=16, lm_epochs=1, lm_rows=(64, 16), tests_claims=False),
     # MQAR at vocabulary 256: at 8192 a step of 1-head attention cost 8x more on the CPU, nearly all of it in the
     # output layer.  Rates around 1e-3: at 3e-3, attention and gated delta never left 0.2 accuracy in a trial.
     "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=4000,
@@ -240,11 +247,37 @@ def longmem_study(s: Scale) -> list[Run]:
     return runs
 
 
+def hmt_lm_specs(window: int) -> dict[str, ModelSpec]:
+    """The HMT study's two models: a windowed attention LM (2 layers, SwiGLU MLP) and HMT over the same backbone,
+    one segment per window.  HMT is its training stage 1 (memory token and sensory tokens, no memory search): the
+    search reads the first half of the current segment, a path by which later bytes can reach earlier predictions
+    (docs/hmt.md), which a next-byte loss would reward."""
+    backbone = {"attention": {"window": window}}
+    hmt = {"name": "hmt", "segment_len": window, "n_sensory": window // 4, "cache_size": 32, "use_recall": False}
+    return {"swa": ModelSpec(("attention",), backbone, d_ff=None, name="swa"),
+            "hmt_swa": ModelSpec(("attention",), backbone, d_ff=None, name="hmt_swa", wrapper=hmt)}
+
+
+def hmt_study(s: Scale) -> list[Run]:
+    """HMT vs its backbone as byte-level language models on Python's help text (``pydoc_lm``), scored by held-out
+    loss: the paper's claim (lower perplexity than the backbone at the same window), at the smallest width."""
+    n_train, n_test = s.lm_rows
+    data = DataSpec((PydocLMConfig(seq_len=s.lm_len, num_examples=n_train),),
+                    (PydocLMConfig(split="test", seq_len=s.lm_len, num_examples=n_test),))
+    train = BenchTrainConfig(epochs=s.lm_epochs, batch_size=16, eval_batch_size=64, early_stop=None, grad_clip=1.0,
+                             max_steps=s.max_steps)
+    d = s.d_models[0]
+    return [Run(f"hmt-{name}-s{seed}", "hmt", "pydoc_lm", spec, d, data, 3e-3, seed, train,
+                {"model": name, "metric": "loss"})
+            for seed in s.seeds for name, spec in hmt_lm_specs(s.lm_window).items()]
+
+
 STUDIES: dict[str, Callable[[Scale], list[Run]]] = {
     "mac": mac_study,
     "niah": niah_study,
     "s4d_init": s4d_study,
     "longmem": longmem_study,
+    "hmt": hmt_study,
     "mqar": mqar_study,
 }
 

@@ -12,10 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import mqar, niah, regbench, selective_copy, seq_digits, set_disjoint
+from . import mqar, niah, pydoc_lm, regbench, selective_copy, seq_digits, set_disjoint
 from .base import IGNORE, TaskData
 
-__all__ = ["IGNORE", "TASKS", "Task", "TaskData", "make_task"]
+__all__ = ["IGNORE", "TASKS", "Task", "TaskData", "make_task", "higher_is_better", "sweep_score"]
+
+# Metrics where a smaller value is better: the learning-rate sweep minimizes them and early stopping (a threshold
+# on accuracy) never applies to them.
+LOWER_IS_BETTER = frozenset({"loss"})
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,8 @@ class Task:
     name: str
     config_class: type | None
     make: Callable[[Any, int], TaskData] | None
-    # The metric the LR sweep maximizes and the plots show: "accuracy" (mean per-example token
-    # accuracy, zoology's) or "exact_match" (every scored token right).
+    # The metric the LR sweep optimizes and the plots show: "accuracy" (mean per-example token
+    # accuracy, zoology's), "exact_match" (every scored token right) or "loss" (mean cross-entropy, lower is better).
     primary: str = "accuracy"
     trainable: bool = True
 
@@ -36,10 +40,20 @@ TASKS: dict[str, Task] = {
     "selective_copy": Task("selective_copy", selective_copy.SelectiveCopyConfig, selective_copy.make),
     "regbench": Task("regbench", regbench.RegBenchConfig, regbench.make),
     "seq_digits": Task("seq_digits", seq_digits.SeqDigitsConfig, seq_digits.make),
+    "pydoc_lm": Task("pydoc_lm", pydoc_lm.PydocLMConfig, pydoc_lm.make, primary="loss"),
     "text_niah": Task("text_niah", None, None, primary="string_match", trainable=False),
     # Class-incremental learning on frozen features (memzoo.eval.cil): classifiers, not language models.
     "cil": Task("cil", None, None, trainable=False),
 }
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def sweep_score(metric: str, value: float) -> float:
+    """What a learning-rate sweep maximizes: ``value`` of ``metric``, negated where lower is better."""
+    return value if higher_is_better(metric) else -value
 
 
 def make_task(cfg: Any, seed: int) -> TaskData:
