@@ -56,7 +56,7 @@ def plot_acc_vs_dmodel(summary: list[dict[str, Any]], path: str | Path, title: s
         ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
         ax.set_title(f"seq_len {T}")
         ax.set_xlabel("d_model")
-        ax.set_ylim(-0.02, 1.02)
+        _score_limits(ax, rows[0]["metric"])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(rows[0]["metric"])
     axes[0][-1].legend(fontsize=7)
@@ -81,10 +81,18 @@ def plot_acc_vs_state(summary: list[dict[str, Any]], path: str | Path, title: st
     return _finish_score_axis(ax, rows[0]["metric"], title, fig, path, plt)
 
 
+def _score_limits(ax: Any, metric: str) -> None:
+    """[0, 1] for an accuracy-type metric; a loss keeps matplotlib's own limits."""
+    from .tasks import higher_is_better
+
+    if higher_is_better(metric):
+        ax.set_ylim(-0.02, 1.02)
+
+
 def _finish_score_axis(ax: Any, metric: str, title: str | None, fig: Any, path: str | Path, plt: Any) -> Path:
-    """A score axis in [0, 1] with grid, legend and title, saved."""
+    """A score axis (in [0, 1] for an accuracy) with grid, legend and title, saved."""
     ax.set_ylabel(metric)
-    ax.set_ylim(-0.02, 1.02)
+    _score_limits(ax, metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if title:

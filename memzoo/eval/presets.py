@@ -12,6 +12,8 @@ published protocol (GPU scale):
   2501.00663) Table 2 S-NIAH (2K-16K) in our token-level task: train at 2K, test 2K-16K.
 - ``seq_digits/s4d-inits``: the S4D initialisation ablation ("On the Parameterization and Initialization of
   Diagonal State Space Models", arXiv 2206.11893, on sCIFAR) on sequential 8x8 digits: Lin, Inv, LegS, Real.
+- ``pydoc_lm/hmt``: HMT (arXiv 2405.06067) vs its backbone by held-out loss, as byte-level language models on Python's
+  help text: the stage-1 comparison of docs/hmt.md at 3 seeds (CPU-sized; the report's ``hmt`` study).
 - ``set_disjointness/jrt``, ``regbench/akyurek``, ``selective_copy/mad``: the protocols of JRT
   (arXiv 2407.05483), "In-Context Language Learning" (arXiv 2401.12973) and MAD (arXiv 2403.17844).
 
@@ -29,12 +31,14 @@ from ..models.registry import unknown_name
 from .config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
 from .tasks.mqar import MQARConfig
 from .tasks.niah import NIAHConfig
+from .tasks.pydoc_lm import PydocLMConfig
 from .tasks.regbench import RegBenchConfig
 from .tasks.selective_copy import SelectiveCopyConfig
 from .tasks.seq_digits import SeqDigitsConfig
 from .tasks.set_disjoint import SetDisjointConfig
 
-__all__ = ["PRESETS", "DEFAULT_PRESET", "get_bench_preset", "zoology_batch_size"]
+__all__ = ["PRESETS", "DEFAULT_PRESET", "get_bench_preset", "zoology_batch_size", "hmt_lm_models", "pydoc_data",
+           "pydoc_train"]
 
 # zoology runs attention with one head; other mixers keep their own defaults.
 _ONE_HEAD = {"attention": {"n_heads": 1}}
@@ -199,6 +203,41 @@ def selective_copy_mad() -> BenchConfig:
     )
 
 
+def hmt_lm_models(window: int) -> dict[str, ModelSpec]:
+    """HMT vs its backbone: a windowed attention LM (2 layers, SwiGLU MLP) and HMT over the same backbone, one
+    segment per window.  HMT is its training stage 1 (memory token and sensory tokens, no memory search): the search
+    reads the first half of the current segment, a path by which later bytes can reach earlier predictions
+    (docs/hmt.md), which a next-byte loss would reward."""
+    backbone = {"attention": {"window": window}}
+    hmt = {"name": "hmt", "segment_len": window, "n_sensory": window // 4, "cache_size": 32, "use_recall": False}
+    return {"swa": ModelSpec(("attention",), backbone, d_ff=None, name="swa"),
+            "hmt_swa": ModelSpec(("attention",), backbone, d_ff=None, name="hmt_swa", wrapper=hmt)}
+
+
+def pydoc_data(seq_len: int = 256, n_train: int | None = None, n_test: int | None = None) -> DataSpec:
+    return DataSpec((PydocLMConfig(seq_len=seq_len, num_examples=n_train),),
+                    (PydocLMConfig(split="test", seq_len=seq_len, num_examples=n_test),))
+
+
+def pydoc_train(epochs: int, max_steps: int | None = None) -> BenchTrainConfig:
+    """Batches of 16 rows, gradients clipped at 1, no early stop (the primary metric is the loss)."""
+    return BenchTrainConfig(epochs=epochs, batch_size=16, eval_batch_size=64, early_stop=None, grad_clip=1.0,
+                            max_steps=max_steps)
+
+
+def pydoc_lm_ci() -> BenchConfig:
+    """A smoke configuration: both models at width 32 on 64 rows of 64 bytes, window 16, one epoch."""
+    return BenchConfig(task="pydoc_lm", name="ci", models=tuple(hmt_lm_models(16).values()), d_models=(32,),
+                       data=(pydoc_data(64, 64, 16),), lrs=(3e-3,), seeds=(0,), train=pydoc_train(1))
+
+
+def pydoc_lm_hmt() -> BenchConfig:
+    """docs/hmt.md's demonstration at 3 seeds: window 32, width 64, 256-byte rows, 3 epochs at lr 3e-3 (about a
+    CPU-minute per run)."""
+    return BenchConfig(task="pydoc_lm", name="hmt", models=tuple(hmt_lm_models(32).values()), d_models=(64,),
+                       data=(pydoc_data(),), lrs=(3e-3,), seeds=(0, 1, 2), train=pydoc_train(3))
+
+
 PRESETS: dict[str, dict[str, Callable[[], BenchConfig]]] = {
     "mqar": {"ci": mqar_ci, "zoology-fig2": mqar_zoology_fig2, "based-tradeoff": mqar_based_tradeoff},
     "niah": {"ci": niah_ci, "titans-sniah": niah_titans_sniah},
@@ -206,11 +245,12 @@ PRESETS: dict[str, dict[str, Callable[[], BenchConfig]]] = {
     "regbench": {"ci": regbench_ci, "akyurek": regbench_akyurek},
     "selective_copy": {"ci": selective_copy_ci, "mad": selective_copy_mad},
     "seq_digits": {"ci": seq_digits_ci, "s4d-inits": seq_digits_s4d_inits},
+    "pydoc_lm": {"ci": pydoc_lm_ci, "hmt": pydoc_lm_hmt},
 }
 
 # What a task runs without --preset: its published protocol (narrow it with --d-model, --seq-len, ...).
 DEFAULT_PRESET = {"mqar": "zoology-fig2", "niah": "titans-sniah", "set_disjointness": "jrt", "regbench": "akyurek",
-                  "selective_copy": "mad", "seq_digits": "s4d-inits"}
+                  "selective_copy": "mad", "seq_digits": "s4d-inits", "pydoc_lm": "hmt"}
 
 
 def get_bench_preset(task: str, name: str) -> BenchConfig:

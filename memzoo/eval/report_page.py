@@ -8,6 +8,7 @@ result agrees, or why the claim cannot be tested at this size.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +16,12 @@ from typing import Any
 
 from .report import ROOT, Run, load_result
 from .report_claims import CLAIMS as PAPER_CLAIMS
-from .report_claims import Claim
+from .report_claims import Claim, loss_gap
 
 __all__ = ["write_page", "cell", "row_values"]
 
-STUDY_TITLES = {"s4d_init": "S4D initialisations", "longmem": "LongMem: memory on vs off"}
+STUDY_TITLES = {"s4d_init": "S4D initialisations", "longmem": "LongMem: memory on vs off",
+                "hmt": "HMT vs its backbone: held-out loss of byte-level language models"}
 
 
 def _metric(payload: dict[str, Any], slice_name: str, metric: str) -> float | None:
@@ -27,13 +29,13 @@ def _metric(payload: dict[str, Any], slice_name: str, metric: str) -> float | No
     return None if m is None else float(m[metric])
 
 
-def cell(values: list[float], declared: int) -> str:
+def cell(values: list[float], declared: int, digits: int = 2) -> str:
     """``mean ± sd`` over the finished seeds, with ``(k/n seeds)`` when some are missing; ``pending`` when none."""
     if not values:
         return "pending"
-    text = f"{statistics.fmean(values):.2f}"
+    text = f"{statistics.fmean(values):.{digits}f}"
     if len(values) > 1:
-        text += f" ± {statistics.stdev(values):.2f}"
+        text += f" ± {statistics.stdev(values):.{digits}f}"
     if len(values) < declared:
         text += f" ({len(values)}/{declared} seeds)"
     return text
@@ -184,6 +186,26 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
     return [*_table(header, rows), "", *_img(page, png, "MQAR accuracy vs state size")]
 
 
+def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:
+    """Held-out loss per model (nats per byte, and bits per byte), each wrapped model against its bare backbone."""
+    groups = _group(runs, lambda r: r.labels["model"])
+    losses = {name: row_values([res[r.key] for r in group], "all", "loss") for name, group in groups.items()}
+    base = next((name for name, group in groups.items() if group[0].spec.wrapper is None), None)
+    rows = []
+    for name, group in groups.items():
+        vals, claim = losses[name], claim_of(name)
+        gap, versus = None, "baseline"
+        if name != base:
+            gap = loss_gap(vals, losses.get(base, []))
+            versus = "needs 2+ seeds of both" if gap is None else (
+                f"{statistics.fmean(vals) - statistics.fmean(losses[base]):+.3f} ({gap:.1f} x spread)")
+        done = sum(res[r.key] is not None for r in group)
+        rows.append([f"`{name}`", cell(vals, len(group), 3), cell([v / math.log(2) for v in vals], len(group), 3),
+                     versus, f"{done}/{len(group)}", claim.paper, _verdict(claim, gap)])
+    header = ["model", "held-out nats/byte", "bits/byte", "vs backbone (nats)", "runs", "paper reports", "agrees?"]
+    return _table(header, rows)
+
+
 def _work(run: Run) -> float:
     """A run's training work in tokens x width (what the estimate of a pending run scales by)."""
     tokens = sum(getattr(c, "num_examples", 1) * (getattr(c, "input_seq_len", None) or getattr(c, "seq_len", 1))
@@ -291,8 +313,11 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           "order of the table, so a partly run preset has its first cells complete.", folder,
                           "mqar-<model>-d<d>-T<T>-kv<kv>-{lr<lr>,best}-s<seed>",
                           _mqar_section(by_study["mqar"], res, page, img, preset, claims["mqar"]))
+    if "hmt" in by_study:
+        lines += _section(STUDY_TITLES["hmt"], " ".join((PAPER_CLAIMS["hmt"].__doc__ or "").split()), folder,
+                          "hmt-<model>-s<seed>", _hmt_section(by_study["hmt"], res, claims["hmt"]))
     for study in by_study:
-        if study in ("mac", "niah", "mqar"):
+        if study in ("mac", "niah", "mqar", "hmt"):
             continue
         rows = []
         for label, group in _group(by_study[study], lambda r: r.labels["model"]).items():

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import BenchTrainConfig, DataSpec, ModelSpec
+from .presets import hmt_lm_models, pydoc_data, pydoc_train
 from .report import Run
 from .tasks.mqar import MQARConfig
 from .tasks.niah import NIAHConfig
-from .tasks.pydoc_lm import PydocLMConfig
 from .tasks.seq_digits import SeqDigitsConfig
 
 __all__ = ["Scale", "PRESETS", "STUDIES", "build_suite", "mac_variants"]
@@ -247,29 +247,15 @@ def longmem_study(s: Scale) -> list[Run]:
     return runs
 
 
-def hmt_lm_specs(window: int) -> dict[str, ModelSpec]:
-    """The HMT study's two models: a windowed attention LM (2 layers, SwiGLU MLP) and HMT over the same backbone,
-    one segment per window.  HMT is its training stage 1 (memory token and sensory tokens, no memory search): the
-    search reads the first half of the current segment, a path by which later bytes can reach earlier predictions
-    (docs/hmt.md), which a next-byte loss would reward."""
-    backbone = {"attention": {"window": window}}
-    hmt = {"name": "hmt", "segment_len": window, "n_sensory": window // 4, "cache_size": 32, "use_recall": False}
-    return {"swa": ModelSpec(("attention",), backbone, d_ff=None, name="swa"),
-            "hmt_swa": ModelSpec(("attention",), backbone, d_ff=None, name="hmt_swa", wrapper=hmt)}
-
-
 def hmt_study(s: Scale) -> list[Run]:
     """HMT vs its backbone as byte-level language models on Python's help text (``pydoc_lm``), scored by held-out
     loss: the paper's claim (lower perplexity than the backbone at the same window), at the smallest width."""
-    n_train, n_test = s.lm_rows
-    data = DataSpec((PydocLMConfig(seq_len=s.lm_len, num_examples=n_train),),
-                    (PydocLMConfig(split="test", seq_len=s.lm_len, num_examples=n_test),))
-    train = BenchTrainConfig(epochs=s.lm_epochs, batch_size=16, eval_batch_size=64, early_stop=None, grad_clip=1.0,
-                             max_steps=s.max_steps)
+    data = pydoc_data(s.lm_len, *s.lm_rows)
+    train = pydoc_train(s.lm_epochs, s.max_steps)
     d = s.d_models[0]
     return [Run(f"hmt-{name}-s{seed}", "hmt", "pydoc_lm", spec, d, data, 3e-3, seed, train,
                 {"model": name, "metric": "loss"})
-            for seed in s.seeds for name, spec in hmt_lm_specs(s.lm_window).items()]
+            for seed in s.seeds for name, spec in hmt_lm_models(s.lm_window).items()]
 
 
 STUDIES: dict[str, Callable[[Scale], list[Run]]] = {

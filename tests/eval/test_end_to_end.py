@@ -75,7 +75,7 @@ def _short(task, **train):
     return cfg.replace(train=dataclasses.replace(cfg.train, **train))
 
 
-@pytest.mark.parametrize("task", ["niah", "set_disjointness", "selective_copy", "regbench"])
+@pytest.mark.parametrize("task", ["niah", "set_disjointness", "selective_copy", "regbench", "pydoc_lm"])
 def test_every_task_runs_and_appends_to_one_csv(tmp_path, task):
     cfg = _short(task, epochs=1, max_steps=3)
     res = run_and_save(cfg, tmp_path, progress=False, log=lambda *_: None)

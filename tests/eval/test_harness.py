@@ -9,11 +9,12 @@ import torch
 
 from memzoo.eval import cli
 from memzoo.eval.config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
-from memzoo.eval.harness import evaluate, mark_best, slice_metrics
+from memzoo.eval.harness import evaluate, mark_best, slice_metrics, train_one
 from memzoo.eval.presets import PRESETS, get_bench_preset
 from memzoo.eval.tasks import IGNORE, make_task
 from memzoo.eval.tasks.mqar import MQARConfig
 from memzoo.eval.tasks.niah import NIAHConfig
+from memzoo.eval.tasks.pydoc_lm import PydocLMConfig
 
 
 class RecallOracle(torch.nn.Module):
@@ -67,6 +68,21 @@ def test_mark_best_picks_the_best_lr_per_seed():
     rs = [rec(1e-3, 0, 0.5), rec(1e-2, 0, 0.9), rec(1e-3, 1, 0.7), rec(1e-2, 1, 0.7)]
     mark_best(rs)
     assert [r["best_lr"] for r in rs] == [False, True, True, False]
+    # A loss is best where it is lowest.
+    losses = [{**r, "primary": "loss", "metrics": {"all": {"loss": r["metrics"]["all"]["accuracy"]}}} for r in rs]
+    mark_best(losses)
+    assert [r["best_lr"] for r in losses] == [True, False, True, False]
+
+
+def test_a_loss_primary_never_stops_a_run_early():
+    # Held-out loss (about 5.5 nats after a few steps) is above the accuracy threshold 0.99 from the start: it must
+    # not read as "solved".
+    data = DataSpec((PydocLMConfig(seq_len=16, num_examples=8),), (PydocLMConfig(split="test", seq_len=16,
+                                                                                 num_examples=4),))
+    train = BenchTrainConfig(epochs=3, batch_size=4, early_stop=0.99)
+    rec = train_one(ModelSpec(("attention",)), 16, data, 1e-3, 0, train, task="pydoc_lm", progress=False)
+    assert rec["primary"] == "loss" and rec["metrics"]["all"]["loss"] > 0.99
+    assert rec["epochs_run"] == 3 and not rec["stopped_early"] and rec["steps"] == 6
 
 
 def test_bench_config_round_trip_and_unknown_keys():

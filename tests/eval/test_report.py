@@ -14,7 +14,8 @@ import pytest
 from memzoo.eval.cli import main as bench_main
 from memzoo.eval.harness import train_one
 from memzoo.eval.report import _claim, load_result, run_path, run_suite
-from memzoo.eval.report_page import _progress_row, cell
+from memzoo.eval.report_claims import hmt_claim, loss_gap
+from memzoo.eval.report_page import _progress_row, _verdict, cell
 from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
 
 
@@ -109,9 +110,49 @@ def test_mac_learns_recall_across_segments():
     assert rec["metrics"][f"seq_len={two_x}"]["exact_match"] >= 0.9, rec["curve"]
 
 
-def _fake_result(tmp_path, run, accuracy: float) -> None:
-    payload = {"config": run.config(), "record": {"primary": "accuracy", "metrics": {"all": {"accuracy": accuracy}}}}
+def _fake_result(tmp_path, run, value: float, primary: str = "accuracy") -> None:
+    payload = {"config": run.config(), "record": {"primary": primary, "metrics": {"all": {primary: value}}}}
     run_path(tmp_path, run).write_text(json.dumps(payload))
+
+
+def test_a_sweep_on_a_loss_takes_the_lowest(tmp_path):
+    base = next(r for r in build_suite("tiny") if r.study == "hmt")
+    sweep = [dataclasses.replace(base, key=f"sweep-{i}", lr=lr) for i, lr in enumerate((1e-3, 3e-3))]
+    best = dataclasses.replace(base, key="best-s1", lr=None, seed=1, lr_from=tuple(r.key for r in sweep))
+    _fake_result(tmp_path, sweep[0], 2.1, "loss")
+    _fake_result(tmp_path, sweep[1], 1.9, "loss")
+    assert best.resolve(tmp_path, {r.key: r for r in (*sweep, best)}).lr == 3e-3
+
+
+def test_tiny_hmt_study_trains_hmt_and_its_backbone_on_held_out_text(tmp_path):
+    runs = [r for r in build_suite("tiny") if r.study == "hmt"]
+    assert {r.labels["model"] for r in runs} == {"swa", "hmt_swa"}
+    hmt, swa = (next(r for r in runs if r.labels["model"] == m) for m in ("hmt_swa", "swa"))
+    # The same backbone and window; HMT adds its segment memory on top.
+    assert hmt.spec.mixers == swa.spec.mixers and swa.spec.wrapper is None
+    assert hmt.spec.wrapper["segment_len"] == swa.spec.mixers["attention"]["window"]
+    assert _report(tmp_path, "--only", "hmt") == 0
+    for r in runs:
+        rec = json.loads(run_path(tmp_path, r).read_text())["record"]
+        assert rec["primary"] == "loss" and 0 < rec["metrics"]["all"]["loss"] < 6 and not rec["stopped_early"]
+    page = (tmp_path / "results.md").read_text()
+    assert "## HMT vs its backbone" in page and "| model | held-out nats/byte | bits/byte |" in page
+    assert "| `hmt_swa` |" in page and "| `swa` |" in page and "needs 2+ seeds of both" in page
+
+
+def test_hmt_agrees_only_below_its_backbone_by_more_than_the_spread():
+    claim = hmt_claim("hmt_swa")
+    base = [2.10, 2.12, 2.08]  # sd 0.02
+    assert loss_gap([1.93, 1.95, 1.91], base) == pytest.approx(8.5)
+    assert _verdict(claim, loss_gap([1.93, 1.95, 1.91], base)) == "agrees"
+    # Lower on average, but by less than the spread of the seeds.
+    assert _verdict(claim, loss_gap([2.09, 2.11, 2.07], base)) == "disagrees"
+    assert _verdict(claim, loss_gap([2.20, 2.22, 2.18], base)) == "disagrees"
+    # The larger spread counts: a tight HMT does not make a noisy backbone's gap significant.
+    assert loss_gap([2.05, 2.05, 2.05], [2.0, 2.1, 2.2]) == pytest.approx(0.5)
+    assert loss_gap([1.9, 1.9], [2.0, 2.0]) == float("inf")
+    assert _verdict(claim, loss_gap([1.9], base)) == "pending"
+    assert hmt_claim("swa").check is None
 
 
 def test_other_seeds_take_the_best_rate_of_the_sweep(tmp_path):

@@ -11,6 +11,7 @@ from memzoo.eval.tasks import regbench as rb
 from memzoo.eval.tasks.base import distinct_per_row, weighted_distinct_per_row
 from memzoo.eval.tasks.mqar import MQARConfig
 from memzoo.eval.tasks.niah import NIAHConfig
+from memzoo.eval.tasks.pydoc_lm import PydocLMConfig
 from memzoo.eval.tasks.regbench import RegBenchConfig
 from memzoo.eval.tasks.selective_copy import SelectiveCopyConfig
 from memzoo.eval.tasks.seq_digits import CLASS_0, QUERY, SeqDigitsConfig
@@ -23,6 +24,7 @@ SMALL = {
     "selective_copy": SelectiveCopyConfig(num_examples=50, seq_len=64, n_copy=8),
     "regbench": RegBenchConfig(num_examples=20, seq_len=128),
     "seq_digits": SeqDigitsConfig(num_examples=50),
+    "pydoc_lm": PydocLMConfig(seq_len=64, num_examples=50),
 }
 
 
@@ -232,3 +234,29 @@ def test_seq_digits_layout_and_fixed_split():
         SeqDigitsConfig(split="valid")
     with pytest.raises(ValueError, match="vocab_size is fixed at 28"):
         SeqDigitsConfig(vocab_size=30)
+
+
+def test_pydoc_lm_next_byte_labels_and_fixed_split():
+    from memzoo.train.data import iter_documents
+
+    text = "\n".join(iter_documents("pydoc")).encode()
+    T = 100
+    train, test = make_task(PydocLMConfig(seq_len=T), 0), make_task(PydocLMConfig(split="test", seq_len=T), 0)
+    n_rows = len(text) // (T + 1)
+    assert train.inputs.shape[0] + test.inputs.shape[0] == n_rows and test.inputs.shape == (n_rows // 10, T)
+    for d in (train, test):
+        # Every position is scored, with the byte that follows it.
+        assert torch.equal(d.labels[:, :-1], d.inputs[:, 1:]) and (d.labels != IGNORE).all()
+    # The held-out rows are the text's rows 9, 19, 29, ... whatever the seed (it only orders them).
+    held_out = {text[r * (T + 1): (r + 1) * (T + 1)] for r in range(9, n_rows, 10)}
+    assert {bytes(row) for row in torch.cat([test.inputs, test.labels[:, -1:]], 1).tolist()} == held_out
+    other = make_task(PydocLMConfig(seq_len=T), 3)
+    assert not torch.equal(other.inputs, train.inputs)
+    assert sorted(map(tuple, other.inputs.tolist())) == sorted(map(tuple, train.inputs.tolist()))
+    assert not {bytes(r) for r in train.inputs.tolist()} & {bytes(r) for r in test.inputs.tolist()}
+    with pytest.raises(ValueError, match="exceeds the"):
+        PydocLMConfig(split="test", seq_len=T, num_examples=n_rows)
+    with pytest.raises(ValueError, match="split must be one of"):
+        PydocLMConfig(split="valid")
+    with pytest.raises(ValueError, match="vocab_size is fixed at 256"):
+        PydocLMConfig(vocab_size=320)
