@@ -74,14 +74,23 @@ def time_ms(fn: Callable[[], object], *, cuda: bool, warmup: int = 1, reps: int 
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0])
+    return clock_ms(fn, (clock,), warmup=warmup, reps=reps)[0]
+
+
+def clock_ms(fn: Callable[[], object], clocks: tuple[Callable[[], float], ...], *, warmup: int = 1,
+             reps: int = 3) -> list[float]:
+    """Median time of ``fn`` in milliseconds on each of ``clocks``, all read around the same calls (e.g.
+    ``(time.process_time, time.perf_counter)``: CPU time and wall time of one set of repetitions)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[list[float]] = [[] for _ in clocks]
     for _ in range(reps):
-        start = clock()
+        start = [c() for c in clocks]
         fn()
-        times.append((clock() - start) * 1e3)
-    return statistics.median(times)
+        stop = [c() for c in clocks]
+        for t, a, b in zip(times, start, stop):
+            t.append((b - a) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def write_result(name: str, payload: dict) -> Path:
