@@ -87,11 +87,11 @@ def op_call(op: str, B: int, T: int, H: int, D: int):
 def worker(args: argparse.Namespace) -> None:
     tree = Path(args.tree).resolve()
     sys.path.insert(0, str(tree))
-    torch.set_num_threads(1)
     import memzoo
 
     if Path(memzoo.__file__).resolve().parents[1] != tree:
         raise RuntimeError(f"imported memzoo from {memzoo.__file__}, expected the tree {tree}")
+    torch.set_num_threads(1)
     B, T, H, D = args.shape
     run, x = op_call(args.op, B, T, H, D)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
