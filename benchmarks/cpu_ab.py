@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,20 @@ OPS = {
     "titans_linear_channel": ("memzoo.kernels.titans", "titans_linear"),
 }
 DEFAULT_SHAPES = ("2,2048,4,64", "2,256,4,64")
+# What each worker reads around the same calls: process CPU time (user + system: the main number), wall time, user
+# time alone, and minor page faults.  The system share is mostly page faults of fresh allocations, which depend on
+# the heap's history (glibc's adaptive mmap threshold: what the process imported and freed before), not on the op.
+# Faults are read as thousands so that clock_ms's seconds-to-ms factor gives a count.
+CLOCKS = {
+    "cpu_ms": time.process_time,
+    "wall_ms": time.perf_counter,
+    "user_ms": lambda: resource.getrusage(resource.RUSAGE_SELF).ru_utime,
+    "faults": lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt / 1e3,
+}
+RATIOS = ("cpu_ms", "wall_ms", "user_ms")
+# glibc's mmap and trim thresholds fixed (--pin-malloc): large buffers stay in the heap and are reused, so the
+# page-fault share no longer depends on what each revision imports.
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
 
 
 # ---------------------------------------------------------------- worker side (runs in a revision's subprocess)
@@ -108,12 +123,12 @@ def worker(args: argparse.Namespace) -> None:
         torch.save({"outputs": [o.detach() for o in run(leaves)],
                     "grads": {n: t.grad for n, t in leaves.items()}}, args.check)
         return
-    clocks = (time.process_time, time.perf_counter)
+    clocks = tuple(CLOCKS.values())
     with torch.no_grad():
         fwd = clock_ms(lambda: run(x), clocks, reps=args.reps)
     fwdbwd = clock_ms(fwd_bwd, clocks, reps=args.reps)
-    print(json.dumps({"fwd_cpu_ms": fwd[0], "fwd_wall_ms": fwd[1], "fwdbwd_cpu_ms": fwdbwd[0],
-                      "fwdbwd_wall_ms": fwdbwd[1], "threads": torch.get_num_threads()}))
+    result = {f"{stage}_{name}": t for stage, ts in (("fwd", fwd), ("fwdbwd", fwdbwd)) for name, t in zip(CLOCKS, ts)}
+    print(json.dumps({**result, "threads": torch.get_num_threads()}))
 
 
 # ---------------------------------------------------------------- driver side
@@ -136,9 +151,12 @@ def export(sha: str, root: Path) -> Path:
     return dest
 
 
-def spawn(tree: Path, op: str, shape: tuple[int, ...], reps: int, check: Path | None = None) -> dict:
+def spawn(tree: Path, op: str, shape: tuple[int, ...], reps: int, check: Path | None = None,
+          pin_malloc: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MEMZOO_KERNEL_IMPL", "TRITON_INTERPRET", "PYTHONPATH")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    if pin_malloc:
+        env.update(PINNED_MALLOC)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", str(tree), "--op", op,
            "--shape", ",".join(map(str, shape)), "--reps", str(reps)]
     if check is not None:
@@ -176,10 +194,10 @@ def summarise(samples: dict) -> list[dict]:
     rows = []
     for (op, shape), (a, b) in samples.items():
         row = {"op": op, "shape": ",".join(map(str, shape))}
-        for metric in ("fwd_cpu_ms", "fwdbwd_cpu_ms", "fwd_wall_ms", "fwdbwd_wall_ms"):
+        for metric in (f"{stage}_{name}" for stage in ("fwd", "fwdbwd") for name in CLOCKS):
             row[f"A_{metric}"] = statistics.median(s[metric] for s in a)
             row[f"B_{metric}"] = statistics.median(s[metric] for s in b)
-        for metric in ("fwd_cpu_ms", "fwdbwd_cpu_ms", "fwd_wall_ms", "fwdbwd_wall_ms"):
+        for metric in (f"{stage}_{name}" for stage in ("fwd", "fwdbwd") for name in RATIOS):
             ratios = [y[metric] / x[metric] for x, y in zip(a, b)]
             stem = metric[:-3]
             row[f"B/A_{stem}"] = statistics.median(ratios)
@@ -216,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=1e-5, help="max relative disagreement of the revisions")
     p.add_argument("--rounds", type=positive, default=5, help="A/B rounds (one subprocess per revision each)")
     p.add_argument("--reps", type=positive, default=3, help="timed calls per subprocess (median), after 1 warm-up")
+    p.add_argument("--pin-malloc", action="store_true",
+                   help="fix glibc's mmap/trim thresholds in the workers (page faults independent of the imports)")
     p.add_argument("--note", default="", help="free text stored in the result (e.g. the machine's load)")
     p.add_argument("--no-save", action="store_true", help="print only; write no result file")
     # worker mode (internal): time one op of one tree
@@ -258,22 +278,25 @@ def main(argv: list[str] | None = None) -> None:
                 for op in args.ops:
                     pair = samples.setdefault((op, shape), ([], []))
                     for i in order:
-                        pair[i].append(spawn(trees[i], op, shape, args.reps))
+                        pair[i].append(spawn(trees[i], op, shape, args.reps, pin_malloc=args.pin_malloc))
                     a, b = pair[0][-1], pair[1][-1]
                     print(f"  round {r + 1}/{args.rounds} {op} {shape}: fwd+bwd cpu A {a['fwdbwd_cpu_ms']:.1f} ms, "
                           f"B {b['fwdbwd_cpu_ms']:.1f} ms", flush=True)
     rows = summarise(samples)
     print_table(rows, ["op", "shape", "A_fwd_cpu_ms", "B_fwd_cpu_ms", "B/A_fwd_cpu", "A_fwdbwd_cpu_ms",
-                       "B_fwdbwd_cpu_ms", "B/A_fwdbwd_cpu", "B/A_fwd_wall", "B/A_fwdbwd_wall"])
+                       "B_fwdbwd_cpu_ms", "B/A_fwdbwd_cpu", "B/A_fwd_wall", "B/A_fwdbwd_wall", "B/A_fwd_user",
+                       "B/A_fwdbwd_user", "A_fwd_faults", "B_fwd_faults"])
     payload = {
         "mode": "cpu-ab", "dtype": "float32", "threads": 1,
         "A": {"rev": args.revisions[0], "commit": shas[0]}, "B": {"rev": args.revisions[1], "commit": shas[1]},
-        "rounds": args.rounds, "reps": args.reps, "check_shape": list(args.check_shape),
+        "rounds": args.rounds, "reps": args.reps, "malloc": PINNED_MALLOC if args.pin_malloc else "default",
+        "check_shape": list(args.check_shape),
         "check_max_rel_err": errs, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "rows": rows,
         "samples": [{"op": op, "shape": list(shape), "A": a, "B": b} for (op, shape), (a, b) in samples.items()],
         "note": ("B/A = median over rounds of the paired ratio B time / A time (>1: B slower), range = min..max "
-                 "over rounds; *_cpu_ms = process CPU time, *_wall_ms = wall time; medians over rounds. "
+                 "over rounds; *_cpu_ms = process CPU time (user + system), *_wall_ms = wall time, "
+                 "*_user_ms = user CPU time, *_faults = minor page faults per call; medians over rounds. "
                  + args.note).strip(),
     }
     if not args.no_save:

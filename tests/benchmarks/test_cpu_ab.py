@@ -58,13 +58,14 @@ def test_unknown_revision_refused():
 def test_summary_pairs_the_rounds():
     # B is 2x A in round 1 and 1x in round 2 while the load halves everything: the paired ratios are 2 and 1.
     def sample(ms):
-        return {m: ms for m in ("fwd_cpu_ms", "fwdbwd_cpu_ms", "fwd_wall_ms", "fwdbwd_wall_ms")}
+        return {f"{stage}_{m}": ms for stage in ("fwd", "fwdbwd") for m in cpu_ab.CLOCKS}
 
     a, b = [sample(10.0), sample(5.0), sample(4.0)], [sample(20.0), sample(5.0), sample(6.0)]
     (row,) = cpu_ab.summarise({("gla", (1, 2, 3, 4)): (a, b)})
     assert row["shape"] == "1,2,3,4"
     assert row["A_fwd_cpu_ms"] == 5.0 and row["B_fwd_cpu_ms"] == 6.0
-    assert row["B/A_fwdbwd_cpu"] == 1.5 and row["B/A_fwd_wall_range"] == [1.0, 2.0]
+    assert row["B/A_fwdbwd_cpu"] == 1.5 and row["B/A_fwd_wall_range"] == [1.0, 2.0] and row["B/A_fwd_user"] == 1.5
+    assert row["A_fwdbwd_faults"] == 5.0
 
 
 def test_worker_refuses_a_memzoo_from_another_tree(tmp_path, monkeypatch):
