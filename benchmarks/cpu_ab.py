@@ -10,7 +10,7 @@ calls the public op as a CPU user does (``impl="auto"``, fp32, one thread, ``OMP
 median of ``--reps`` calls after one warm-up, in process CPU time (``time.process_time``, the main number) and wall
 time.  Rounds alternate the order (A B, B A, A B, ...), so slow drifts of a shared machine's load hit both sides
 alike; the table gives the median over rounds of each side and the median over rounds of the paired ratio B / A
-(above 1: B is slower) with its range.  Results: ``benchmarks/results/cpu-ab-<device>-<date>.json``.
+(above 1: B is slower) with its range.  Results: ``benchmarks/results/cpu-ab[-pinned-malloc]-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                  + args.note).strip(),
     }
     if not args.no_save:
-        print(f"wrote {write_result('cpu-ab', payload)}")
+        print(f"wrote {write_result('cpu-ab-pinned-malloc' if args.pin_malloc else 'cpu-ab', payload)}")
 
 
 if __name__ == "__main__":
