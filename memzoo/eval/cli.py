@@ -281,7 +281,7 @@ def run_and_save(cfg: BenchConfig, out: str | Path, *, device: str = "cpu", run_
     for row in summary:
         if row["slice"] == "all":
             log(f"best-of-sweep {row['model']} d={row['d_model']} data={row['data_index']}: {row['metric']} "
-                f"{row['mean']:.4f} +- {row['std']:.4f} (max {row['max']:.4f}, {row['n_seeds']} seeds)")
+                f"{row['mean']:.4f} +- {row['std']:.4f} (best {row['best']:.4f}, {row['n_seeds']} seeds)")
     log(f"wrote {paths['json']}, {paths['csv']}" + (f", {len(paths['plots'])} plots" if plots else ""))
     return {**payload, "paths": paths}
 

@@ -50,7 +50,7 @@ def plot_acc_vs_dmodel(summary: list[dict[str, Any]], path: str | Path, title: s
             x = [p["d_model"] for p in pts]
             line = ax.errorbar(x, [p["mean"] for p in pts], yerr=[p["std"] for p in pts], marker="o", capsize=3,
                                label=label)
-            ax.scatter(x, [p["max"] for p in pts], facecolors="none", edgecolors=line[0].get_color(), zorder=3)
+            ax.scatter(x, [p["best"] for p in pts], facecolors="none", edgecolors=line[0].get_color(), zorder=3)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["d_model"] for r in rows}))
         ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())

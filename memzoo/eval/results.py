@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .tasks import higher_is_better
+
 __all__ = ["CSV_FIELDS", "environment", "new_run_id", "write_json", "csv_rows", "append_csv", "summarize",
            "write_jsonl", "slice_seq_len"]
 
@@ -141,7 +143,7 @@ def append_csv(path: str | Path, rows: list[dict[str, Any]], fields: tuple[str, 
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best-of-sweep per (model, d_model, data, slice): mean, std and max over seeds.
+    """Best-of-sweep per (model, d_model, data, slice): mean, std, max and the best seed's value over seeds.
 
     For every seed the learning rate with the best overall score is taken (``best_lr``); its
     per-slice values are then aggregated over seeds.  ``state_bytes`` is 4 x the model's
@@ -160,7 +162,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
             T = slice_seq_len(name)
             out.append({"model": model, "d_model": d, "data_index": di, "slice": name, "seq_len": T,
-                        "metric": primary, "mean": mean, "std": std, "max": max(vals), "n_seeds": len(vals),
+                        "metric": primary, "mean": mean, "std": std, "max": max(vals),
+                        "best": max(vals) if higher_is_better(primary) else min(vals), "n_seeds": len(vals),
                         "lrs": sorted({r["lr"] for r in runs}), "state_bytes": _state_bytes(runs[0], T),
                         "params": runs[0]["params"]})
     return out

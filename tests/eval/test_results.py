@@ -27,11 +27,17 @@ RECORDS = [_record(m, d, lr, s, acc, best) for m, base in (("a", 0.5), ("b", 0.2
 def test_summary_best_of_sweep_over_seeds():
     rows = {(r["model"], r["d_model"], r["slice"]): r for r in summarize(RECORDS)}
     r = rows[("a", 32, "all")]
-    assert r["mean"] == pytest.approx(0.6) and r["max"] == pytest.approx(0.7)
+    assert r["mean"] == pytest.approx(0.6) and r["max"] == pytest.approx(0.7) and r["best"] == pytest.approx(0.7)
     assert r["std"] == pytest.approx(math.sqrt(0.02)) and r["n_seeds"] == 2 and r["lrs"] == [1e-3]
     assert rows[("a", 32, "seq_len=128")]["state_bytes"] == 4 * 20 * 32
     assert rows[("a", 32, "all")]["state_bytes"] == 4 * 20 * 32, "all: the longest test length"
     assert slice_seq_len("seq_len=256/depth=50") == 256 and slice_seq_len("all") is None
+
+
+def test_summary_best_seed_of_a_loss_is_its_lowest():
+    records = [dict(r, primary="loss") for r in RECORDS]
+    r = {(r["model"], r["d_model"], r["slice"]): r for r in summarize(records)}[("a", 32, "all")]
+    assert r["metric"] == "loss" and r["best"] == pytest.approx(0.3) and r["max"] == pytest.approx(0.5)
 
 
 def test_csv_appends_and_rejects_other_headers(tmp_path):
