@@ -65,6 +65,18 @@ def _psi(r, ERROR_MAP: tl.constexpr, lp_p, lp_eps, huber_delta):
 
 
 @triton.jit
+def _chunk_offsets(D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
+    """A chunk's int32 tile offsets: rows o_t ``[BT]``, columns o_d ``[D]`` and o_e ``[BE]``; o_td ``[BT, D]`` in a
+    ``[BT, D]`` block, o_tq ``[BT, D]`` the first half of a ``[BT, 2D]`` block, o_te ``[BT, BE]`` a tile of a
+    ``[BT, E]`` block."""
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_e = tl.arange(0, BE)
+    return (o_t, o_d, o_e, o_t[:, None] * D + o_d[None, :], o_t[:, None] * (2 * D) + o_d[None, :],
+            o_t[:, None] * E + o_e[None, :])
+
+
+@triton.jit
 def _copy_rows(src, dst, src_stride, dst_stride, E: tl.constexpr, W: tl.constexpr, BE: tl.constexpr):
     """dst[:E, :W] = src[:E, :W], rows ``src_stride`` / ``dst_stride`` apart."""
     o_e = tl.arange(0, BE)
@@ -110,13 +122,8 @@ def _titans_mlp_fwd_kernel(
     i_n = i_nh // H
     n_chunks = tl.load(n_real + i_n).to(tl.int32)
     i_next = tl.load(next_chunk + i_n).to(tl.int32)
-    o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, D)
-    o_e = tl.arange(0, BE)
-    o_td = o_t[:, None] * D + o_d[None, :]  # [BT, D]
-    o_tq = o_t[:, None] * (2 * D) + o_d[None, :]  # [BT, D] first half of a [BT, 2D] row block
+    o_t, o_d, o_e, o_td, o_tq, o_te = _chunk_offsets(D, E, BT, BE)
     o_tt = o_t[:, None] * BT + o_t[None, :]  # [BT, BT]
-    o_te = o_t[:, None] * E + o_e[None, :]  # [BT, BE] a tile of a [BT, E] scratch block
     # This program's scratch: H, G_h, A_q of the current chunk, [3, BT, E].
     p_sh = scratch + tl.cast(i_nh, tl.int64) * (3 * BT * E)
     # int64 only in scalar bases; tile offsets are int32.

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import Miras
-from .triton_mlp import _DOT_DTYPES, _chunk_base, _config
+from .triton_mlp import _DOT_DTYPES, _chunk_base, _chunk_offsets, _config
 
 __all__ = ["titans_mlp_walk_bwd_triton"]
 
@@ -157,12 +157,7 @@ def _titans_mlp_bwd_kernel(
     i_nh = tl.program_id(0)
     i_n = i_nh // H
     i_next = tl.load(next_chunk + i_n).to(tl.int32)
-    o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, D)
-    o_e = tl.arange(0, BE)
-    o_td = o_t[:, None] * D + o_d[None, :]  # [BT, D]
-    o_tq = o_t[:, None] * (2 * D) + o_d[None, :]  # [BT, D] first half of a [BT, 2D] row block
-    o_te = o_t[:, None] * E + o_e[None, :]  # [BT, BE] a tile of a [BT, E] row block
+    o_t, o_d, o_e, o_td, o_tq, o_te = _chunk_offsets(D, E, BT, BE)
     sz_state = E * 2 * D
     # int64 only in scalar bases; tile offsets are int32.
     sz_slot = tl.cast(NH, tl.int64) * sz_state
