@@ -15,7 +15,7 @@ from memzoo.eval.cli import main as bench_main
 from memzoo.eval.harness import train_one
 from memzoo.eval.report import _claim, load_result, run_path, run_suite
 from memzoo.eval.report_claims import hmt_claim, loss_gap
-from memzoo.eval.report_page import _progress_row, _verdict, cell
+from memzoo.eval.report_page import _length_table, _progress_row, _verdict, cell
 from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
 
 
@@ -190,6 +190,19 @@ def test_pending_cpu_time_is_scaled_from_the_same_models_finished_runs():
     row = _progress_row("mqar", runs, [{"cpu_s": 3600.0}, None, None, {"cpu_s": 1800.0}])
     assert row == "| mqar | 2/4 | 45.0 | 2.8 |", row
     assert _progress_row("mqar", runs, [None] * 4).endswith("not measured yet |")
+
+
+def test_needle_table_shows_token_accuracy_beside_exact_match():
+    from memzoo.eval.report_claims import Claim
+
+    run = next(r for r in build_suite("tiny") if r.study == "niah")
+    lens = [c.seq_len for c in run.data.test]
+    metrics = {f"seq_len={T}": {"exact_match": 0.0, "accuracy": 0.5 if i == 0 else 0.25} for i, T in enumerate(lens)}
+    rows, _ = _length_table([run], {run.key: {"record": {"metrics": metrics}}}, lambda r: "m",
+                            lambda r: Claim("paper", None, "untested"))
+    header, row = rows[0].split(" | "), rows[2].split(" | ")
+    assert header[5] == "token acc 1x" and row[5] == "0.50", rows
+    assert row[2:5] == ["0.00"] * 3, rows
 
 
 def test_cpu_preset_sweeps_at_one_seed_and_reruns_the_best_rate():
