@@ -38,8 +38,8 @@ def test_tiny_suite_writes_json_page_and_resumes(tmp_path, capsys):
     assert f"**2 of {len(build_suite('tiny'))} declared runs have finished**" in page
     assert "| `paper` | 16 |" in page and "not tested (smoke preset)" in page
     # Rows with no finished run say so instead of showing a number.
-    assert "| `paper-np16` | 16 | pending | pending | pending | 0/1 |" in page
-    assert "| `attention` | 24 | pending | pending | pending | 0/1 |" in page
+    assert "| `paper-np16` | 16 | pending | pending | pending | pending | 0/1 |" in page
+    assert "| `attention` | 24 | pending | pending | pending | pending | 0/1 |" in page
     assert (tmp_path / "img" / "results-tiny-mac.png").stat().st_size > 1000
 
     # Resumption: the finished runs are skipped (their files untouched), the next pending one runs.
