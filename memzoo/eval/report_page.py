@@ -272,8 +272,8 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
         "",
         f"Written by `memzoo-bench report --preset {preset}` from the run files in `{folder}/` (one JSON per run: "
         "config, seed, git commit, machine, CPU time and the harness record). "
-        f"**{len(done)} of {len(runs)} declared runs have finished**; the others are shown as *pending*, never "
-        "estimated. Rerunning the command trains only the missing runs.",
+        f"**{len(done)} of {len(runs)} declared runs have finished**; the others are shown as *pending* (their "
+        "results are never guessed). Rerunning the command trains only the missing runs.",
         "",
         f"CPU time of the finished runs: {cpu_h:.2f} h. Commits: {', '.join(commits) or 'none'}. "
         f"Machines: {', '.join(machines) or 'none'}.",
