@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .tasks import higher_is_better
+from .tasks import sweep_score
 
 __all__ = ["CSV_FIELDS", "environment", "new_run_id", "write_json", "csv_rows", "append_csv", "summarize",
            "write_jsonl", "slice_seq_len"]
@@ -163,7 +163,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             T = slice_seq_len(name)
             out.append({"model": model, "d_model": d, "data_index": di, "slice": name, "seq_len": T,
                         "metric": primary, "mean": mean, "std": std, "max": max(vals),
-                        "best": max(vals) if higher_is_better(primary) else min(vals), "n_seeds": len(vals),
+                        "best": max(vals, key=lambda v: sweep_score(primary, v)), "n_seeds": len(vals),
                         "lrs": sorted({r["lr"] for r in runs}), "state_bytes": _state_bytes(runs[0], T),
                         "params": runs[0]["params"]})
     return out
