@@ -100,40 +100,83 @@ def _length_table(runs: list[Run], res: dict[str, dict | None], label: Callable[
     return _table(header, rows), series
 
 
+# Thirteen models and more share a plot: each name gets its own colour and marker, the same in every plot.
+_MARKERS = "osD^v<>pP*Xhd"
+
+
+def _style(name: str, names: list[str]) -> dict[str, Any]:
+    """Colour and marker of ``name``: by its place in the zoo (so a model looks the same in every plot), else in
+    ``names`` after the zoo; 20 colours x 13 markers before a repeat."""
+    from matplotlib import colormaps
+
+    from .report_suite import ZOO_NAMES
+
+    order = [*ZOO_NAMES, *(n for n in names if n not in ZOO_NAMES)]
+    i = order.index(name)
+    return {"color": colormaps["tab20"](i % 20), "marker": _MARKERS[i % len(_MARKERS)]}
+
+
 def _plot_lengths(series: Series, path: Path, title: str) -> Path | None:
     pts = [(n, [T / lens[0] for T in lens], m) for n, lens, m in series if any(v is not None for v in m)]
     if not pts:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = [n for n, _, _ in pts]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for name, xs, means in pts:
-        ax.plot([x for x, v in zip(xs, means) if v is not None], [v for v in means if v is not None], "o-",
-                label=name)
+        ax.plot([x for x, v in zip(xs, means) if v is not None], [v for v in means if v is not None], "-",
+                label=name, **_style(name, names))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("test length / train length")
     ax.set_ylabel("exact match (mean over seeds)")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path, plt)
 
 
-def _plot_state(points: list[tuple[str, float, float]], path: Path, title: str) -> Path | None:
+# One point of the MQAR plot: model, (T, kv), state floats, mean and sd of the best-of-sweep accuracy over seeds.
+StatePoint = tuple[str, tuple[int, int], float, float, float]
+
+
+def _plot_state(points: list[StatePoint], path: Path, title: str) -> Path | None:
+    """Zoology's "memory vs recall" plot: one panel per (T, kv); each model a line through its widths, x its state
+    size, y its accuracy (error bars: sd over seeds)."""
     if not points:
         return None
+    return _save(_state_figure(points, title), path, _pyplot(), tight=False)
+
+
+def _state_figure(points: list[StatePoint], title: str) -> Any:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in sorted({p[0] for p in points}):
-        xs = [p[1] for p in points if p[0] == name]
-        ys = [p[2] for p in points if p[0] == name]
-        ax.plot(xs, ys, "o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("state size (floats per sequence)")
-    ax.set_ylabel("MQAR accuracy (best of sweep)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path, plt)
+    cells = sorted({p[1] for p in points})
+    names = list(dict.fromkeys(p[0] for p in points))
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells) + 1.8, 4), sharey=True, squeeze=False)
+    for ax, (T, kv) in zip(axes[0], cells):
+        for name in names:
+            pts = sorted((x, m, s) for n, c, x, m, s in points if n == name and c == (T, kv))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], linestyle="-",
+                            capsize=2, label=name, **_style(name, names))
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("state size (floats per sequence)")
+        ax.set_title(f"T {T}, {kv} key-value pairs", fontsize=9)
+        ax.set_ylim(-0.03, 1.03)
+    axes[0][0].set_ylabel("MQAR accuracy (best of sweep)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        more = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in labels]
+        handles += [h for h, _ in more]
+        labels += [lab for _, lab in more]
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_figwidth(), 1))
+    return fig
 
 
 def _pyplot() -> Any:
@@ -145,9 +188,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path, plt: Any) -> Path:
+def _save(fig: Any, path: Path, plt: Any, tight: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -161,7 +205,8 @@ def _img(page: Path, png: Path | None, alt: str) -> list[str]:
 
 def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img: Path, preset: str,
                   claim_of: Callable[..., Claim]) -> list[str]:
-    rows, points = [], []
+    rows: list[list[str]] = []
+    points: list[StatePoint] = []
     for (name, d, T, kv), group in _group(runs, lambda r: (r.labels["model"], r.d_model, r.labels["T"],
                                                            r.labels["kv"])).items():
         # Best of the learning-rate sweep per seed (zoology's reported number), then mean over seeds.  A seed
@@ -185,7 +230,8 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
         if value is not None:
             state = next(res[r.key]["record"]["state_floats"].get(str(T)) for r in group if res[r.key] is not None)
             if state:
-                points.append((name, float(state), value))
+                sd = statistics.stdev(complete.values()) if len(complete) > 1 else 0.0
+                points.append((name, (T, kv), float(state), value, sd))
     png = _plot_state(points, img / f"results-{preset}-mqar-state.png", f"MQAR: recall vs state ({preset})")
     header = ["model", "d_model", "T (kv)", "best LR", "accuracy, best LR", "runs", "paper reports", "agrees?"]
     return [*_table(header, rows), "", *_img(page, png, "MQAR accuracy vs state size")]

@@ -238,3 +238,25 @@ def test_workers_share_a_folder_through_lock_files(tmp_path, capsys):
     lock.unlink()
     stats = run_suite([run], tmp_path, progress=False)
     assert stats["done"] == 1 and path.exists() and not lock.exists()
+
+
+def test_every_zoo_model_has_its_own_plot_style_and_the_state_plot_has_a_panel_per_cell(tmp_path):
+    from memzoo.eval.report_page import _plot_state, _state_figure, _style
+    from memzoo.eval.report_suite import ZOO_NAMES
+
+    styles = [_style(n, []) for n in ZOO_NAMES]
+    assert len({(s["color"], s["marker"]) for s in styles}) == len(ZOO_NAMES)
+    assert len({s["color"] for s in styles}) == len(ZOO_NAMES)  # colour alone tells the lines apart
+    assert _style("gated_delta", ["zz", "gated_delta"]) == _style("gated_delta", ["gated_delta"])
+    assert _style("s4d-lin", ["s4d-lin"])["color"] != _style("attention", [])["color"]
+    pts = [("attention", (64, 4), 2e3, 0.99, 0.01), ("attention", (64, 4), 4e3, 1.0, 0.0),
+           ("mom", (128, 8), 1e4, 0.3, 0.2)]
+    fig = _state_figure(pts, "t")
+    assert [ax.get_title() for ax in fig.axes] == ["T 64, 4 key-value pairs", "T 128, 8 key-value pairs"]
+    assert [len(ax.lines) > 0 for ax in fig.axes] == [True, True]
+    png = _plot_state(pts, tmp_path / "s.png", "t")
+    assert png is not None and png.stat().st_size > 0
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    assert plt.get_fignums() == []  # the saved figure was closed
