@@ -192,9 +192,9 @@ def make_materials(tokenizer: Any, cfg: MemorizeConfig, n_new: int, corpus_text:
     token uniformly from the tokens the pool's items use (printable bytes for the byte tokenizer).
     """
     if corpus_text is None:
-        from pydoc_data.topics import topics
+        from ..train.data import iter_documents
 
-        corpus_text = "\n".join(topics[k] for k in sorted(topics))
+        corpus_text = "\n".join(iter_documents("pydoc"))
     sentences = _sentences(corpus_text)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(sentences), generator=gen).tolist()
