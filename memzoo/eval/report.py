@@ -1,8 +1,9 @@
 """``memzoo-bench report``: a declared suite of small training runs, run resumably, summarised in one page.
 
-Each run is one ``train_one`` call (one model, width, data, learning rate and seed) and leaves one JSON file,
+Each run is one ``train_one`` call (one model, width, data, learning rate and seed), or one call of another
+experiment named by its task in ``RUN_KINDS`` (e.g. ``longmem_recall``), and leaves one JSON file,
 ``<results>/<preset>/<key>.json``, holding its config, seed, git commit, machine, CPU and wall time and the
-harness record.  A run whose file exists is skipped, so an interrupted suite resumes where it stopped, and the
+record.  A run whose file exists is skipped, so an interrupted suite resumes where it stopped, and the
 page (``report_page.py``) is rebuilt from the files alone: a declared run without a file is shown as pending.
 
     memzoo-bench report --preset tiny --out /tmp/r          # the CI-sized suite, about a minute
@@ -26,6 +27,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,39 +35,72 @@ from typing import Any
 from .config import BenchTrainConfig, DataSpec, ModelSpec
 from .tasks import sweep_score
 
-__all__ = ["Run", "run_path", "load_result", "run_suite", "main"]
+__all__ = ["Run", "RUN_KINDS", "run_path", "load_result", "run_suite", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run of the suite: what ``train_one`` needs, plus where it goes on the page."""
+    """One run of the suite: what ``train_one`` needs, plus where it goes on the page.
+
+    A run whose task is a key of ``RUN_KINDS`` is another experiment: its settings are ``experiment`` (that kind's
+    frozen config dataclass) and ``spec``, ``d_model``, ``data``, ``lr`` and ``train`` are None
+    (``Run.of_experiment`` builds one).
+    """
 
     # File stem, unique within a preset.
     key: str
     # The study (one table of the page) the run belongs to.
     study: str
+    # A harness task (``memzoo.eval.tasks.TASKS``), or a key of ``RUN_KINDS``.
     task: str
-    spec: ModelSpec
-    d_model: int
-    data: DataSpec
+    spec: ModelSpec | None
+    d_model: int | None
+    data: DataSpec | None
     # None with ``lr_from``: the learning rate is chosen when the run starts (``resolve`` sets it).
     lr: float | None
     seed: int
-    train: BenchTrainConfig
+    train: BenchTrainConfig | None
     # Labels the page groups by (e.g. {"variant": "residual"}); JSON values only.
     labels: dict[str, Any] = field(default_factory=dict)
     # Keys of a learning-rate sweep (other runs of the suite): this run takes the learning rate of the sweep run
     # with the best primary metric (the highest; the lowest for a loss), so the sweep is run at one seed and only
     # its best rate at the others.
     lr_from: tuple[str, ...] = ()
+    # The settings of a ``RUN_KINDS`` experiment (a frozen dataclass); None for a harness run.
+    experiment: Any = None
 
     def __post_init__(self) -> None:
+        if self.task in RUN_KINDS:
+            if not dataclasses.is_dataclass(self.experiment):
+                raise ValueError(f"run {self.key}: task {self.task!r} needs experiment=<its config dataclass>, "
+                                 f"got {self.experiment!r}")
+            harness = {"spec": self.spec, "d_model": self.d_model, "data": self.data, "lr": self.lr,
+                       "train": self.train, "lr_from": self.lr_from or None}
+            given = [k for k, v in harness.items() if v is not None]
+            if given:
+                raise ValueError(f"run {self.key}: task {self.task!r} takes its settings from experiment; "
+                                 f"{', '.join(given)} must be None")
+            return
+        if self.experiment is not None:
+            raise ValueError(f"run {self.key}: experiment is for the tasks {sorted(RUN_KINDS)}, not {self.task!r}")
+        missing = [k for k in ("spec", "d_model", "data", "train") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"run {self.key}: a {self.task!r} run needs {', '.join(missing)}")
         if self.lr is None and not self.lr_from:
             raise ValueError(f"run {self.key}: give lr, or lr_from (a sweep to take the best rate of)")
 
+    @classmethod
+    def of_experiment(cls, key: str, study: str, task: str, experiment: Any, seed: int,
+                      labels: dict[str, Any] | None = None) -> Run:
+        """A run of the ``RUN_KINDS`` experiment ``task`` with settings ``experiment``."""
+        return cls(key, study, task, None, None, None, None, seed, None, labels or {}, experiment=experiment)
+
     def config(self) -> dict[str, Any]:
+        if self.experiment is not None:
+            return {"task": self.task, "experiment": dataclasses.asdict(self.experiment), "seed": self.seed,
+                    "labels": self.labels}
         return {
             "task": self.task, "model": dataclasses.asdict(self.spec), "d_model": self.d_model,
             "data": {"train": [dataclasses.asdict(c) for c in self.data.train],
@@ -189,6 +224,43 @@ def _claim(path: Path) -> bool:
     return False
 
 
+def _harness_run(run: Run, *, device: str, progress: bool, desc: str) -> dict[str, Any]:
+    from .harness import train_one
+
+    return train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task, device=device,
+                     progress=progress, desc=desc)
+
+
+# Rows of the LongMem table: record slice -> (arm of ``run_longmem_recall``'s record, its accuracy and loss keys).
+LONGMEM_ARMS = {"longmem-on": ("memory", "query_acc", "query_loss"),
+                "longmem-off": ("no_memory", "query_acc", "query_loss"),
+                "backbone": ("backbone", "stream_acc_local", "stream_loss_local")}
+
+
+def _longmem_recall_run(run: Run, *, device: str, progress: bool, desc: str) -> dict[str, Any]:
+    """``run_longmem_recall``'s record, plus ``primary`` and ``metrics`` as the page reads them: one slice per arm
+    (``LONGMEM_ARMS``) holding its held-out query ``accuracy`` and ``loss``."""
+    from .longmem_recall import run_longmem_recall
+
+    rec = run_longmem_recall(run.experiment, run.seed, device=device, progress=progress, desc=f"{desc} ")
+    metrics = {name: {"accuracy": rec[arm][acc], "loss": rec[arm][loss]}
+               for name, (arm, acc, loss) in LONGMEM_ARMS.items()}
+    return {**rec, "primary": "accuracy", "metrics": metrics}
+
+
+# Experiments other than ``train_one``, by ``Run.task``: (run, device, progress, desc) -> record with ``primary``
+# and ``metrics`` (slice -> metric -> value).
+RUN_KINDS: dict[str, Callable[..., dict[str, Any]]] = {"longmem_recall": _longmem_recall_run}
+
+
+def _summary(rec: dict[str, Any]) -> str:
+    """The record's primary metric, of the slice ``all`` or else of every slice."""
+    primary, metrics = rec["primary"], rec["metrics"]
+    if "all" in metrics:
+        return f"{primary} {metrics['all'][primary]:.3f}"
+    return ", ".join(f"{name} {primary} {m[primary]:.3f}" for name, m in metrics.items())
+
+
 def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", progress: bool = True,
               max_runs: int | None = None, log: Any = print, suite: list[Run] | None = None) -> dict[str, int]:
     """Train the runs without a stored result (the first ``max_runs`` of them) and store each as soon as it ends.
@@ -197,7 +269,6 @@ def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", 
     A run whose sweep has not finished, or that another worker holds, is left for a later call.  Returns counts
     of ``done``, ``skipped`` (already stored), ``waiting`` (sweep unfinished or held elsewhere) and CPU seconds.
     """
-    from .harness import train_one
     from .results import environment
 
     results_dir = Path(results_dir)
@@ -224,8 +295,8 @@ def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", 
                 skipped += 1
                 continue
             c0, t0 = time.process_time(), time.perf_counter()
-            rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task,
-                            device=device, progress=progress, desc=f"[{n}/{len(todo)}] {run.key}")
+            rec = RUN_KINDS.get(run.task, _harness_run)(run, device=device, progress=progress,
+                                                        desc=f"[{n}/{len(todo)}] {run.key}")
             cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
             payload = {"key": run.key, "study": run.study, "created": dt.datetime.now().isoformat(timespec="seconds"),
                        "config": run.config(), "environment": env, "cpu_s": round(cpu_s, 1),
@@ -235,9 +306,8 @@ def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", 
             path.with_suffix(".lock").unlink(missing_ok=True)
         cpu_total += cpu_s
         done += 1
-        m = rec["metrics"]["all"]
         lr = f", lr {run.lr:g} (best of its sweep)" if run.lr_from else ""
-        log(f"[{n}/{len(todo)}] {run.key}: {rec['primary']} {m[rec['primary']]:.3f}{lr} in {wall_s:.0f}s wall, "
+        log(f"[{n}/{len(todo)}] {run.key}: {_summary(rec)}{lr} in {wall_s:.0f}s wall, "
             f"{cpu_s:.0f}s CPU (suite so far {cpu_total / 60:.1f} CPU min)")
     return {"done": done, "skipped": skipped, "waiting": waiting, "cpu_s": round(cpu_total, 1)}
 

@@ -14,13 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .report import ROOT, Run, load_result
+from .report import LONGMEM_ARMS, ROOT, Run, load_result
 from .report_claims import CLAIMS as PAPER_CLAIMS
-from .report_claims import Claim, loss_gap
+from .report_claims import Claim, seed_gap
 
 __all__ = ["write_page", "cell", "row_values"]
 
-STUDY_TITLES = {"s4d_init": "S4D initialisations", "longmem": "LongMem: memory on vs off",
+STUDY_TITLES = {"s4d_init": "S4D initialisations",
+                "longmem": "LongMem: recall of facts older than the backbone's segment, bank on vs gate 0",
                 "hmt": "HMT vs its backbone: held-out loss of byte-level language models"}
 
 
@@ -247,7 +248,7 @@ def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callabl
         vals, claim = losses[name], claim_of(name)
         gap, versus = None, "baseline"
         if name != base:
-            gap = loss_gap(vals, losses.get(base, []))
+            gap = seed_gap(vals, losses.get(base, []), "loss")
             versus = "needs 2+ seeds of both" if gap is None else (
                 f"{statistics.fmean(vals) - statistics.fmean(losses[base]):+.3f} ({gap:.1f} x spread)")
         done = sum(res[r.key] is not None for r in group)
@@ -257,11 +258,41 @@ def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callabl
     return _table(header, rows)
 
 
+def _longmem_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:
+    """Held-out query accuracy and loss per arm of the LongMem runs (one run per seed holds every arm), chance, and
+    the bank's margin over the gate-0 arm in units of the larger spread over seeds."""
+    payloads = [res[r.key] for r in runs]
+    done = f"{sum(p is not None for p in payloads)}/{len(runs)}"
+    acc = {name: row_values(payloads, name, "accuracy") for name in LONGMEM_ARMS}
+    gap = seed_gap(acc["longmem-on"], acc["longmem-off"], "accuracy")
+    rows = []
+    for name in LONGMEM_ARMS:
+        claim, versus, value = claim_of(name), "", None
+        if name == "longmem-on":
+            value = gap
+            versus = "needs 2+ seeds" if gap is None else (
+                f"{statistics.fmean(acc[name]) - statistics.fmean(acc['longmem-off']):+.3f} ({gap:.1f} x spread)")
+        rows.append([f"`{name}`", cell(acc[name], len(runs), 3), cell(row_values(payloads, name, "loss"), len(runs), 3),
+                     versus, done, claim.paper, _verdict(claim, value)])
+    n_values = runs[0].experiment.n_values
+    rows.append([f"chance (1 / {n_values} values)", f"{1 / n_values:.3f}", f"{math.log(n_values):.3f}", "", "", "",
+                 ""])
+    header = ["arm", "query accuracy", "query loss", "on vs gate 0 (accuracy)", "runs", "paper reports", "agrees?"]
+    return _table(header, rows)
+
+
 def _work(run: Run) -> float:
-    """A run's training work in tokens x width (what the estimate of a pending run scales by)."""
+    """A run's training work in tokens x width (what the estimate of a pending run scales by); a ``RUN_KINDS``
+    experiment counts as one unit (its study's runs differ only in the seed)."""
+    if run.experiment is not None:
+        return 1.0
     tokens = sum(getattr(c, "num_examples", 1) * (getattr(c, "input_seq_len", None) or getattr(c, "seq_len", 1))
                  for c in run.data.train)
     return float(tokens * run.train.epochs * run.d_model)
+
+
+def _model(run: Run) -> str:
+    return run.spec.name if run.spec is not None else run.task
 
 
 def _progress_row(study: str, runs: list[Run], payloads: list[dict[str, Any] | None]) -> str:
@@ -271,10 +302,10 @@ def _progress_row(study: str, runs: list[Run], payloads: list[dict[str, Any] | N
     if not done:
         return f"| {study} | 0/{len(runs)} | not measured yet | not measured yet |"
     rate = {}  # CPU seconds per unit of work, by model and for the whole study
-    for key in {r.spec.name for r, _ in done} | {None}:
-        same = [p["cpu_s"] / _work(r) for r, p in done if key is None or r.spec.name == key]
+    for key in {_model(r) for r, _ in done} | {None}:
+        same = [p["cpu_s"] / _work(r) for r, p in done if key is None or _model(r) == key]
         rate[key] = statistics.fmean(same)
-    pending = sum(rate.get(r.spec.name, rate[None]) * _work(r) for r, p in zip(runs, payloads) if p is None)
+    pending = sum(rate.get(_model(r), rate[None]) * _work(r) for r, p in zip(runs, payloads) if p is None)
     mean = statistics.fmean(p["cpu_s"] for _, p in done) / 60
     return f"| {study} | {len(done)}/{len(runs)} | {mean:.1f} | {pending / 3600:.1f} |"
 
@@ -371,8 +402,11 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
     if "hmt" in by_study:
         lines += _section(STUDY_TITLES["hmt"], " ".join((PAPER_CLAIMS["hmt"].__doc__ or "").split()), folder,
                           "hmt-<model>-s<seed>", _hmt_section(by_study["hmt"], res, claims["hmt"]))
+    if "longmem" in by_study:
+        lines += _section(STUDY_TITLES["longmem"], " ".join((PAPER_CLAIMS["longmem"].__doc__ or "").split()), folder,
+                          "longmem-recall-s<seed>", _longmem_section(by_study["longmem"], res, claims["longmem"]))
     for study in by_study:
-        if study in ("mac", "niah", "mqar", "hmt"):
+        if study in ("mac", "niah", "mqar", "hmt", "longmem"):
             continue
         rows = []
         for label, group in _group(by_study[study], lambda r: r.labels["model"]).items():

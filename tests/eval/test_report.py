@@ -13,9 +13,9 @@ import pytest
 
 from memzoo.eval.cli import main as bench_main
 from memzoo.eval.harness import train_one
-from memzoo.eval.report import _claim, load_result, run_path, run_suite
-from memzoo.eval.report_claims import hmt_claim, loss_gap
-from memzoo.eval.report_page import _length_table, _progress_row, _verdict, cell
+from memzoo.eval.report import LONGMEM_ARMS, Run, _claim, load_result, run_path, run_suite
+from memzoo.eval.report_claims import hmt_claim, longmem_claim, seed_gap
+from memzoo.eval.report_page import _length_table, _longmem_section, _progress_row, _verdict, cell
 from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
 
 
@@ -143,16 +143,87 @@ def test_tiny_hmt_study_trains_hmt_and_its_backbone_on_held_out_text(tmp_path):
 def test_hmt_agrees_only_below_its_backbone_by_more_than_the_spread():
     claim = hmt_claim("hmt_swa")
     base = [2.10, 2.12, 2.08]  # sd 0.02
-    assert loss_gap([1.93, 1.95, 1.91], base) == pytest.approx(8.5)
-    assert _verdict(claim, loss_gap([1.93, 1.95, 1.91], base)) == "agrees"
+
+    def gap(vals, baseline=base):
+        return seed_gap(vals, baseline, "loss")
+
+    assert gap([1.93, 1.95, 1.91]) == pytest.approx(8.5)
+    assert _verdict(claim, gap([1.93, 1.95, 1.91])) == "agrees"
     # Lower on average, but by less than the spread of the seeds.
-    assert _verdict(claim, loss_gap([2.09, 2.11, 2.07], base)) == "disagrees"
-    assert _verdict(claim, loss_gap([2.20, 2.22, 2.18], base)) == "disagrees"
+    assert _verdict(claim, gap([2.09, 2.11, 2.07])) == "disagrees"
+    assert _verdict(claim, gap([2.20, 2.22, 2.18])) == "disagrees"
     # The larger spread counts: a tight HMT does not make a noisy backbone's gap significant.
-    assert loss_gap([2.05, 2.05, 2.05], [2.0, 2.1, 2.2]) == pytest.approx(0.5)
-    assert loss_gap([1.9, 1.9], [2.0, 2.0]) == float("inf")
-    assert _verdict(claim, loss_gap([1.9], base)) == "pending"
+    assert gap([2.05, 2.05, 2.05], [2.0, 2.1, 2.2]) == pytest.approx(0.5)
+    assert gap([1.9, 1.9], [2.0, 2.0]) == float("inf")
+    assert _verdict(claim, gap([1.9])) == "pending"
     assert hmt_claim("swa").check is None
+
+
+def test_tiny_longmem_study_runs_both_arms_per_seed_and_writes_its_table(tmp_path, capsys):
+    runs = [r for r in build_suite("tiny") if r.study == "longmem"]
+    assert [r.key for r in runs] == ["longmem-recall-s0"] and runs[0].task == "longmem_recall"
+    assert _report(tmp_path, "--only", "longmem") == 0
+    payload = json.loads(run_path(tmp_path, runs[0]).read_text())
+    assert list(payload) == ["key", "study", "created", "config", "environment", "cpu_s", "wall_s", "record"]
+    assert payload["config"]["experiment"] == dataclasses.asdict(PRESETS["tiny"].longmem)
+    rec = payload["record"]
+    # Both arms come from one run (one pretrained backbone); the page reads them as slices.
+    assert {"memory", "no_memory", "backbone", "chance"} <= set(rec) and rec["primary"] == "accuracy"
+    assert set(rec["metrics"]) == set(LONGMEM_ARMS)
+    assert rec["metrics"]["longmem-on"]["accuracy"] == rec["memory"]["query_acc"]
+    assert rec["metrics"]["longmem-off"]["loss"] == rec["no_memory"]["query_loss"]
+    page = (tmp_path / "results.md").read_text()
+    assert "Run files: `" + str(tmp_path) + "/longmem-recall-s<seed>.json`." in page
+    assert "| arm | query accuracy | query loss | on vs gate 0 (accuracy) |" in page
+    on = rec["metrics"]["longmem-on"]
+    assert f"| `longmem-on` | {on['accuracy']:.3f} | {on['loss']:.3f} | needs 2+ seeds | 1/1 |" in page
+    assert "| `longmem-off` |" in page and "| `backbone` |" in page and "| chance (1 / 8 values) | 0.125 |" in page
+    # Resumed like any run: stored under the same config, skipped; under another config, not reused.
+    capsys.readouterr()
+    assert _report(tmp_path, "--only", "longmem", "--page-only") == 0 and load_result(tmp_path, runs[0])
+    other = dataclasses.replace(runs[0], experiment=dataclasses.replace(runs[0].experiment, side_steps=4))
+    assert load_result(tmp_path, other) is None
+
+
+def test_a_run_kind_takes_its_settings_from_experiment_only():
+    tiny = PRESETS["tiny"].longmem
+    harness = next(r for r in build_suite("tiny") if r.study == "mqar")
+    with pytest.raises(ValueError, match="needs experiment="):
+        Run.of_experiment("x", "longmem", "longmem_recall", None, 0)
+    with pytest.raises(ValueError, match="spec, lr must be None"):
+        Run("x", "longmem", "longmem_recall", harness.spec, None, None, 1e-3, 0, None, experiment=tiny)
+    with pytest.raises(ValueError, match="experiment is for the tasks"):
+        dataclasses.replace(harness, experiment=tiny)
+    with pytest.raises(ValueError, match="needs spec, data"):
+        Run("x", "mqar", "mqar", None, 32, None, 1e-3, 0, harness.train)
+
+
+def _longmem_rows(on: list[float], off: list[float], declared: int = 3) -> dict[str, list[str]]:
+    runs = [r for r in build_suite("cpu") if r.study == "longmem"][:declared]
+    res = {r.key: None for r in runs}
+    for r, a, b in zip(runs, on, off):
+        metrics = {"longmem-on": {"accuracy": a, "loss": 2.0}, "longmem-off": {"accuracy": b, "loss": 2.5},
+                   "backbone": {"accuracy": 0.06, "loss": 5.0}}
+        res[r.key] = {"record": {"metrics": metrics}}
+    lines = _longmem_section(runs, res, longmem_claim)
+    return {line.split(" | ")[0].strip("| `"): line.strip("| ").split(" | ") for line in lines[2:]}
+
+
+def test_longmem_agrees_only_above_gate_0_by_more_than_the_spread():
+    off = [0.066, 0.064, 0.066]
+    rows = _longmem_rows([0.379, 0.234, 0.325], off)
+    assert rows["longmem-on"][1] == "0.313 ± 0.073" and rows["longmem-off"][1] == "0.065 ± 0.001"
+    assert rows["longmem-on"][3] == "+0.247 (3.4 x spread)" and rows["longmem-on"][-1] == "agrees"
+    assert rows["longmem-off"][-1] == "baseline" and rows["chance (1 / 16 values)"][1] == "0.062"
+    # Above on average, but by less than the larger spread; or below.
+    assert _longmem_rows([0.30, 0.05, 0.10], off)["longmem-on"][-1] == "disagrees"
+    assert _longmem_rows([0.05, 0.06, 0.05], off)["longmem-on"][-1] == "disagrees"
+    # One seed: no spread, no verdict.
+    one = _longmem_rows([0.5], [0.06])
+    assert one["longmem-on"][3] == "needs 2+ seeds" and one["longmem-on"][-1] == "pending"
+    assert one["longmem-on"][1] == "0.500 (1/3 seeds)"
+    assert seed_gap([0.5, 0.5], [0.1, 0.1], "accuracy") == float("inf")
+    assert seed_gap([0.1, 0.1], [0.5, 0.5], "loss") == float("inf")
 
 
 def test_other_seeds_take_the_best_rate_of_the_sweep(tmp_path):
