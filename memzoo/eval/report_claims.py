@@ -90,12 +90,11 @@ def s4d_claim(model: str) -> Claim:
 
 def longmem_claim(model: str) -> Claim:
     """LongMem (arXiv 2306.07174) reports that its memory lowers perplexity against its backbone (PG-22, by 1.38 to
-    1.62) and improves in-context learning with many demonstrations.  The small test is recall of facts older than
-    the backbone's segment (``memzoo.eval.longmem_recall``, docs/longmem.md): a small attention backbone
-    pretrained on in-segment key-value recall and frozen; streams with facts in segment 0, filler segments, and the
-    queries in the last one; LongMem's SideNet trained with the bank (`longmem-on`) and with its gate forced to 0
-    (`longmem-off`), over the same backbone with the same data and steps; scored by held-out query accuracy.
-    The bank agrees when its mean accuracy is above the gate-0 mean by more than the larger spread over seeds."""
+    1.62) and improves in-context learning with many demonstrations.  Tested here on recall of facts older than the
+    backbone's segment (docs/longmem.md): a small attention backbone pretrained on in-segment key-value recall and
+    frozen; LongMem's SideNet trained over it with the bank (`longmem-on`) and with the memory gate forced to 0
+    (`longmem-off`), same data and steps; held-out query accuracy.  The bank agrees when its mean is above the
+    gate-0 mean by more than the larger spread over seeds."""
     if model == "longmem-on":
         return Claim("LongMem: the bank lowers PPL by 1.38-1.62 on PG-22 vs its backbone, and helps in-context "
                      "learning with many demonstrations", _above(1.0))
