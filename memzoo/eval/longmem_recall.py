@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,9 +157,22 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     return float((pred.argmax(-1)[mask] == target[mask]).float().mean()), float(loss)
 
 
-def _warmup(opt: torch.optim.Optimizer, peak: float, step: int, warmup: int) -> None:
-    for group in opt.param_groups:
-        group["lr"] = peak * min(1.0, (step + 1) / warmup)
+def _fit(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+         steps: int, peak_lr: float, warmup: int, *, show_every: int, device: str | torch.device, progress: bool,
+         desc: str) -> None:
+    """``steps`` optimizer steps on ``batch()`` with a linear warm-up to ``peak_lr``; the bar shows the loss of every
+    ``show_every``-th step."""
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = peak_lr * min(1.0, (step + 1) / warmup)
+        ids, labels = (t.to(device) for t in batch())
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % show_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def pretrain_backbone(task: Task, cfg: LongMemRecallConfig, seed: int, *, device: str | torch.device = "cpu",
@@ -176,16 +190,8 @@ def pretrain_backbone(task: Task, cfg: LongMemRecallConfig, seed: int, *, device
     model = LanguageModel(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed + 1)
-    bar = tqdm(range(cfg.backbone_steps), desc=f"{desc}pretrain backbone", leave=False, disable=not progress)
-    for step in bar:
-        _warmup(opt, cfg.lr, step, BACKBONE_WARMUP)
-        ids, labels = (t.to(device) for t in task.in_segment(cfg.batch_size, g))
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    _fit(model, opt, lambda: task.in_segment(cfg.batch_size, g), cfg.backbone_steps, cfg.lr, BACKBONE_WARMUP,
+         show_every=50, device=device, progress=progress, desc=f"{desc}pretrain backbone")
     model.eval()
     with torch.no_grad():
         ids, labels = task.in_segment(cfg.eval_streams, torch.Generator().manual_seed(IN_SEGMENT_EVAL_SEED))
@@ -211,16 +217,8 @@ def train_side(backbone: LanguageModel, task: Task, cfg: LongMemRecallConfig, se
     g = torch.Generator().manual_seed(seed + 3)
     name = "SideNet + memory" if use_memory else "SideNet, gate 0"
     model.train()
-    bar = tqdm(range(cfg.side_steps), desc=f"{desc}{name}", leave=False, disable=not progress)
-    for step in bar:
-        _warmup(opt, cfg.side_lr, step, SIDE_WARMUP)
-        ids, labels = (t.to(device) for t in task.stream(cfg.batch_size, cfg.gap, g))
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    _fit(model, opt, lambda: task.stream(cfg.batch_size, cfg.gap, g), cfg.side_steps, cfg.side_lr, SIDE_WARMUP,
+         show_every=25, device=device, progress=progress, desc=f"{desc}{name}")
     model.eval()
     with torch.no_grad():
         ids, labels = task.stream(cfg.eval_streams, cfg.gap, torch.Generator().manual_seed(STREAM_EVAL_SEED))
