@@ -78,14 +78,20 @@ def mqar_claim(model: str, d: int, T: int, kv: int) -> Claim:
     return Claim("zoology: accuracy rises with state size (Fig. 2-3)", None, "qualitative (see plot)")
 
 
+# "Close together": within 2 points, under half the gap the S4D ablation reports for Real (about 5 points).
+S4D_CLOSE = 0.02
+
+
 def s4d_claim(model: str) -> Claim:
     """S4D init comparison (S4D, arXiv 2206.11893): the complex initialisations (Lin, Inv, LegS) close together,
-    the purely real one (Real) several points worse, on sCIFAR.  Tested here on sequential 8x8 digits
-    (``seq_digits``: 64 pixel tokens, then the class), the small sequential-image task scikit-learn bundles;
-    compare the rows: the claim is the ordering, not the sCIFAR numbers."""
+    the purely real one (Real) about 5 points worse, on sCIFAR.  Tested here on sequential 8x8 digits
+    (``seq_digits``: 64 pixel tokens, then the class), the small sequential-image task scikit-learn bundles: the
+    claim is the ordering, not the sCIFAR numbers.  A complex init agrees when its mean accuracy is within 2 points
+    (under half the paper's Real gap) of each other complex init's; Real agrees when every complex init's mean is
+    above it by more than the larger spread over seeds."""
     if model == "s4d-real":
-        return Claim("S4D ablation: Real several points below Lin/Inv (sCIFAR)", None, "compare with the rows above")
-    return Claim("S4D ablation: Lin ~ Inv ~ LegS (sCIFAR)", None, "compare the rows")
+        return Claim("S4D ablation: Real about 5 points below Lin/Inv/LegS (sCIFAR)", _above(1.0))
+    return Claim("S4D ablation: Lin ~ Inv ~ LegS (sCIFAR)", _below(S4D_CLOSE))
 
 
 def longmem_claim(model: str) -> Claim:

@@ -258,6 +258,36 @@ def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callabl
     return _table(header, rows)
 
 
+def _s4d_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:
+    """Accuracy per initialisation, and the ordering the claim is about: each complex init's largest distance to
+    another complex init, and Real's margin below the nearest complex init in units of the larger spread."""
+    groups = _group(runs, lambda r: r.labels["model"])
+    acc = {name: row_values([res[r.key] for r in group], "all", "accuracy") for name, group in groups.items()}
+    real = "s4d-real"
+    complex_inits = [n for n in groups if n != real]
+    rows = []
+    for name, group in groups.items():
+        vals, value, versus = acc[name], None, "pending"
+        if name == real:
+            gaps = [seed_gap(acc[c], vals, "accuracy") for c in complex_inits]
+            if all(g is not None for g in gaps):
+                value = min(gaps)
+                margin = min(statistics.fmean(acc[c]) for c in complex_inits) - statistics.fmean(vals)
+                versus = f"{margin:.3f} below the lowest complex init ({value:.1f} x spread)"
+            elif vals:
+                versus = "needs 2+ seeds of every init"
+        else:
+            others = [statistics.fmean(acc[c]) for c in complex_inits if c != name and acc[c]]
+            if vals and len(others) == len(complex_inits) - 1:
+                value = max(abs(statistics.fmean(vals) - o) for o in others)
+                versus = f"at most {value:.3f} from the other complex inits"
+        done = sum(res[r.key] is not None for r in group)
+        claim = claim_of(name)
+        rows.append([f"`{name}`", cell(vals, len(group), 3), versus, f"{done}/{len(group)}", claim.paper,
+                     _verdict(claim, value)])
+    return _table(["model", "accuracy", "ordering", "runs", "paper reports", "agrees?"], rows)
+
+
 def _longmem_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:
     """Held-out query accuracy and loss per arm of the LongMem runs (one run per seed holds every arm), chance, and
     the bank's margin over the gate-0 arm in units of the larger spread over seeds."""
@@ -399,14 +429,15 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           "order of the table, so a partly run preset has its first cells complete.", folder,
                           "mqar-<model>-d<d>-T<T>-kv<kv>-{lr<lr>,best}-s<seed>",
                           _mqar_section(by_study["mqar"], res, page, img, preset, claims["mqar"]))
-    if "hmt" in by_study:
-        lines += _section(STUDY_TITLES["hmt"], " ".join((PAPER_CLAIMS["hmt"].__doc__ or "").split()), folder,
-                          "hmt-<model>-s<seed>", _hmt_section(by_study["hmt"], res, claims["hmt"]))
-    if "longmem" in by_study:
-        lines += _section(STUDY_TITLES["longmem"], " ".join((PAPER_CLAIMS["longmem"].__doc__ or "").split()), folder,
-                          "longmem-recall-s<seed>", _longmem_section(by_study["longmem"], res, claims["longmem"]))
+    # Studies whose table compares rows with each other: (table builder, file stems).
+    compared = {"hmt": (_hmt_section, "hmt-<model>-s<seed>"), "s4d_init": (_s4d_section, "s4d_init-<model>-s<seed>"),
+                "longmem": (_longmem_section, "longmem-recall-s<seed>")}
+    for study, (table_of, stems) in compared.items():
+        if study in by_study:
+            lines += _section(STUDY_TITLES[study], " ".join((PAPER_CLAIMS[study].__doc__ or "").split()), folder,
+                              stems, table_of(by_study[study], res, claims[study]))
     for study in by_study:
-        if study in ("mac", "niah", "mqar", "hmt", "longmem"):
+        if study in ("mac", "niah", "mqar", *compared):
             continue
         rows = []
         for label, group in _group(by_study[study], lambda r: r.labels["model"]).items():

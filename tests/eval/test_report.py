@@ -331,3 +331,38 @@ def test_every_zoo_model_has_its_own_plot_style_and_the_state_plot_has_a_panel_p
 
     plt.close(fig)
     assert plt.get_fignums() == []  # the saved figure was closed
+
+
+def _s4d_rows(acc: dict[str, list[float]]) -> dict[str, list[str]]:
+    from memzoo.eval.report_claims import s4d_claim
+    from memzoo.eval.report_page import _s4d_section
+
+    runs = [r for r in build_suite("cpu") if r.study == "s4d_init"]
+    res = {r.key: None for r in runs}
+    for r in runs:
+        vals = acc.get(r.labels["model"], [])
+        if r.seed < len(vals):
+            res[r.key] = {"record": {"metrics": {"all": {"accuracy": vals[r.seed]}}}}
+    lines = _s4d_section(runs, res, s4d_claim)
+    return {line.split(" | ")[0].strip("| `"): line.strip("| ").split(" | ") for line in lines[2:]}
+
+
+def test_s4d_verdicts_test_the_ordering_complex_inits_together_and_real_below():
+    measured = {"s4d-lin": [0.95, 0.94, 0.96], "s4d-inv": [0.95, 0.95, 0.955], "s4d-legs": [0.955, 0.95, 0.96],
+                "s4d-real": [0.84, 0.82, 0.85]}
+    rows = _s4d_rows(measured)
+    assert [rows[m][-1] for m in measured] == ["agrees"] * 4
+    assert rows["s4d-real"][2] == "0.113 below the lowest complex init (7.4 x spread)"
+    assert rows["s4d-lin"][2] == "at most 0.005 from the other complex inits"
+    # One complex init 3 points off the others: it disagrees (and the init it is far from does too).
+    rows = _s4d_rows({**measured, "s4d-inv": [0.92, 0.92, 0.925]})
+    assert rows["s4d-inv"][-1] == "disagrees" and rows["s4d-legs"][-1] == "disagrees"
+    # Real below on average but within the spread of a complex init: disagrees.
+    rows = _s4d_rows({**measured, "s4d-real": [0.95, 0.90, 0.92], "s4d-lin": [0.99, 0.90, 0.94]})
+    assert rows["s4d-real"][-1] == "disagrees"
+    # Real above the complex inits: disagrees.
+    assert _s4d_rows({**measured, "s4d-real": [0.97, 0.97, 0.98]})["s4d-real"][-1] == "disagrees"
+    # Missing seeds or inits: pending, never guessed.
+    rows = _s4d_rows({**measured, "s4d-real": [0.84], "s4d-legs": []})
+    assert rows["s4d-real"][2] == "needs 2+ seeds of every init" and rows["s4d-real"][-1] == "pending"
+    assert rows["s4d-lin"][-1] == "pending" and rows["s4d-legs"][1] == "pending"
