@@ -208,6 +208,8 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
                   claim_of: Callable[..., Claim]) -> list[str]:
     rows: list[list[str]] = []
     points: list[StatePoint] = []
+    # The overview: one row per model, one column per (width, T, kv) cell, best-of-sweep accuracy.
+    overview: dict[str, dict[tuple[int, int, int], str]] = {}
     for (name, d, T, kv), group in _group(runs, lambda r: (r.labels["model"], r.d_model, r.labels["T"],
                                                            r.labels["kv"])).items():
         # Best of the learning-rate sweep per seed (zoology's reported number), then mean over seeds.  A seed
@@ -228,6 +230,7 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
         done = sum(res[r.key] is not None for r in group)
         rows.append([f"`{name}`", str(d), f"{T} ({kv})", best_lr, cell(list(complete.values()), len(seeds)),
                      f"{done}/{len(group)}", claim.paper, _verdict(claim, value)])
+        overview.setdefault(name, {})[(d, T, kv)] = cell(list(complete.values()), len(seeds))
         if value is not None:
             state = next(res[r.key]["record"]["state_floats"].get(str(T)) for r in group if res[r.key] is not None)
             if state:
@@ -235,7 +238,12 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
                 points.append((name, (T, kv), float(state), value, sd))
     png = _plot_state(points, img / f"results-{preset}-mqar-state.png", f"MQAR: recall vs state ({preset})")
     header = ["model", "d_model", "T (kv)", "best LR", "accuracy, best LR", "runs", "paper reports", "agrees?"]
-    return [*_table(header, rows), "", *_img(page, png, "MQAR accuracy vs state size")]
+    cells = list(dict.fromkeys(c for row in overview.values() for c in row))
+    summary = _table(["model", *(f"d {d}, T {T} ({kv})" for d, T, kv in cells)],
+                     [[f"`{name}`", *(row.get(c, "") for c in cells)] for name, row in overview.items()])
+    return [*summary, "", *_img(page, png, "MQAR accuracy vs state size"),
+            "<details><summary>Per cell: the sweep's best rate, the runs, the paper's claim and the verdict</summary>",
+            "", *_table(header, rows), "", "</details>", ""]
 
 
 def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:
@@ -425,8 +433,10 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
         lines += _section("MQAR: zoology Fig. 2 scaled to the CPU",
                           "Zoology's protocol (2 layers, no MLP, AdamW, cosine, early stop at 0.99; best of a "
                           "learning-rate sweep) at the widths and (T, kv) pairs of this preset. The sweep runs at "
-                          "the first seed; the other seeds rerun its best rate (`best LR`). Cells are run in the "
-                          "order of the table, so a partly run preset has its first cells complete.", folder,
+                          "the first seed; the other seeds rerun its best rate. The overview gives each model's "
+                          "best-of-sweep accuracy per cell; the table under the plot adds the best rate, the runs "
+                          "and the verdicts. Cells run left to right, so a partly run preset has its first cells "
+                          "complete.", folder,
                           "mqar-<model>-d<d>-T<T>-kv<kv>-{lr<lr>,best}-s<seed>",
                           _mqar_section(by_study["mqar"], res, page, img, preset, claims["mqar"]))
     # Studies whose table compares rows with each other: (table builder, file stems).

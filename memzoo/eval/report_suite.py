@@ -2,9 +2,10 @@
 
 Presets: ``tiny`` (CI: a few runs of a few steps, about a minute; it checks the machinery, not the claims),
 ``cpu`` (the papers' protocols scaled down for two CPU cores: the MAC, needle, S4D, LongMem and HMT studies take
-about 2.2 CPU hours, one working session; the MQAR grid of 260 runs takes about 28 more, so it runs resumably over
-several, the page estimating what is left), ``full`` (the same studies at the scale where the papers' claims can be tested; GPU).  Every
-study is declared at every preset, so the page lists what a preset would run even where it has not run yet.
+about 2.2 CPU hours, one working session; the MQAR grid of 260 runs takes about 28 more, so it runs resumably
+over several, the page estimating what is left), ``full`` (the same studies at the scale where the papers' claims
+can be tested; GPU).  Every study is declared at every preset, so the page lists what a preset would run even
+where it has not run yet.
 """
 
 from __future__ import annotations

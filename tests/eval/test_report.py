@@ -366,3 +366,24 @@ def test_s4d_verdicts_test_the_ordering_complex_inits_together_and_real_below():
     rows = _s4d_rows({**measured, "s4d-real": [0.84], "s4d-legs": []})
     assert rows["s4d-real"][2] == "needs 2+ seeds of every init" and rows["s4d-real"][-1] == "pending"
     assert rows["s4d-lin"][-1] == "pending" and rows["s4d-legs"][1] == "pending"
+
+
+def test_mqar_overview_has_a_row_per_model_and_a_column_per_cell(tmp_path):
+    from memzoo.eval.report_claims import mqar_claim
+    from memzoo.eval.report_page import _mqar_section
+
+    runs = [r for r in build_suite("cpu") if r.study == "mqar"]
+    res = {r.key: None for r in runs}
+    for r in runs:  # the first cell's attention runs finished: sweep at seed 0, the best rate at seeds 1 and 2
+        if r.labels["model"] == "attention" and (r.d_model, r.labels["T"]) == (64, 64):
+            acc = {5e-4: 0.5, 1e-3: 0.99, 2e-3: 0.9}.get(r.lr, 0.98)
+            res[r.key] = {"config": {"lr": r.lr or 1e-3}, "record": {"metrics": {"all": {"accuracy": acc}},
+                                                                      "state_floats": {"64": 8192}}}
+    lines = _mqar_section(runs, res, tmp_path / "p.md", tmp_path / "img", "cpu", mqar_claim)
+    assert lines[0] == "| model | d 64, T 64 (4) | d 128, T 64 (4) | d 64, T 128 (8) | d 128, T 128 (8) |"
+    assert "| `attention` | 0.98 ± 0.01 | pending | pending | pending |" in lines
+    assert sum(line.startswith("| `") for line in lines[:lines.index("")]) == 13
+    detail = lines[lines.index(next(x for x in lines if x.startswith("<details>"))):]
+    row = "| `attention` | 64 | 64 (4) | 0.001 | 0.98 ± 0.01 | 5/5 | zoology Fig. 2: attention ~1.00 | agrees |"
+    assert row in detail
+    assert (tmp_path / "img" / "results-cpu-mqar-state.png").exists()
