@@ -158,3 +158,52 @@ def test_unscored_rows_do_not_break_metrics():
     data = data._replace(labels=torch.full_like(data.labels, IGNORE))
     s = evaluate(RecallOracle(128, 4), data)
     assert torch.isfinite(s["loss"]).all() and (s["accuracy"] == 0).all()
+
+
+def _mqar_tiny(n_train: int = 32) -> DataSpec:
+    return DataSpec((MQARConfig(vocab_size=32, num_examples=n_train, input_seq_len=16, num_kv_pairs=2),),
+                    (MQARConfig(vocab_size=32, num_examples=8, input_seq_len=16, num_kv_pairs=2),))
+
+
+def test_cosine_per_epoch_by_default_per_step_on_request_and_eval_every_adds_curve_points(monkeypatch):
+    import math
+
+    from memzoo.eval import harness
+
+    seen = []  # the learning rate of every optimizer step
+    real_step = harness.train_step
+
+    def spy(model, opt, *a, **k):
+        seen.append(opt.param_groups[0]["lr"])
+        return real_step(model, opt, *a, **k)
+
+    monkeypatch.setattr(harness, "train_step", spy)
+    spec, lr = ModelSpec(("attention",)), 1e-2
+    # Default: zoology's cosine stepped once per epoch (4 steps per epoch here), one curve point per epoch.
+    rec = train_one(spec, 16, _mqar_tiny(), lr, 0, BenchTrainConfig(epochs=3, batch_size=8, early_stop=None),
+                    task="mqar", progress=False)
+    epoch_lr = [lr * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]
+    assert seen == pytest.approx([x for x in epoch_lr for _ in range(4)])
+    assert [c["step"] for c in rec["curve"]] == [4, 8, 12] and [c["lr"] for c in rec["curve"]] == epoch_lr
+    # "step": decayed at every step over the whole run; eval_every scores between epoch ends too.
+    seen.clear()
+    train = BenchTrainConfig(epochs=2, batch_size=8, early_stop=None, schedule="step", eval_every=3)
+    rec = train_one(spec, 16, _mqar_tiny(), lr, 0, train, task="mqar", progress=False)
+    assert seen == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)])
+    assert [c["step"] for c in rec["curve"]] == [3, 4, 6, 8] and [c["epoch"] for c in rec["curve"]] == [1, 1, 2, 2]
+    # Each point's train loss averages the steps since the previous point.
+    assert all(math.isfinite(c["train_loss"]) for c in rec["curve"])
+
+
+def test_eval_every_stops_early_between_epoch_ends():
+    # A threshold every run passes at its first scoring: the run stops at step eval_every, mid-epoch.
+    train = BenchTrainConfig(epochs=2, batch_size=8, early_stop=-1.0, eval_every=2)
+    rec = train_one(ModelSpec(("attention",)), 16, _mqar_tiny(), 1e-3, 0, train, task="mqar", progress=False)
+    assert rec["stopped_early"] and rec["steps"] == 2 and rec["epochs_run"] == 1 and len(rec["curve"]) == 1
+
+
+def test_schedule_and_eval_every_are_checked():
+    with pytest.raises(ValueError, match="schedule must be None"):
+        BenchTrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="eval_every must be None or >= 1"):
+        BenchTrainConfig(eval_every=0)
