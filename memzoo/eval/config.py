@@ -163,17 +163,8 @@ class BenchTrainConfig:
     grad_clip: float | None = None
     # "fp32", or "bf16" autocast (CUDA).
     precision: str = "fp32"
-    # The cosine's resolution: None steps it once per epoch (zoology's CosineAnnealingLR(T_max=epochs)); "step"
-    # decays it every optimizer step over the whole run (for runs of few epochs over many distinct examples).
-    schedule: str | None = None
-    # Also score the test sets (a curve point, and the early-stop check) every this many steps; None: per epoch.
-    eval_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in (None, "step"):
-            raise ValueError(f"schedule must be None (cosine stepped per epoch) or 'step', got {self.schedule!r}")
-        if self.eval_every is not None and (isinstance(self.eval_every, bool) or self.eval_every < 1):
-            raise ValueError(f"eval_every must be None or >= 1 steps, got {self.eval_every!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -215,36 +215,17 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
     curve: list[dict[str, Any]] = []
     step, stopped_early, epoch = 0, False, 0
     metrics: dict[str, dict[str, float]] = {}
-    losses: list[float] = []
-
-    def lr_now(epoch: int) -> float:
-        # zoology's CosineAnnealingLR(T_max=epochs), stepped once per epoch; or per step over the run.
-        frac = step / total if train.schedule == "step" else epoch / train.epochs
-        return lr * 0.5 * (1 + math.cos(math.pi * frac))
-
-    def score(epoch: int) -> bool:
-        """Score the test sets, add a curve point; True when the run should stop early."""
-        nonlocal metrics, losses
-        scores = [evaluate(model, d, train.eval_batch_size, device, train.precision) for d in test_sets]
-        metrics = slice_metrics(scores, test_sets)
-        value = metrics["all"][primary]
-        curve.append({"epoch": epoch + 1, "step": step, "lr": lr_now(epoch),
-                      "train_loss": sum(losses) / max(len(losses), 1), "valid_loss": metrics["all"]["loss"],
-                      primary: value, "wall_s": round(time.perf_counter() - t0, 3)})
-        losses = []
-        bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", **{primary[:3]: f"{value:.3f}"})
-        # A threshold on accuracy: a loss never stops a run early.
-        return train.early_stop is not None and higher_is_better(primary) and value > train.early_stop
-
     bar = _progress(total, desc, progress)
     try:
         for epoch in range(train.epochs):
+            # zoology's CosineAnnealingLR(T_max=epochs), stepped once per epoch.
+            epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
             model.train()
-            batches = _epoch_batches(sizes, batch_size, gen)
-            for i, (seg, idx) in enumerate(batches):
+            losses = []
+            for seg, idx in _epoch_batches(sizes, batch_size, gen):
                 warm = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
                 for group in opt.param_groups:
-                    group["lr"] = lr_now(epoch) * warm
+                    group["lr"] = epoch_lr * warm
                 x = train_sets[seg].inputs[idx].to(device)
                 y = train_sets[seg].labels[idx].to(device)
                 losses.append(train_step(model, opt, params, x, y, train, device))
@@ -252,13 +233,15 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
                 bar.update(1)
                 if step >= total:
                     break
-                # Between epoch ends only: the epoch's end scores below.
-                if train.eval_every and step % train.eval_every == 0 and i < len(batches) - 1 and score(epoch):
-                    stopped_early = True
-                    break
-            if stopped_early:
-                break
-            if score(epoch):
+            scores = [evaluate(model, d, train.eval_batch_size, device, train.precision) for d in test_sets]
+            metrics = slice_metrics(scores, test_sets)
+            value = metrics["all"][primary]
+            curve.append({"epoch": epoch + 1, "step": step, "lr": epoch_lr,
+                          "train_loss": sum(losses) / max(len(losses), 1), "valid_loss": metrics["all"]["loss"],
+                          primary: value, "wall_s": round(time.perf_counter() - t0, 3)})
+            bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", **{primary[:3]: f"{value:.3f}"})
+            # A threshold on accuracy: a loss never stops a run early.
+            if train.early_stop is not None and higher_is_better(primary) and value > train.early_stop:
                 stopped_early = True
                 break
             if step >= total:

@@ -430,15 +430,9 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           folder, "niah-<model>-d<d>-s<seed>",
                           [*table, "", *_img(page, png, "passkey exact match vs length")])
     if "mqar" in by_study:
-        first = by_study["mqar"][0]
-        n_train, tr = first.data.train[0].num_examples, first.train
-        regime = (f"{n_train:,} training examples per cell, {tr.epochs} epoch{'s' if tr.epochs > 1 else ''}, "
-                  + ("the cosine decayed every step" if tr.schedule == "step" else "the cosine stepped per epoch")
-                  + (f", scored every {tr.eval_every} steps" if tr.eval_every else ", scored per epoch") + ". ")
         lines += _section("MQAR: zoology Fig. 2 scaled to the CPU",
                           "Zoology's protocol (2 layers, no MLP, AdamW, cosine, early stop at 0.99; best of a "
-                          "learning-rate sweep) at the widths and (T, kv) pairs of this preset: " + regime
-                          + "The sweep runs at "
+                          "learning-rate sweep) at the widths and (T, kv) pairs of this preset. The sweep runs at "
                           "the first seed; the other seeds rerun its best rate. The overview gives each model's "
                           "best-of-sweep accuracy per cell; the table under the plot adds the best rate, the runs "
                           "and the verdicts. Cells run left to right, so a partly run preset has its first cells "

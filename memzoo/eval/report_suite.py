@@ -36,8 +36,7 @@ class Scale:
     mqar_lrs: tuple[float, ...]
     mqar_epochs: int
     # MQAR vocabulary (zoology: 8192).  Smaller on CPU, where the 8192-way output layer would cost most of a step.
-    mqar_vocab: int
-    # Needle: the training length; tests run at 1x, 2x and 4x it.
+    mqar_vocab: int    # Needle: the training length; tests run at 1x, 2x and 4x it.
     niah_len: int
     niah_train_examples: int
     niah_epochs: int
@@ -64,10 +63,6 @@ class Scale:
     longmem: LongMemRecallConfig = LongMemRecallConfig()
     # False for a smoke preset: its runs are too short to say anything about the papers' claims.
     tests_claims: bool = True
-    # MQAR's cosine and scoring (``BenchTrainConfig.schedule`` / ``eval_every``): None / None is zoology's, once
-    # per epoch.  A preset that sees each example once decays per step and scores every ``mqar_eval_every`` steps.
-    mqar_schedule: str | None = None
-    mqar_eval_every: int | None = None
 
 
 PRESETS: dict[str, Scale] = {
@@ -80,13 +75,9 @@ PRESETS: dict[str, Scale] = {
                                               side_steps=3, capacity=32, n_chunks=2, eval_streams=8)),
     # MQAR at vocabulary 256: at 8192 a step of 1-head attention cost 8x more on the CPU, nearly all of it in the
     # output layer.  Rates around 1e-3: at 3e-3, attention and gated delta never left 0.2 accuracy in a trial.
-    # 1000 steps over 32,000 distinct examples, each seen once: over 4,000 examples x 8 epochs (the same steps)
-    # slow learners memorised the training set instead (held-out loss rising while the training loss fell; the
-    # runs are kept in benchmarks/results/report/archive/mqar-4000x8/).
-    "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=32_000,
-                 mqar_lrs=(5e-4, 1e-3, 2e-3), mqar_epochs=1, mqar_vocab=256, niah_len=64, niah_train_examples=2000,
-                 niah_epochs=10, niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2), mqar_schedule="step",
-                 mqar_eval_every=125),
+    "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=4000,
+                 mqar_lrs=(5e-4, 1e-3, 2e-3), mqar_epochs=8, mqar_vocab=256, niah_len=64, niah_train_examples=2000,
+                 niah_epochs=10, niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2)),
     "full": Scale(d_models=(64, 128, 256, 512), mqar_grid=((64, 4), (128, 8), (256, 16), (512, 64)),
                   mqar_train_examples=100_000, mqar_lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), mqar_epochs=64,
                   mqar_vocab=8192, niah_len=2048, niah_train_examples=20_000, niah_epochs=8, niah_lr=1e-3,
@@ -126,9 +117,9 @@ def _zoo(s: Scale) -> dict[str, ModelSpec]:
     return {k: specs[k] for k in ZOO_NAMES}
 
 
-def _train(s: Scale, epochs: int, **extra: Any) -> BenchTrainConfig:
+def _train(s: Scale, epochs: int) -> BenchTrainConfig:
     return BenchTrainConfig(epochs=epochs, batch_size=s.batch_size, eval_batch_size=max(s.test_examples, 1),
-                            max_steps=s.max_steps, **extra)
+                       max_steps=s.max_steps)
 
 
 def _passkey(s: Scale, train_len: int, test_lens: tuple[int, ...], n_train: int | None = None) -> DataSpec:
@@ -156,7 +147,6 @@ def mqar_study(s: Scale) -> list[Run]:
     leaves its first cells complete rather than every cell a third done."""
     runs = []
     zoo = _zoo(s)
-    train = _train(s, s.mqar_epochs, schedule=s.mqar_schedule, eval_every=s.mqar_eval_every)
     for T, kv in s.mqar_grid:
         data = _mqar_data(s, T, kv)
         for d in s.d_models:
@@ -165,7 +155,7 @@ def mqar_study(s: Scale) -> list[Run]:
             for name, spec in zoo.items():
                 labels = {"model": name, "T": T, "kv": kv}
                 sweep = [Run(f"{stem[name]}-lr{_fmt_lr(lr)}-s{s.seeds[0]}", "mqar", "mqar", spec, d, data, lr,
-                             s.seeds[0], train, labels) for lr in s.mqar_lrs]
+                             s.seeds[0], _train(s, s.mqar_epochs), labels) for lr in s.mqar_lrs]
                 sweeps[name] = tuple(r.key for r in sweep)
                 runs += sweep
             for seed in s.seeds[1:]:
@@ -174,7 +164,7 @@ def mqar_study(s: Scale) -> list[Run]:
                     lr = None if lr_from else s.mqar_lrs[0]
                     tag = "best" if lr_from else f"lr{_fmt_lr(s.mqar_lrs[0])}"
                     runs.append(Run(f"{stem[name]}-{tag}-s{seed}", "mqar", "mqar", spec, d, data, lr, seed,
-                                    train, {"model": name, "T": T, "kv": kv}, lr_from))
+                                    _train(s, s.mqar_epochs), {"model": name, "T": T, "kv": kv}, lr_from))
     return runs
 
 
