@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .plots import _pyplot
+from .plots import _pyplot, _save
 
 __all__ = ["plot_exposures", "plot_retention", "plot_context"]
 
@@ -28,11 +28,7 @@ def _finish(fig: Any, axes: Any, path: str | Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path, _pyplot())
 
 
 def _panels(axes: Any, xs: list[Any], rows: list[dict[str, Any]], style: str, label: str, xlabel: str,

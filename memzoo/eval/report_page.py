@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .plots import _pyplot, _save
 from .report import LONGMEM_ARMS, ROOT, Run, load_result
 from .report_claims import CLAIMS as PAPER_CLAIMS
 from .report_claims import Claim, seed_gap
@@ -178,24 +179,6 @@ def _state_figure(points: list[StatePoint], title: str) -> Any:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_figwidth(), 1))
     return fig
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path, plt: Any, tight: bool = True) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if tight:
-        fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _img(page: Path, png: Path | None, alt: str) -> list[str]:

@@ -138,6 +138,9 @@ def test_studying_beats_chance_and_not_studying_does_not():
 
 
 def test_cli_writes_json_csv_and_plots(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    open_before = set(plt.get_fignums())
     args = ["memorize", "--preset", "ci", "--model", "attention", "--d-model", "32", "--n-layers", "1",
             "--n-items", "8", "--item-len", "16", "--exposures", "1,3", "--retention-updates", "4",
             "--probe-every", "2", "--pretrain-steps", "3", "--no-progress", "--out", str(tmp_path)]
@@ -154,6 +157,7 @@ def test_cli_writes_json_csv_and_plots(tmp_path, capsys):
                                   "--d-model", "32", "--n-layers", "1", "--n-items", "8", "--item-len", "16",
                                   "--pretrain-steps", "0", "--no-progress", "--out", str(tmp_path)]) == 0
     assert len(list((tmp_path / "plots").glob("*context.png"))) == 1
+    assert set(plt.get_fignums()) == open_before  # every plot closed its figure
     capsys.readouterr()
     assert bench_main(["memorize", "--model", "attention,no_such"]) == 2
     assert "--model 'no_such'" in capsys.readouterr().err
