@@ -388,3 +388,11 @@ def test_mqar_overview_has_a_row_per_model_and_a_column_per_cell(tmp_path):
     row = "| `attention` | 64 | 64 (4) | 0.001 | 0.98 ± 0.01 | 5/5 | zoology Fig. 2: attention ~1.00 | agrees |"
     assert row in detail
     assert (tmp_path / "img" / "results-cpu-mqar-state.png").exists()
+
+
+def test_a_study_without_a_table_is_refused_not_dropped(tmp_path):
+    from memzoo.eval.report_page import write_page
+
+    runs = [dataclasses.replace(r, study="new_study") for r in build_suite("tiny") if r.study == "s4d_init"]
+    with pytest.raises(ValueError, match=r"no table for the studies \['new_study'\]"):
+        write_page("tiny", runs, tmp_path, tmp_path / "results.md")
