@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -38,3 +39,15 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+
+
+@pytest.fixture(autouse=True)
+def _no_open_figures():
+    """A plot the library saves must also close its figure: a long session (a report, a memorize sweep) that
+    left one open per plot would hold them all in memory.  Checked only where pyplot was imported."""
+    yield
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None and plt.get_fignums():
+        n = len(plt.get_fignums())
+        plt.close("all")
+        pytest.fail(f"{n} matplotlib figure(s) left open")
