@@ -29,7 +29,8 @@ from tqdm import tqdm
 from memzoo.models import LanguageModel, ModelConfig
 from memzoo.models.wrappers import LongMem, LongMemConfig
 
-__all__ = ["LongMemRecallConfig", "Task", "accuracy", "pretrain_backbone", "train_side", "run_longmem_recall"]
+__all__ = ["LongMemRecallConfig", "Task", "accuracy", "pretrain_backbone", "train_side", "run_longmem_recall", "ARMS",
+           "arm_metrics"]
 
 IGNORE = -100
 # Linear warm-up of the learning rate, in steps.
@@ -257,3 +258,17 @@ def run_longmem_recall(cfg: LongMemRecallConfig, seed: int, *, device: str | tor
     record["chance"] = 1 / cfg.n_values
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
+
+
+# The arms of a ``run_longmem_recall`` record, as rows of a table: row name -> (record key, accuracy key, loss key).
+ARMS = {"longmem-on": ("memory", "query_acc", "query_loss"),
+        "longmem-off": ("no_memory", "query_acc", "query_loss"),
+        "backbone": ("backbone", "stream_acc_local", "stream_loss_local")}
+
+
+def arm_metrics(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per row of ``ARMS``, the held-out ``accuracy`` and ``loss`` of that arm of a ``run_longmem_recall`` record."""
+    missing = [key for key, _, _ in ARMS.values() if key not in record]
+    if missing:
+        raise ValueError(f"record is not a run_longmem_recall record: it lacks {missing}")
+    return {name: {"accuracy": record[key][acc], "loss": record[key][loss]} for name, (key, acc, loss) in ARMS.items()}

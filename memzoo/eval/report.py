@@ -231,21 +231,12 @@ def _harness_run(run: Run, *, device: str, progress: bool, desc: str) -> dict[st
                      progress=progress, desc=desc)
 
 
-# Rows of the LongMem table: record slice -> (arm of ``run_longmem_recall``'s record, its accuracy and loss keys).
-LONGMEM_ARMS = {"longmem-on": ("memory", "query_acc", "query_loss"),
-                "longmem-off": ("no_memory", "query_acc", "query_loss"),
-                "backbone": ("backbone", "stream_acc_local", "stream_loss_local")}
-
-
 def _longmem_recall_run(run: Run, *, device: str, progress: bool, desc: str) -> dict[str, Any]:
-    """``run_longmem_recall``'s record, plus ``primary`` and ``metrics`` as the page reads them: one slice per arm
-    (``LONGMEM_ARMS``) holding its held-out query ``accuracy`` and ``loss``."""
-    from .longmem_recall import run_longmem_recall
+    """``run_longmem_recall``'s record, plus ``primary`` and ``metrics`` as the page reads them (``arm_metrics``)."""
+    from .longmem_recall import arm_metrics, run_longmem_recall
 
     rec = run_longmem_recall(run.experiment, run.seed, device=device, progress=progress, desc=f"{desc} ")
-    metrics = {name: {"accuracy": rec[arm][acc], "loss": rec[arm][loss]}
-               for name, (arm, acc, loss) in LONGMEM_ARMS.items()}
-    return {**rec, "primary": "accuracy", "metrics": metrics}
+    return {**rec, "primary": "accuracy", "metrics": arm_metrics(rec)}
 
 
 # Experiments other than ``train_one``, by ``Run.task``: (run, device, progress, desc) -> record with ``primary``

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .longmem_recall import ARMS as LONGMEM_ARMS
 from .plots import _pyplot, _save
-from .report import LONGMEM_ARMS, ROOT, Run, load_result
+from .report import ROOT, Run, load_result
 from .report_claims import CLAIMS as PAPER_CLAIMS
 from .report_claims import Claim, seed_gap
 

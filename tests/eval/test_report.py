@@ -13,7 +13,9 @@ import pytest
 
 from memzoo.eval.cli import main as bench_main
 from memzoo.eval.harness import train_one
-from memzoo.eval.report import LONGMEM_ARMS, Run, _claim, load_result, run_path, run_suite
+from memzoo.eval.longmem_recall import ARMS as LONGMEM_ARMS
+from memzoo.eval.longmem_recall import arm_metrics
+from memzoo.eval.report import Run, _claim, load_result, run_path, run_suite
 from memzoo.eval.report_claims import hmt_claim, longmem_claim, seed_gap
 from memzoo.eval.report_page import _length_table, _longmem_section, _progress_row, _verdict, cell
 from memzoo.eval.report_suite import PRESETS, STUDIES, build_suite
@@ -157,6 +159,17 @@ def test_hmt_agrees_only_below_its_backbone_by_more_than_the_spread():
     assert gap([1.9, 1.9], [2.0, 2.0]) == float("inf")
     assert _verdict(claim, gap([1.9])) == "pending"
     assert hmt_claim("swa").check is None
+
+
+def test_longmem_arm_metrics_reads_each_arm_and_refuses_another_record():
+    arm = {"query_acc": 0.5, "query_loss": 1.5}
+    rec = {"memory": arm, "no_memory": {"query_acc": 0.1, "query_loss": 2.5},
+           "backbone": {"stream_acc_local": 0.2, "stream_loss_local": 3.0}}
+    assert arm_metrics(rec) == {"longmem-on": {"accuracy": 0.5, "loss": 1.5},
+                                "longmem-off": {"accuracy": 0.1, "loss": 2.5},
+                                "backbone": {"accuracy": 0.2, "loss": 3.0}}
+    with pytest.raises(ValueError, match=r"lacks \['no_memory'\]"):
+        arm_metrics({"memory": arm, "backbone": rec["backbone"]})
 
 
 def test_tiny_longmem_study_runs_both_arms_per_seed_and_writes_its_table(tmp_path, capsys):
