@@ -204,7 +204,29 @@ def _check_model(cfg: TrainConfig, model: Any, tok: Any) -> None:
                                   f"state that grows without bound (e.g. set model.mixers.{name}.window)") from None
 
 
-def _resume_from(cfg: TrainConfig, out: Path) -> Path | None:
+def _resume_from(cfg: TrainConfig, out: Path, acc: Any) -> Path | None:
+    """The checkpoint to resume from (``ckpt.resume``), or None.  Under several processes the main one decides and
+    sends its choice (or its error) to the others: only one process reads and hashes the checkpoint files, every
+    rank resumes from the same folder, and a warning about a skipped checkpoint is printed once."""
+    from accelerate.utils import broadcast_object_list
+
+    if acc.num_processes == 1:
+        return _choose_resume(cfg, out)
+    box: list[Any] = [None]
+    if acc.is_main_process:
+        try:
+            path = _choose_resume(cfg, out)
+            box = [("path", None if path is None else str(path))]
+        except ConfigError as e:
+            box = [("error", str(e))]
+    broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return None if value is None else Path(value)
+
+
+def _choose_resume(cfg: TrainConfig, out: Path) -> Path | None:
     resume = cfg.ckpt.resume
     if resume == "none":
         if latest_checkpoint(out) is not None:
@@ -247,7 +269,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     out = Path(cfg.out_dir)
-    resume = _resume_from(cfg, out)
     run_name = cfg.log.run_name or out.name
     t = cfg.train
     acc = Accelerator(
@@ -264,6 +285,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"launched as {launched} processes, but Accelerate formed a group of {world} on "
                           f"{acc.device}: every process would train alone and write {str(out)!r}; check the launch "
                           "config against this machine's devices")
+    resume = _resume_from(cfg, out, acc)
     set_seed(t.seed)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

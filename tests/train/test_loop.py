@@ -76,10 +76,20 @@ from pathlib import Path
 import torch
 sys.path.insert(0, sys.argv[3])
 from conftest import small_config
+import os
+import memzoo.train.checkpoint as ckpt
 from memzoo.train import train
 torch.set_num_threads(1)
-train(small_config(Path(sys.argv[1]), train__micro_bs=2, train__max_steps=3, log__eval_every=3,
-                   **json.loads(sys.argv[2])))
+if os.environ.get("VERIFY_LOG"):  # record which ranks hash a checkpoint
+    verify = ckpt.verify_checkpoint
+    def logged(path):
+        with open(os.environ["VERIFY_LOG"], "a") as f:
+            f.write(os.environ["RANK"] + "\\n")
+        return verify(path)
+    ckpt.verify_checkpoint = logged
+kw = dict(train__micro_bs=2, train__max_steps=3, log__eval_every=3)
+kw.update(json.loads(sys.argv[2]))
+train(small_config(Path(sys.argv[1]), **kw))
 """
 
 
@@ -127,6 +137,17 @@ def test_two_processes_equal_one_process_with_the_global_batch(overrides, tmp_pa
     if "data__pack" in overrides:
         assert {p.name for p in latest_checkpoint(tmp_path / "ddp").glob("stream_state_*.pt")} == {
             "stream_state_0.pt", "stream_state_1.pt"}
+
+
+def test_two_processes_resume_auto_from_one_checkpoint_hashed_by_the_main_process(tmp_path, monkeypatch):
+    run_two_processes(tmp_path / "ddp", {})
+    log = tmp_path / "verified.txt"
+    monkeypatch.setenv("VERIFY_LOG", str(log))
+    run_two_processes(tmp_path / "ddp", {"ckpt__resume": "auto", "train__max_steps": 5, "log__eval_every": 5})
+    # Rank 0 alone read and hashed checkpoint_3; both ranks resumed from it and ran steps 4 and 5.
+    assert log.read_text().split() == ["0"]
+    assert sorted(losses(tmp_path / "ddp")) == [1, 2, 3, 4, 5]
+    assert latest_checkpoint(tmp_path / "ddp").name == "checkpoint_5"
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
