@@ -204,13 +204,14 @@ def _check_model(cfg: TrainConfig, model: Any, tok: Any) -> None:
                                   f"state that grows without bound (e.g. set model.mixers.{name}.window)") from None
 
 
-def _resume_from(cfg: TrainConfig, out: Path, acc: Any) -> Path | None:
+def _resume_from(cfg: TrainConfig, out: Path, acc: Any = None) -> Path | None:
     """The checkpoint to resume from (``ckpt.resume``), or None.  Under several processes the main one decides and
     sends its choice (or its error) to the others: only one process reads and hashes the checkpoint files, every
-    rank resumes from the same folder, and a warning about a skipped checkpoint is printed once."""
+    rank resumes from the same folder, and a warning about a skipped checkpoint is printed once.  ``acc``: the
+    run's Accelerator (None: one process)."""
     from accelerate.utils import broadcast_object_list
 
-    if acc.num_processes == 1:
+    if acc is None or acc.num_processes == 1:
         return _choose_resume(cfg, out)
     box: list[Any] = [None]
     if acc.is_main_process:
