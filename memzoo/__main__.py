@@ -8,7 +8,7 @@ import inspect
 import torch
 
 import memzoo
-from memzoo.kernels import triton_available
+from memzoo.kernels import MIN_TRITON, triton_available, triton_version
 from memzoo.models.wrappers.base import WRAPPERS
 
 
@@ -45,7 +45,10 @@ def main() -> None:
         print(f"  {name:<22} {_millions(m):8.2f}M params   {m.n_layers} x {m.d_model} {'+'.join(m.pattern)}, "
               f"seq {cfg.data.seq_len}, {cfg.train.max_steps} steps")
     optional = {"triton": triton_available(), "flash_attn": importlib.util.find_spec("flash_attn") is not None}
-    print("optional: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in optional.items()))
+    line = "optional: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in optional.items())
+    if triton_version() is not None and not triton_available():
+        line += f" (triton {triton_version()} is older than {'.'.join(map(str, MIN_TRITON))}: the references run)"
+    print(line)
 
 
 if __name__ == "__main__":

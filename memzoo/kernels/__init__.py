@@ -11,15 +11,18 @@ The recurrence ops' signatures follow flash-linear-attention so users can swap:
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
+import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["IMPLS", "IMPL_ENV_VAR", "EMPTY", "check_chunk_options", "dispatch", "resolve_impl", "triton_available",
-           "with_empty_grads"]
+__all__ = ["IMPLS", "IMPL_ENV_VAR", "EMPTY", "MIN_TRITON", "check_chunk_options", "dispatch", "resolve_impl",
+           "triton_available", "triton_version", "with_empty_grads"]
 
 IMPLS = ("auto", "triton", "ref")
 # Users force a path everywhere (e.g. "ref" while debugging) without touching code.
@@ -32,12 +35,51 @@ EMPTY = "empty"
 _log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
 
-# Looked up once at import without importing Triton (slow), so torch.compile sees a constant.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+# The oldest Triton release the kernels are checked against: each of them compiles for sm_80 and sm_90 with it
+# (``python -m memzoo.kernels.aot``).  An older Triton is not used: "auto" runs the PyTorch references and
+# impl="triton" raises.  Keep in step with the ``triton`` extra in pyproject.toml (a test checks).
+MIN_TRITON = (3, 5)
+
+
+def _installed_triton() -> str | None:
+    """The installed Triton's version from package metadata (importing Triton is slow), "unknown" when the module
+    is there without metadata (a source build), None when it is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _too_old(version: str | None) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return m is not None and (int(m[1]), int(m[2])) < MIN_TRITON
+
+
+# Looked up once at import, so torch.compile sees constants.
+_TRITON_VERSION = _installed_triton()
+_TRITON_TOO_OLD = _too_old(_TRITON_VERSION)
+_HAS_TRITON = _TRITON_VERSION is not None and not _TRITON_TOO_OLD
+_warned_old = False
 
 
 def triton_available() -> bool:
+    """Whether the Triton kernels can run here: Triton is installed and not older than ``MIN_TRITON``."""
     return _HAS_TRITON
+
+
+def triton_version() -> str | None:
+    """The installed Triton's version (None when it is not installed), whether or not memzoo can use it."""
+    return _TRITON_VERSION
+
+
+def _old_triton_message() -> str:
+    need = ".".join(map(str, MIN_TRITON))
+    return (f"triton {_TRITON_VERSION} is older than {need}, the oldest release memzoo's kernels are checked with; "
+            f"install triton>={need} (it comes with torch>=2.9)")
 
 
 def _interpreting() -> bool:
@@ -57,7 +99,15 @@ def resolve_impl(impl: str, x: Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl (or ${IMPL_ENV_VAR}) must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
+        if x.is_cuda and _TRITON_TOO_OLD:
+            global _warned_old
+            if not _warned_old and not torch.compiler.is_compiling():
+                _warned_old = True
+                warnings.warn(_old_triton_message() + "; the PyTorch references run instead (slower)", stacklevel=3)
+            return "ref"
         return "triton" if x.is_cuda and triton_available() else "ref"
+    if impl == "triton" and _TRITON_TOO_OLD:
+        raise RuntimeError(f"impl='triton': {_old_triton_message()}")
     if impl == "triton" and not (triton_available() and (x.is_cuda or _interpreting())):
         raise RuntimeError(
             f"impl='triton' needs triton installed and CUDA inputs (or TRITON_INTERPRET=1 on CPU); "

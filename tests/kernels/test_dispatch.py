@@ -1,10 +1,14 @@
 import logging
+import re
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from op_table import IDS, OPS
 
-from memzoo.kernels import IMPL_ENV_VAR, resolve_impl, triton_available
+import memzoo.kernels as kernels
+from memzoo.kernels import IMPL_ENV_VAR, MIN_TRITON, resolve_impl, triton_available
 from memzoo.kernels.gated_delta import chunk_gated_delta_rule
 from memzoo.kernels.gla import chunk_gla, chunk_simple_gla, fused_recurrent_gla
 
@@ -20,6 +24,35 @@ def test_forcing_triton_where_it_cannot_run_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="impl='triton' needs"):
         resolve_impl("triton", torch.zeros(1))
+
+
+def _pretend_triton(monkeypatch, version: str) -> None:
+    too_old = kernels._too_old(version)
+    monkeypatch.setattr(kernels, "_TRITON_VERSION", version)
+    monkeypatch.setattr(kernels, "_TRITON_TOO_OLD", too_old)
+    monkeypatch.setattr(kernels, "_HAS_TRITON", not too_old)
+    monkeypatch.setattr(kernels, "_warned_old", False)
+
+
+def test_a_triton_older_than_the_checked_one_is_not_used(monkeypatch):
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cuda = types.SimpleNamespace(is_cuda=True, device="cuda:0")  # all resolve_impl reads of an input
+    _pretend_triton(monkeypatch, "3.4.0")
+    assert not triton_available() and kernels.triton_version() == "3.4.0"
+    with pytest.warns(UserWarning, match=r"triton 3\.4\.0 is older than 3\.5.*references run"):
+        assert resolve_impl("auto", cuda) == "ref"
+    with pytest.raises(RuntimeError, match=r"impl='triton': triton 3\.4\.0 is older than 3\.5"):
+        resolve_impl("triton", torch.zeros(1))
+    _pretend_triton(monkeypatch, "3.5.0")
+    assert triton_available() and resolve_impl("auto", cuda) == "triton"
+    assert not kernels._too_old("3.10.1+git1234") and not kernels._too_old("unknown")
+
+
+def test_the_oldest_checked_triton_is_the_one_the_extra_asks_for():
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    lower = re.search(r'"triton>=(\d+)\.(\d+)', pyproject)
+    assert lower is not None and (int(lower[1]), int(lower[2])) == MIN_TRITON
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")

@@ -244,7 +244,7 @@ def test_triton_chunk_matches_reference_on_gpu(B, T, D, chunk_size, gate, l2, us
 
 
 @needs_triton
-def test_tf32_switch_reaches_the_kernels(gpu_like_dots):
+def test_tf32_switch_reaches_the_triton_kernels(gpu_like_dots):
     # A switch that never reached a kernel would pass the error-bound tests above (exact fp32 is within them).
     ins, h0 = make_inputs(1, 40, 2, 32, 32, h0=True)
     outs = {p: chunk_gated_delta_rule(*ins, initial_state=h0, output_final_state=True, chunk_size=16,
@@ -399,7 +399,7 @@ def test_triton_recurrent_refuses_grads_and_runs_under_no_grad():
 
 
 @needs_triton
-def test_decode_steps_continue_a_chunked_prefill():
+def test_triton_decode_steps_continue_a_chunked_prefill():
     ins, h0 = make_inputs(1, 40, 2, 32, 32)
     o_full, h_full = chunk_gated_delta_rule(*ins, initial_state=h0, output_final_state=True, impl="triton",
                                             chunk_size=16, precision="ieee")
@@ -415,7 +415,7 @@ def test_decode_steps_continue_a_chunked_prefill():
 
 
 @needs_triton
-def test_custom_ops_pass_opcheck():
+def test_triton_custom_ops_pass_opcheck():
     from memzoo.kernels.gated_delta import triton_chunk, triton_recurrent
 
     ins, h0 = make_inputs(1, 20, 1, 16, 16)
