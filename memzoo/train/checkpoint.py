@@ -1,6 +1,7 @@
 """Checkpoints: atomic ``accelerator.save_state`` folders, ``--resume auto``, and the exported final model.
 
-    out/checkpoints/checkpoint_{step}/   model, optimizer, scheduler, RNG, trainer_state (+ stream_state_{rank}.pt)
+    out/checkpoints/checkpoint_{step}/   model, optimizer, scheduler, RNG, trainer_state, torch_rng_{rank}.pt
+                                         (+ stream_state_{rank}.pt)
     out/final/                           model.safetensors + config.json + tokenizer files
                                          (+ wrapper.json for a wrapper, which chooses what it saves:
                                          HMT everything, LongMem the SideNet only)
@@ -238,6 +239,9 @@ def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, ke
     if carried_state is not None:
         leaves = [t.detach().cpu() for t in state_leaves(carried_state)]
         torch.save(leaves, tmp / f"stream_state_{accelerator.process_index}.pt")
+    # torch's generators (dropout draws from them) once more, in a form any torch.load reads: Accelerate's own copy
+    # holds numpy objects that it fails to load under some numpy/torch pairs, and then it only logs at INFO.
+    torch.save(_torch_rng(), tmp / f"torch_rng_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         Path(tmp, "trainer_state.json").write_text(json.dumps(state.state_dict(), indent=2))
@@ -251,6 +255,33 @@ def save_checkpoint(accelerator: Any, out_dir: str | Path, state: TrainState, ke
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _torch_rng() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_torch_rng(checkpoint: str | Path, rank: int) -> bool:
+    """After ``accelerator.load_state``: make torch's generators those this rank saved in ``checkpoint``.
+
+    Returns True when they differed, i.e. Accelerate did not restore them (it logs "Could not load random states"
+    at INFO and goes on); they are then set from memzoo's copy.  A checkpoint from an older memzoo has no copy:
+    False, nothing changed.
+    """
+    path = Path(checkpoint, f"torch_rng_{rank}.pt")
+    if not path.is_file():
+        return False
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    cuda_now = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    same = torch.equal(saved["cpu"], torch.get_rng_state()) and len(saved["cuda"]) == len(cuda_now) and all(
+        torch.equal(a, b) for a, b in zip(saved["cuda"], cuda_now))
+    if same:
+        return False
+    torch.set_rng_state(saved["cpu"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    return True
 
 
 def load_carried_state(checkpoint: str | Path, rank: int, template: Any) -> Any:

@@ -39,6 +39,7 @@ from .checkpoint import (
     export_model,
     latest_checkpoint,
     load_carried_state,
+    restore_torch_rng,
     resumable_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -328,6 +329,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     carried = None
     if resume is not None:
         acc.load_state(str(resume))
+        if restore_torch_rng(resume, rank):
+            warnings.warn(f"Accelerate did not restore the random generators of {resume} (numpy < 1.25 with "
+                          "torch >= 2.6 is one cause); memzoo set torch's from its own copy, so the run continues "
+                          "exactly", CheckpointWarning, stacklevel=2)
         if carry:
             template = lm.init_state(t.micro_bs, device=acc.device)
             carried = load_carried_state(resume, rank, template)

@@ -26,7 +26,7 @@ RUN = dict(train__max_steps=4, ckpt__every=2, ckpt__keep=5)
 STREAM = {"data__pack": "stream", "model__mixers__attention__window": 24}
 # The files Accelerate and the trainer write into every checkpoint of this run (stream packing adds its state).
 FILES = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-         "trainer_state.json", "stream_state_0.pt"]
+         "trainer_state.json", "stream_state_0.pt", "torch_rng_0.pt"]
 
 
 def losses(run: Path) -> dict[int, float]:
