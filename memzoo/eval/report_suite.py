@@ -36,7 +36,8 @@ class Scale:
     mqar_lrs: tuple[float, ...]
     mqar_epochs: int
     # MQAR vocabulary (zoology: 8192).  Smaller on CPU, where the 8192-way output layer would cost most of a step.
-    mqar_vocab: int    # Needle: the training length; tests run at 1x, 2x and 4x it.
+    mqar_vocab: int
+    # Needle: the training length; tests run at 1x, 2x and 4x it.
     niah_len: int
     niah_train_examples: int
     niah_epochs: int
@@ -119,7 +120,7 @@ def _zoo(s: Scale) -> dict[str, ModelSpec]:
 
 def _train(s: Scale, epochs: int) -> BenchTrainConfig:
     return BenchTrainConfig(epochs=epochs, batch_size=s.batch_size, eval_batch_size=max(s.test_examples, 1),
-                       max_steps=s.max_steps)
+                            max_steps=s.max_steps)
 
 
 def _passkey(s: Scale, train_len: int, test_lens: tuple[int, ...], n_train: int | None = None) -> DataSpec:

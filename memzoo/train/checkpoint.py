@@ -272,11 +272,9 @@ def restore_torch_rng(checkpoint: str | Path, rank: int) -> bool:
     path = Path(checkpoint, f"torch_rng_{rank}.pt")
     if not path.is_file():
         return False
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    cuda_now = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    same = torch.equal(saved["cpu"], torch.get_rng_state()) and len(saved["cuda"]) == len(cuda_now) and all(
-        torch.equal(a, b) for a, b in zip(saved["cuda"], cuda_now))
-    if same:
+    saved, now = torch.load(path, map_location="cpu", weights_only=True), _torch_rng()
+    if len(saved["cuda"]) == len(now["cuda"]) and all(
+            torch.equal(a, b) for a, b in zip([saved["cpu"], *saved["cuda"]], [now["cpu"], *now["cuda"]])):
         return False
     torch.set_rng_state(saved["cpu"])
     if saved["cuda"] and torch.cuda.is_available():
