@@ -1,5 +1,7 @@
 """The lm-eval adapter's methods against the model's own logits (no lm-eval task downloads)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,18 +80,17 @@ def test_registered_and_checked():
         MemzooLM()
 
 
-_TASK_DATA = '''import datasets
-
-
-def build(**kwargs):
-    rows = [{"context": "The sky is", "target": " blue", "choices": [" blue", " green"], "label": 0},
-            {"context": "One two", "target": " three", "choices": [" four", " three"], "label": 1}]
-    return {"test": datasets.Dataset.from_list(rows)}
-'''
+# The documents as a local JSON-lines file read by datasets' packaged "json" builder: no hub, and the same YAML
+# works across the lm-eval range (``custom_dataset`` would need a newer lm-eval than the extra's floor).
+_TASK_ROWS = [{"context": "The sky is", "target": " blue", "choices": [" blue", " green"], "label": 0},
+              {"context": "One two", "target": " three", "choices": [" four", " three"], "label": 1}]
 
 _TASK_YAML = '''task: {name}
-dataset_path: ""
-custom_dataset: !function memzoo_tiny_data.build
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
 output_type: {kind}
 test_split: test
 doc_to_text: "{{{{context}}}}"
@@ -107,17 +108,19 @@ def test_simple_evaluate_runs_locally_defined_tasks_offline(tmp_path, lm, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
-    (tmp_path / "memzoo_tiny_data.py").write_text(_TASK_DATA)
-    (tmp_path / "mc.yaml").write_text(_TASK_YAML.format(name="memzoo_tiny_mc", kind="multiple_choice",
+    data = tmp_path / "memzoo_tiny.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _TASK_ROWS))
+    where = {"data": json.dumps(str(data)), "cache": json.dumps(str(tmp_path / "hf-cache"))}
+    (tmp_path / "mc.yaml").write_text(_TASK_YAML.format(**where, name="memzoo_tiny_mc", kind="multiple_choice",
                                                         target="{{label}}", extra='doc_to_choice: "{{choices}}"',
                                                         metric="acc"))
     gen = 'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false'
-    (tmp_path / "gen.yaml").write_text(_TASK_YAML.format(name="memzoo_tiny_gen", kind="generate_until",
+    (tmp_path / "gen.yaml").write_text(_TASK_YAML.format(**where, name="memzoo_tiny_gen", kind="generate_until",
                                                          target="{{target}}", extra=gen, metric="exact_match"))
     res = lm_eval.simple_evaluate(model=lm, tasks=["memzoo_tiny_mc", "memzoo_tiny_gen"],
                                   task_manager=TaskManager(include_path=str(tmp_path)))["results"]
     # The harness's multiple-choice accuracy is the adapter's own log-likelihood comparison.
-    docs = [("The sky is", [" blue", " green"], 0), ("One two", [" four", " three"], 1)]
+    docs = [(r["context"], r["choices"], r["label"]) for r in _TASK_ROWS]
     expect = sum(max(range(2), key=lambda i, c=c, ch=ch: _direct_logprob(lm.model, c, ch[i])) == y
                  for c, ch, y in docs) / 2
     assert res["memzoo_tiny_mc"]["acc,none"] == pytest.approx(expect)
