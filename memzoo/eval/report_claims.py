@@ -13,7 +13,18 @@ from dataclasses import dataclass
 
 from .tasks import higher_is_better
 
-__all__ = ["Claim", "CLAIMS", "seed_gap"]
+__all__ = ["Claim", "CLAIMS", "Trend", "seed_gap", "trend_verdict"]
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A claim that a row lies above (``sign`` +1) or below (-1) another row of the same model, the ``versus``
+    cell of its table; ``label`` names the axis (e.g. "width")."""
+
+    label: str
+    paper: str
+    versus: tuple
+    sign: int
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,8 @@ class Claim:
     # LongMem); None = not testable.
     check: Callable[[float], bool] | None = None
     untestable: str = ""
+    # Claims about this row against other rows (MQAR's width and length trends); ``trend_verdict`` tests each.
+    trends: tuple[Trend, ...] = ()
 
 
 def _at_least(x: float) -> Callable[[float], bool]:
@@ -68,14 +81,54 @@ def mac_claim(variant: str) -> Claim:
     return Claim(f"Titans Tab. 2 PK: {_TITANS_PK['titans_mac']} %", _at_least(0.9))
 
 
-# Zoology Fig. 2 (read off the figure, spec eval.md): attention ~1.00 at every width and (T, kv).
-def mqar_claim(model: str, d: int, T: int, kv: int) -> Claim:
-    """Zoology Fig. 2: attention solves MQAR at every width; fixed-state models need width growing with kv."""
+# Zoology Fig. 2 (read off the figure, spec eval.md): attention ~1.00 at every width and (T, kv); every fixed-state
+# model gains from d 64 to d 128 at T 64 (4) and at T 128 (8) (H3 .90 -> .97 and .25 -> .72) and loses from T 64 (4)
+# to T 128 (8) at each width (H3 .90 -> .25 at d 64, .97 -> .72 at d 128).
+_WIDTH = "zoology Fig. 2: rises with the width (H3 .90 -> .97 at T 64)"
+_LENGTH = "zoology Fig. 2: falls from T 64 (4) to T 128 (8) (H3 .90 -> .25 at d 64)"
+_SWA_LENGTH = "Based Fig. 2: a window bounds recall; falls from T 64 (4) to T 128 (8)"
+# Both rows at or above this: no room left to rise (a width trend is then not testable).
+MQAR_SATURATED = 0.95
+
+
+def mqar_claim(model: str, d: int, T: int, kv: int, cells: tuple[tuple[int, int, int], ...] = ()) -> Claim:
+    """Zoology Fig. 2: attention solves MQAR at every width; a fixed-state model (every other row, its state grows
+    with the width) gains from the next smaller width at the same (T, kv) and loses from the previous (T, kv) at the
+    same width.  ``cells``: the preset's (d, T, kv) cells; each row is tested against its neighbours there (the
+    smallest width at the first (T, kv) is the reference of both trends).  A trend agrees when the row lies beyond
+    its neighbour in the claimed direction by more than the larger spread over seeds."""
     if model == "attention":
         return Claim("zoology Fig. 2: attention ~1.00", _at_least(0.9))
-    if model == "swa":
-        return Claim("zoology Fig. 2: SWA falls as T outgrows the window", None, "qualitative (see plot)")
-    return Claim("zoology: accuracy rises with state size (Fig. 2-3)", None, "qualitative (see plot)")
+    widths = sorted({c[0] for c in cells})
+    pairs = list(dict.fromkeys((c[1], c[2]) for c in cells))
+    trends = []
+    if model != "swa" and d in widths and widths.index(d) > 0:
+        trends.append(Trend("width", _WIDTH, (widths[widths.index(d) - 1], T, kv), +1))
+    if (T, kv) in pairs and pairs.index((T, kv)) > 0:
+        prev = pairs[pairs.index((T, kv)) - 1]
+        trends.append(Trend("length", _SWA_LENGTH if model == "swa" else _LENGTH, (d, *prev), -1))
+    if trends:
+        return Claim("; ".join(t.paper for t in trends), trends=tuple(trends))
+    if (d, T, kv) in cells:
+        return Claim(_SWA_LENGTH if model == "swa" else f"{_WIDTH}; {_LENGTH}", None,
+                     "the reference cell of the trends" if model != "swa" or len(pairs) > 1 else "one (T, kv) only")
+    return Claim(_WIDTH, None, "no neighbouring cell at this preset")
+
+
+def trend_verdict(trend: Trend, values: list[float], versus: list[float]) -> tuple[str, str]:
+    """The difference of the row's mean from its ``versus`` row's, and the verdict: "agrees" beyond the larger
+    spread in the claimed direction, "disagrees" beyond it the other way, "within the spread" between, "not
+    testable (both >= 0.95)" for a rise between two saturated rows; "pending" until both rows have two seeds."""
+    gap = seed_gap(values, versus, "accuracy")
+    if gap is None:
+        return f"{trend.label}: needs 2+ seeds of both", f"{trend.label}: pending"
+    delta = statistics.fmean(values) - statistics.fmean(versus)
+    shown = f"{trend.label}: {delta:+.2f} ({gap:.1f} x spread)"
+    if trend.sign > 0 and min(statistics.fmean(values), statistics.fmean(versus)) >= MQAR_SATURATED:
+        return shown, f"{trend.label}: not testable (both >= {MQAR_SATURATED})"
+    gap *= trend.sign
+    verdict = "agrees" if gap > 1 else "disagrees" if gap < -1 else "within the spread"
+    return shown, f"{trend.label}: {verdict}"
 
 
 # "Close together": within 2 points, under half the gap the S4D ablation reports for Real (about 5 points).

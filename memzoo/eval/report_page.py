@@ -18,7 +18,7 @@ from .longmem_recall import ARMS as LONGMEM_ARMS
 from .plots import _pyplot, _save
 from .report import ROOT, Run, load_result
 from .report_claims import CLAIMS as PAPER_CLAIMS
-from .report_claims import Claim, seed_gap
+from .report_claims import Claim, seed_gap, trend_verdict
 
 __all__ = ["write_page", "cell", "row_values"]
 
@@ -190,39 +190,49 @@ def _img(page: Path, png: Path | None, alt: str) -> list[str]:
 
 def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img: Path, preset: str,
                   claim_of: Callable[..., Claim]) -> list[str]:
-    rows: list[list[str]] = []
-    points: list[StatePoint] = []
-    # The overview: one row per model, one column per (width, T, kv) cell, best-of-sweep accuracy.
-    overview: dict[str, dict[tuple[int, int, int], str]] = {}
-    for (name, d, T, kv), group in _group(runs, lambda r: (r.labels["model"], r.d_model, r.labels["T"],
-                                                           r.labels["kv"])).items():
-        # Best of the learning-rate sweep per seed (zoology's reported number), then mean over seeds.  A seed
-        # that reruns the sweep's best rate (``lr_from``) has one run, which is its best.
-        best: dict[int, tuple[float, float]] = {}
+    groups = _group(runs, lambda r: (r.labels["model"], r.d_model, r.labels["T"], r.labels["kv"]))
+    cells = tuple(dict.fromkeys((d, T, kv) for _, d, T, kv in groups))
+    # Best of the learning-rate sweep per seed (zoology's reported number), for the seeds whose runs all finished.
+    # A seed that reruns the sweep's best rate (``lr_from``) has one run, which is its best.
+    best: dict[tuple, dict[int, tuple[float, float]]] = {}
+    complete: dict[tuple, dict[int, float]] = {}
+    for key, group in groups.items():
+        best[key] = {}
         for r in group:
             p = res[r.key]
             if p is not None:
                 acc = _metric(p, "all", "accuracy")
-                if r.seed not in best or acc > best[r.seed][0]:
-                    best[r.seed] = (acc, p["config"]["lr"])
-        seeds = {r.seed for r in group}
-        complete = {s: v[0] for s, v in best.items() if all(res[r.key] is not None for r in group if r.seed == s)}
-        sweep_seed = min(seeds)
-        best_lr = f"{best[sweep_seed][1]:g}" if sweep_seed in complete else "pending"
-        claim = claim_of(name, d, T, kv)
-        value = statistics.fmean(complete.values()) if complete else None
+                if r.seed not in best[key] or acc > best[key][r.seed][0]:
+                    best[key][r.seed] = (acc, p["config"]["lr"])
+        complete[key] = {s: v[0] for s, v in best[key].items()
+                         if all(res[r.key] is not None for r in group if r.seed == s)}
+    rows: list[list[str]] = []
+    points: list[StatePoint] = []
+    # The overview: one row per model, one column per (width, T, kv) cell, best-of-sweep accuracy.
+    overview: dict[str, dict[tuple[int, int, int], str]] = {}
+    for (name, d, T, kv), group in groups.items():
+        key, seeds = (name, d, T, kv), {r.seed for r in group}
+        vals, sweep_seed = list(complete[key].values()), min(seeds)
+        best_lr = f"{best[key][sweep_seed][1]:g}" if sweep_seed in complete[key] else "pending"
+        claim = claim_of(name, d, T, kv, cells)
+        value = statistics.fmean(vals) if vals else None
+        if claim.trends:
+            tested = [trend_verdict(t, vals, list(complete.get((name, *t.versus), {}).values())) for t in claim.trends]
+            versus, verdict = "; ".join(v for v, _ in tested), "; ".join(v for _, v in tested)
+        else:
+            versus, verdict = "", _verdict(claim, value)
         done = sum(res[r.key] is not None for r in group)
-        rows.append([f"`{name}`", str(d), f"{T} ({kv})", best_lr, cell(list(complete.values()), len(seeds)),
-                     f"{done}/{len(group)}", claim.paper, _verdict(claim, value)])
-        overview.setdefault(name, {})[(d, T, kv)] = cell(list(complete.values()), len(seeds))
+        rows.append([f"`{name}`", str(d), f"{T} ({kv})", best_lr, cell(vals, len(seeds)), f"{done}/{len(group)}",
+                     claim.paper, versus, verdict])
+        overview.setdefault(name, {})[(d, T, kv)] = cell(vals, len(seeds))
         if value is not None:
             state = next(res[r.key]["record"]["state_floats"].get(str(T)) for r in group if res[r.key] is not None)
             if state:
-                sd = statistics.stdev(complete.values()) if len(complete) > 1 else 0.0
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 points.append((name, (T, kv), float(state), value, sd))
     png = _plot_state(points, img / f"results-{preset}-mqar-state.png", f"MQAR: recall vs state ({preset})")
-    header = ["model", "d_model", "T (kv)", "best LR", "accuracy, best LR", "runs", "paper reports", "agrees?"]
-    cells = list(dict.fromkeys(c for row in overview.values() for c in row))
+    header = ["model", "d_model", "T (kv)", "best LR", "accuracy, best LR", "runs", "paper reports",
+              "vs the neighbouring cell", "agrees?"]
     summary = _table(["model", *(f"d {d}, T {T} ({kv})" for d, T, kv in cells)],
                      [[f"`{name}`", *(row.get(c, "") for c in cells)] for name, row in overview.items()])
     return [*summary, "", *_img(page, png, "MQAR accuracy vs state size"),
@@ -419,8 +429,12 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           "learning-rate sweep) at the widths and (T, kv) pairs of this preset. The sweep runs at "
                           "the first seed; the other seeds rerun its best rate. The overview gives each model's "
                           "best-of-sweep accuracy per cell; the table under the plot adds the best rate, the runs "
-                          "and the verdicts. Cells run left to right, so a partly run preset has its first cells "
-                          "complete.", folder,
+                          "and the verdicts. Attention is held to zoology's ~1.00 in every cell; every other model "
+                          "to zoology's two trends for fixed-state models, each against a neighbouring cell of the "
+                          "same model: higher than at the next smaller width (same T, kv), lower than at the "
+                          "previous (T, kv) (same width). A trend agrees when the two means differ in the claimed "
+                          "direction by more than the larger standard deviation over seeds. Cells run left to "
+                          "right, so a partly run preset has its first cells complete.", folder,
                           "mqar-<model>-d<d>-T<T>-kv<kv>-{lr<lr>,best}-s<seed>",
                           _mqar_section(by_study["mqar"], res, page, img, preset, claims["mqar"]))
     # Studies whose table compares rows with each other: (table builder, file stems).

@@ -398,9 +398,53 @@ def test_mqar_overview_has_a_row_per_model_and_a_column_per_cell(tmp_path):
     assert "| `attention` | 0.98 ± 0.01 | pending | pending | pending |" in lines
     assert sum(line.startswith("| `") for line in lines[:lines.index("")]) == 13
     detail = lines[lines.index(next(x for x in lines if x.startswith("<details>"))):]
-    row = "| `attention` | 64 | 64 (4) | 0.001 | 0.98 ± 0.01 | 5/5 | zoology Fig. 2: attention ~1.00 | agrees |"
+    row = "| `attention` | 64 | 64 (4) | 0.001 | 0.98 ± 0.01 | 5/5 | zoology Fig. 2: attention ~1.00 |  | agrees |"
     assert row in detail
     assert (tmp_path / "img" / "results-cpu-mqar-state.png").exists()
+
+
+def _mqar_results(runs, acc_of):
+    """Finished MQAR runs for every (model, d, T) ``acc_of`` gives seed accuracies for (the sweep at the first
+    seed's value for every rate)."""
+    res = {r.key: None for r in runs}
+    for r in runs:
+        accs = acc_of(r.labels["model"], r.d_model, r.labels["T"])
+        if accs is not None:
+            res[r.key] = {"config": {"lr": r.lr or 1e-3}, "record": {"metrics": {"all": {"accuracy": accs[r.seed]}},
+                                                                      "state_floats": {str(r.labels["T"]): 1024}}}
+    return res
+
+
+def test_mqar_trends_test_each_row_against_its_neighbouring_cells(tmp_path):
+    from memzoo.eval.report_claims import mqar_claim
+    from memzoo.eval.report_page import _mqar_section
+
+    runs = [r for r in build_suite("cpu") if r.study == "mqar"]
+    table = {("gla", 64, 64): [0.20, 0.22, 0.24], ("gla", 128, 64): [0.50, 0.55, 0.60],   # rises: agrees
+             ("gla", 64, 128): [0.30, 0.32, 0.34],                                          # rises with T: disagrees
+             ("mom", 64, 64): [0.1, 0.5, 0.9], ("mom", 128, 64): [0.2, 0.6, 0.8],           # within the spread
+             ("gated_delta", 64, 64): [0.97, 0.98, 0.99], ("gated_delta", 128, 64): [0.98, 0.99, 0.99],
+             ("swa", 64, 64): [0.30, 0.31, 0.32], ("swa", 128, 64): [0.10, 0.11, 0.12],    # no width claim
+             ("swa", 64, 128): [0.10, 0.11, 0.12],                                          # falls: agrees
+             ("titans_mlp", 64, 64): [0.30, 0.31, 0.32]}                                    # neighbour pending
+    lines = _mqar_section(runs, _mqar_results(runs, lambda m, d, T: table.get((m, d, T))), tmp_path / "p.md",
+                          tmp_path / "img", "cpu", mqar_claim)
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line.split("|")[-3:-1] for line in lines
+            if line.startswith("| `")}
+    verdict = {k: (v[0].strip(), v[1].strip()) for k, v in rows.items() if len(k) == 3 and k[1].isdigit()}
+    assert verdict["`gla`", "128", "64 (4)"] == ("width: +0.33 (6.6 x spread)", "width: agrees")
+    assert verdict["`gla`", "64", "128 (8)"] == ("length: +0.10 (5.0 x spread)", "length: disagrees")
+    assert verdict["`gla`", "64", "64 (4)"][1] == "the reference cell of the trends"
+    assert verdict["`mom`", "128", "64 (4)"][1] == "width: within the spread"
+    assert verdict["`gated_delta`", "128", "64 (4)"][1] == "width: not testable (both >= 0.95)"
+    assert verdict["`swa`", "128", "64 (4)"][1] == "the reference cell of the trends"
+    assert verdict["`swa`", "64", "128 (8)"][1] == "length: agrees"
+    assert verdict["`titans_mlp`", "128", "64 (4)"][1] == "width: pending"
+    # The last cell is tested on both axes; the attention rows keep zoology's absolute claim.
+    d128_t128 = mqar_claim("gla", 128, 128, 8, ((64, 64, 4), (128, 64, 4), (64, 128, 8), (128, 128, 8)))
+    assert [(t.label, t.versus, t.sign) for t in d128_t128.trends] == [("width", (64, 128, 8), 1),
+                                                                        ("length", (128, 64, 4), -1)]
+    assert not mqar_claim("attention", 128, 128, 8).trends and mqar_claim("attention", 64, 64, 4).check(0.95)
 
 
 def test_a_study_without_a_table_is_refused_not_dropped(tmp_path):
