@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .harness import steps_per_epoch
 from .longmem_recall import ARMS as LONGMEM_ARMS
 from .plots import _pyplot, _save
 from .report import ROOT, Run, load_result
@@ -240,6 +241,20 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
             "", *_table(header, rows), "", "</details>", ""]
 
 
+def _mqar_budget(runs: list[Run]) -> str:
+    """What the training budget of ``runs`` means for reading the MQAR rows."""
+    r = runs[0]
+    examples = sum(c.num_examples for c in r.data.train)
+    steps = steps_per_epoch(r.data, r.train) * r.train.epochs
+    return (f"The budget is {examples:,} training examples for {r.train.epochs} epochs, {steps:,} steps (zoology: "
+            "12,500 at T 64). A model that does not find the recall mechanism early in it starts to memorise the "
+            "training set: in the `curve` of such runs (the cpu preset's lr 5e-4 sweeps of gated_delta at d 64, mom "
+            "and titans_mlp at d 128) the training loss keeps falling while the held-out loss climbs back to chance "
+            "(ln of the vocabulary). So rows that stay low measure how fast a model learns recall as "
+            "much as what its state can hold; `benchmarks/results/report/archive/` records a larger training set "
+            "tried at the same step count, and why it was not kept.")
+
+
 def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:
     """Held-out loss per model (nats per byte, and bits per byte), each wrapped model against its bare backbone."""
     groups = _group(runs, lambda r: r.labels["model"])
@@ -433,8 +448,9 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           "to zoology's two trends for fixed-state models, each against a neighbouring cell of the "
                           "same model: higher than at the next smaller width (same T, kv), lower than at the "
                           "previous (T, kv) (same width). A trend agrees when the two means differ in the claimed "
-                          "direction by more than the larger standard deviation over seeds. Cells run left to "
-                          "right, so a partly run preset has its first cells complete.", folder,
+                          "direction by more than the larger standard deviation over seeds. "
+                          + _mqar_budget(by_study["mqar"]) + " Cells run left to right, so a partly run preset has "
+                          "its first cells complete.", folder,
                           "mqar-<model>-d<d>-T<T>-kv<kv>-{lr<lr>,best}-s<seed>",
                           _mqar_section(by_study["mqar"], res, page, img, preset, claims["mqar"]))
     # Studies whose table compares rows with each other: (table builder, file stems).
