@@ -86,7 +86,7 @@ def mac_claim(variant: str) -> Claim:
 # to T 128 (8) at each width (H3 .90 -> .25 at d 64, .97 -> .72 at d 128).
 _WIDTH = "zoology Fig. 2: rises with the width (H3 .90 -> .97 at T 64)"
 _LENGTH = "zoology Fig. 2: falls from T 64 (4) to T 128 (8) (H3 .90 -> .25 at d 64)"
-_SWA_LENGTH = "Based Fig. 2: a window bounds recall; falls from T 64 (4) to T 128 (8)"
+_SWA_LENGTH = "Based Fig. 2: a window's size bounds its recall (tested: falls from T 64 (4) to T 128 (8))"
 # Both rows at or above this: no room left to rise (a width trend is then not testable).
 MQAR_SATURATED = 0.95
 
