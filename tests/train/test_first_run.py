@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from accelerate import PartialState
 from accelerate.utils.other import clean_state_dict_for_safetensors
 
 import memzoo
@@ -40,7 +41,9 @@ def test_a_run_reports_its_last_steps_rounded_and_without_the_tied_weights_warni
 
 def test_accelerate_still_warns_about_shared_tensors_and_only_declared_ties_are_silenced(caplog):
     # Pins the upstream message the filter matches: if Accelerate changes it, this fails instead of the warning
-    # coming back unnoticed.
+    # coming back unnoticed.  Accelerate's logger needs its state (training has it through the Accelerator); without
+    # it this test passed only after another test in the same process had made one.
+    PartialState()
     model = memzoo.build_model("attention-tiny")
     with caplog.at_level(logging.WARNING):
         clean_state_dict_for_safetensors(model.state_dict())
