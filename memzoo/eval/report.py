@@ -2,8 +2,9 @@
 
 Each run is one ``train_one`` call (one model, width, data, learning rate and seed), or one call of another
 experiment named by its task in ``RUN_KINDS`` (e.g. ``longmem_recall``), and leaves one JSON file,
-``<results>/<preset>/<key>.json``, holding its config, seed, git commit, machine, CPU and wall time and the
-record.  A run whose file exists is skipped, so an interrupted suite resumes where it stopped, and the
+``<results>/<preset>/<key>.json``, holding its config, the model as built (``resolved``: every default filled
+in), seed, git commit, machine, CPU and wall time and the record.  A run whose file exists under the same config
+is skipped, so an interrupted suite resumes where it stopped (a changed config or default runs it again), and the
 page (``report_page.py``) is rebuilt from the files alone: a declared run without a file is shown as pending.
 
     memzoo-bench report --preset tiny --out /tmp/r          # the CI-sized suite, about a minute
@@ -153,7 +154,42 @@ def load_result(results_dir: str | Path, run: Run, suite: dict[str, Run] | None 
     except (OSError, json.JSONDecodeError):
         return None
     stored, wanted = payload.get("config"), json.loads(json.dumps(run.config()))
-    return payload if _canonical(_resolve_mixers(stored)) == _canonical(_resolve_mixers(wanted)) else None
+    if _canonical(_resolve_mixers(stored)) != _canonical(_resolve_mixers(wanted)):
+        return None
+    # A file that records the model as it was built reruns when a default has changed since.
+    then = payload.get("resolved")
+    if then is not None and _canonical(then) != _canonical(_known(resolved_config(run), then)):
+        return None
+    return payload
+
+
+def resolved_config(run: Run) -> dict[str, Any] | None:
+    """The model ``run`` builds, with every default filled in, as JSON values: its ``ModelConfig``, each mixer of
+    its pattern at its full config and, for a wrapper, the wrapper's config.  Stored in each run file as
+    ``resolved``, so that a default changed after the run makes it run again.  None for a ``RUN_KINDS``
+    experiment (its settings are all in ``experiment``)."""
+    if run.spec is None:
+        return None
+    from memzoo.models.registry import mixer_config
+
+    mc = run.spec.model_config(run.data.vocab_size, run.d_model)
+    model = dataclasses.asdict(mc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model["mixers"] = {name: dataclasses.asdict(mixer_config(name, mc.d_model, (mc.mixers or {}).get(name)))
+                           for name in dict.fromkeys(mc.pattern)}
+    out = {"model": model}
+    if run.spec.wrapper is not None:
+        out["wrapper"] = dataclasses.asdict(run.spec.wrapper_config()[1])
+    return json.loads(json.dumps(out))
+
+
+def _known(now: Any, then: Any) -> Any:
+    """``now`` without the dict keys ``then`` lacks, at any depth: an option added after a run was stored is taken
+    to keep the old behaviour at its default."""
+    if isinstance(now, dict) and isinstance(then, dict):
+        return {k: _known(v, then[k]) for k, v in now.items() if k in then}
+    return now
 
 
 def _canonical(value: Any) -> Any:
@@ -292,6 +328,9 @@ def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", 
             payload = {"key": run.key, "study": run.study, "created": dt.datetime.now().isoformat(timespec="seconds"),
                        "config": run.config(), "environment": env, "cpu_s": round(cpu_s, 1),
                        "wall_s": round(wall_s, 1), "record": rec}
+            resolved = resolved_config(run)
+            if resolved is not None:
+                payload = {**payload, "resolved": resolved}
             _write_atomic(path, payload)
         finally:
             path.with_suffix(".lock").unlink(missing_ok=True)

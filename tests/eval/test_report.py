@@ -52,6 +52,7 @@ def test_tiny_suite_writes_json_page_and_resumes(tmp_path, capsys):
     assert f"{len(runs)} runs selected, 2 already done, {len(runs) - 2} to run" in out and "ran 1, skipped 2" in out
     assert {r.key: run_path(tmp_path, r).stat().st_mtime_ns for r in first} == stamps
     assert run_path(tmp_path, runs[2]).exists() and not run_path(tmp_path, runs[3]).exists()
+    assert json.loads(run_path(tmp_path, runs[2]).read_text())["resolved"]["model"]["pattern"]
     assert f"**3 of {len(build_suite('tiny'))} declared runs have finished**" in (tmp_path / "results.md").read_text()
 
 
@@ -79,6 +80,33 @@ def test_a_stored_run_with_another_config_is_not_reused(tmp_path):
     assert load_result(tmp_path, mac) is None
     path.write_text("{not json")
     assert load_result(tmp_path, run) is None
+
+
+def test_a_stored_run_whose_defaults_changed_since_runs_again(tmp_path):
+    from memzoo.eval.report import resolved_config
+
+    run = next(r for r in build_suite("tiny") if r.key.startswith("mqar-titans_mlp"))
+    path = run_path(tmp_path, run)
+    resolved = resolved_config(run)
+    assert resolved["model"]["mixers"]["titans"]["theta_max"] == 1.0  # a default, not an option the suite sets
+    path.write_text(json.dumps({"config": run.config(), "resolved": resolved}))
+    assert load_result(tmp_path, run) is not None
+    # Trained when theta_max defaulted to something else: the config still matches, the model does not.
+    then = json.loads(json.dumps(resolved))
+    then["model"]["mixers"]["titans"]["theta_max"] = 0.5
+    path.write_text(json.dumps({"config": run.config(), "resolved": then}))
+    assert load_result(tmp_path, run) is None
+    then["model"]["init_std"] = 0.01  # so does a model-level default
+    then["model"]["mixers"]["titans"]["theta_max"] = 1.0
+    path.write_text(json.dumps({"config": run.config(), "resolved": then}))
+    assert load_result(tmp_path, run) is None
+    # An option added since the run was stored is taken at its default, which keeps the old behaviour.
+    then = json.loads(json.dumps(resolved))
+    del then["model"]["mixers"]["titans"]["theta_max"], then["model"]["ffn_opts"]
+    path.write_text(json.dumps({"config": run.config(), "resolved": then}))
+    assert load_result(tmp_path, run) is not None
+    # Experiments outside the harness keep all their settings in the config.
+    assert resolved_config(next(r for r in build_suite("tiny") if r.experiment is not None)) is None
 
 
 def test_every_preset_declares_every_study_with_unique_keys():
