@@ -1,0 +1,97 @@
+"""Titans on the cpu preset's MQAR with a smaller bound on the inner learning rate, against the stored suite runs.
+
+The memory's inner step is theta_t = theta_max * sigmoid(.), 0.12 theta_max at initialisation; the suite runs at
+the default theta_max 1.  This reruns suite runs (same key: model, width, data, learning rate; same seeds) with
+only ``theta_max`` changed, for the MLP memory (``titans``) or the memory inside MAG / MAL / MAC, and prints each
+next to the suite's stored run.  Each run is written to ``benchmarks/results/mqar-theta/<key>-theta<t>-s<seed>.json``
+(config, seed, commit, machine, record) and skipped when that file exists.
+
+    python benchmarks/mqar_theta.py --key mqar-titans_mlp-d64-T64-kv4-lr1e-3-s0 --theta-max 0.25 --seeds 0,1,2
+    (about 4 CPU minutes per run at d 64, one thread)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table  # noqa: E402
+
+from memzoo.eval.harness import train_one  # noqa: E402
+from memzoo.eval.report import ROOT, run_path  # noqa: E402
+from memzoo.eval.report_suite import build_suite  # noqa: E402
+from memzoo.eval.results import environment  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "mqar-theta"
+SUITE = ROOT / "benchmarks" / "results" / "report" / "cpu"
+
+
+def with_theta_max(spec, theta_max: float):
+    """``spec`` with the memory's ``theta_max`` set: the ``titans`` mixer's own option, or MAG / MAL / MAC's
+    ``memory`` overrides."""
+    mixer = spec.pattern[0]
+    opts = dict(spec.mixers.get(mixer, {}))
+    if mixer == "titans":
+        opts = {**opts, "theta_max": theta_max}
+    elif mixer in ("titans_mag", "titans_mal", "titans_mac"):
+        opts = {**opts, "memory": {**opts.get("memory", {}), "theta_max": theta_max}}
+    else:
+        raise ValueError(f"--key must name a Titans run (titans, titans_mag, titans_mal, titans_mac), got {mixer!r}")
+    return dataclasses.replace(spec, mixers={mixer: opts}, name=f"{spec.name}-theta{theta_max:g}")
+
+
+def stored_accuracy(key: str, seed: int) -> float | None:
+    """The suite's accuracy for ``key`` (a sweep run at seed 0) at ``seed``: the sweep run itself, or the seed's
+    rerun of the sweep's best rate when that rate is ``key``'s."""
+    path = SUITE / f"{key}.json" if seed == 0 else SUITE / f"{key.rsplit('-lr', 1)[0]}-best-s{seed}.json"
+    if not path.exists():
+        return None
+    payload = json.loads(path.read_text())
+    if payload["config"]["lr"] != float(key.rsplit("-lr", 1)[1].split("-s")[0]):
+        return None  # that seed reran another rate
+    return payload["record"]["metrics"]["all"]["accuracy"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--key", required=True,
+                   help="a cpu-preset MQAR sweep run, e.g. mqar-titans_mlp-d64-T64-kv4-lr1e-3-s0")
+    p.add_argument("--theta-max", type=float, required=True)
+    p.add_argument("--seeds", default="0,1,2")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    base = next((r for r in build_suite("cpu") if r.key == args.key), None)
+    if base is None or base.study != "mqar" or base.lr is None:
+        raise SystemExit(f"--key {args.key!r} is not a sweep run of the cpu preset's MQAR study (see report --list)")
+    try:
+        spec = with_theta_max(base.spec, args.theta_max)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        path = OUT / f"{base.key.rsplit('-s', 1)[0]}-theta{args.theta_max:g}-s{seed}.json"
+        if not path.exists():
+            c0 = time.process_time()
+            rec = train_one(spec, base.d_model, base.data, base.lr, seed, base.train, task="mqar", progress=False)
+            OUT.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"base": base.key, "theta_max": args.theta_max, "seed": seed,
+                                        "environment": environment("cpu"),
+                                        "cpu_s": round(time.process_time() - c0, 1), "record": rec}, indent=1) + "\n")
+        rec = json.loads(path.read_text())["record"]
+        rows.append({"seed": seed, "theta_max": args.theta_max, "accuracy": rec["metrics"]["all"]["accuracy"],
+                     "suite_theta_max_1": stored_accuracy(base.key, seed),
+                     "curve": " ".join(f"{c['accuracy']:.2f}" for c in rec["curve"])})
+    print(f"{base.key} (suite file {run_path(SUITE, base).name}) with theta_max {args.theta_max:g}:")
+    print_table(rows, list(rows[0]))
+
+
+if __name__ == "__main__":
+    main()
