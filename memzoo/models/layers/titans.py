@@ -65,7 +65,8 @@ class TitansConfig:
     alpha_shape: str | None = None
     # One inner learning rate per weight matrix of the MLP memory (paper v2 App. B.3).
     per_matrix_lr: bool = True
-    # theta_t = theta_max * sigmoid(.); the paper gives no bound.
+    # theta_t = theta_max * sigmoid(.); the paper gives no bound.  At small scale the MLP memory learned MQAR with
+    # 0.25 where 1 left it near zero (docs/titans.md, "The MLP memory in isolation").
     theta_max: float = 1.0
     # Causal depthwise conv on q, k, v (kernel conv_size) before SiLU; False keeps the SiLU alone.
     use_short_conv: bool = True
