@@ -145,7 +145,7 @@ StatePoint = tuple[str, tuple[int, int], float, float, float]
 
 def _plot_state(points: list[StatePoint], path: Path, title: str) -> Path | None:
     """Zoology's "memory vs recall" plot: one panel per (T, kv); each model a line through its widths, x its state
-    size, y its accuracy (error bars: sd over seeds)."""
+    size, y its accuracy (error bars: sd over seeds, clipped to [0, 1])."""
     if not points:
         return None
     return _save(_state_figure(points, title), path, _pyplot(), tight=False)
@@ -162,8 +162,10 @@ def _state_figure(points: list[StatePoint], title: str) -> Any:
         for name in names:
             pts = sorted((x, m, s) for n, c, x, m, s in points if n == name and c == (T, kv))
             if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], linestyle="-",
-                            capsize=2, label=name, **_style(name, names))
+                # sd over seeds, clipped to the range an accuracy can take.
+                yerr = [[min(s, m) for _, m, s in pts], [min(s, 1 - m) for _, m, s in pts]]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr, linestyle="-", capsize=2,
+                            label=name, **_style(name, names))
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
