@@ -170,14 +170,10 @@ def resolved_config(run: Run) -> dict[str, Any] | None:
     experiment (its settings are all in ``experiment``)."""
     if run.spec is None:
         return None
-    from memzoo.models.registry import mixer_config
-
     mc = run.spec.model_config(run.data.vocab_size, run.d_model)
     model = dataclasses.asdict(mc)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model["mixers"] = {name: dataclasses.asdict(mixer_config(name, mc.d_model, (mc.mixers or {}).get(name)))
-                           for name in dict.fromkeys(mc.pattern)}
+    model["mixers"] = {name: _full_mixer(name, mc.d_model, (mc.mixers or {}).get(name))
+                       for name in dict.fromkeys(mc.pattern)}
     out = {"model": model}
     if run.spec.wrapper is not None:
         out["wrapper"] = dataclasses.asdict(run.spec.wrapper_config()[1])
@@ -201,19 +197,25 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def _full_mixer(name: str, d_model: Any, opts: dict[str, Any] | None) -> dict[str, Any]:
+    """Mixer ``name``'s validated config for ``opts`` with every default filled in, as JSON values (an old option
+    name is accepted without its deprecation warning)."""
+    from memzoo.models.registry import mixer_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return json.loads(json.dumps(dataclasses.asdict(mixer_config(name, d_model, opts))))
+
+
 def _resolve_mixers(config: Any) -> Any:
     """``config`` with each mixer's options replaced by its full, validated config, so that an option renamed
     since the run was stored (the old name still accepted) compares equal to the new one."""
-    from memzoo.models.registry import mixer_config
-
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         return config
     resolved = {}
     for name, opts in (config["model"].get("mixers") or {}).items():
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                resolved[name] = dataclasses.asdict(mixer_config(name, config.get("d_model"), opts))
+            resolved[name] = _full_mixer(name, config.get("d_model"), opts)
         except (ValueError, TypeError):
             resolved[name] = opts
     return {**config, "model": {**config["model"], "mixers": resolved}}
