@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from memzoo.eval.harness import train_one  # noqa: E402
-from memzoo.eval.report import ROOT, run_path  # noqa: E402
+from memzoo.eval.report import ROOT, load_result, run_path  # noqa: E402
 from memzoo.eval.report_suite import build_suite  # noqa: E402
 from memzoo.eval.results import environment  # noqa: E402
 
@@ -48,15 +48,15 @@ def with_theta_max(spec, theta_max: float):
     return dataclasses.replace(spec, mixers={mixer: opts}, name=f"{spec.name}-theta{theta_max:g}")
 
 
-def stored_accuracy(key: str, seed: int) -> float | None:
-    """The suite's accuracy for ``key`` (a sweep run at seed 0) at ``seed``: the sweep run itself, or the seed's
-    rerun of the sweep's best rate when that rate is ``key``'s."""
-    path = SUITE / f"{key}.json" if seed == 0 else SUITE / f"{key.rsplit('-lr', 1)[0]}-best-s{seed}.json"
-    if not path.exists():
-        return None
-    payload = json.loads(path.read_text())
-    if payload["config"]["lr"] != float(key.rsplit("-lr", 1)[1].split("-s")[0]):
-        return None  # that seed reran another rate
+def stored_accuracy(base, seed: int, suite: dict) -> float | None:
+    """The suite's accuracy for the sweep run ``base`` at ``seed``: ``base`` itself at its seed, or the seed's rerun
+    of the sweep's best rate (a run whose ``lr_from`` names ``base``) when that rate is ``base``'s; None when it
+    has not run (``load_result``: also when the stored run no longer matches the suite)."""
+    run = base if seed == base.seed else next(
+        (r for r in suite.values() if r.seed == seed and base.key in r.lr_from), None)
+    payload = None if run is None else load_result(SUITE, run, suite)
+    if payload is None or payload["config"]["lr"] != base.lr:
+        return None  # not run, or that seed reran another rate
     return payload["record"]["metrics"]["all"]["accuracy"]
 
 
@@ -68,7 +68,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args()
     torch.set_num_threads(1)
-    base = next((r for r in build_suite("cpu") if r.key == args.key), None)
+    suite = {r.key: r for r in build_suite("cpu")}
+    base = suite.get(args.key)
     if base is None or base.study != "mqar" or base.lr is None:
         raise SystemExit(f"--key {args.key!r} is not a sweep run of the cpu preset's MQAR study (see report --list)")
     try:
@@ -87,7 +88,7 @@ def main() -> None:
                                         "cpu_s": round(time.process_time() - c0, 1), "record": rec}, indent=1) + "\n")
         rec = json.loads(path.read_text())["record"]
         rows.append({"seed": seed, "theta_max": args.theta_max, "accuracy": rec["metrics"]["all"]["accuracy"],
-                     "suite_theta_max_1": stored_accuracy(base.key, seed),
+                     "suite_theta_max_1": stored_accuracy(base, seed, suite),
                      "curve": " ".join(f"{c['accuracy']:.2f}" for c in rec["curve"])})
     print(f"{base.key} (suite file {run_path(SUITE, base).name}) with theta_max {args.theta_max:g}:")
     print_table(rows, list(rows[0]))
