@@ -245,16 +245,22 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
 
 def _mqar_budget(runs: list[Run]) -> str:
     """What the training budget of ``runs`` means for reading the MQAR rows."""
-    r = runs[0]
-    examples = sum(c.num_examples for c in r.data.train)
-    steps = steps_per_epoch(r.data, r.train) * r.train.epochs
-    return (f"The budget is {examples:,} training examples for {r.train.epochs} epochs, {steps:,} steps (zoology: "
-            "12,500 at T 64). A model that does not find the recall mechanism early in it starts to memorise the "
-            "training set: in the `curve` of such runs (the cpu preset's lr 5e-4 sweeps of gated_delta at d 64, mom "
-            "and titans_mlp at d 128) the training loss keeps falling while the held-out loss climbs back to chance "
-            "(ln of the vocabulary). So rows that stay low measure how fast a model learns recall as "
-            "much as what its state can hold; `benchmarks/results/report/archive/` records a larger training set "
-            "tried at the same step count, and why it was not kept.")
+    budgets = {}  # sequence length -> (examples, epochs, steps), in the grid's order
+    for r in runs:
+        budgets.setdefault(r.labels["T"], (sum(c.num_examples for c in r.data.train), r.train.epochs,
+                                           steps_per_epoch(r.data, r.train) * r.train.epochs))
+    parts = [f"{n:,} training examples for {e} epochs ({steps:,} steps) at T {T}"
+             for T, (n, e, steps) in budgets.items()]
+    return ("The budget is " + "; ".join(parts) + " (zoology: 12,500 steps at T 64). The learning rate follows a "
+            "cosine over the run, so the epochs also set how long it stays near its peak: in the cpu preset, under "
+            "8 epochs at T 128 even attention stayed at chance at every rate, and under 24 it learned within 5 "
+            "(`benchmarks/results/report/archive/mqar-T128-epochs-probe/`). A model that does not find the recall "
+            "mechanism early in it starts to memorise the training set: in the `curve` of such runs (the cpu "
+            "preset's lr 5e-4 sweeps of gated_delta at d 64, mom and titans_mlp at d 128) the training loss keeps "
+            "falling while the held-out loss climbs back to chance (ln of the vocabulary). So rows that stay low "
+            "measure how fast a model learns recall as much as what its state can hold; "
+            "`benchmarks/results/report/archive/` records a larger training set tried at the same step count, and why "
+            "it was not kept.")
 
 
 def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:

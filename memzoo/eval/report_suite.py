@@ -2,8 +2,9 @@
 
 Presets: ``tiny`` (CI: a few runs of a few steps, about a minute; it checks the machinery, not the claims),
 ``cpu`` (the papers' protocols scaled down for two CPU cores: the MAC, needle, S4D, LongMem and HMT studies take
-about 2.2 CPU hours, one working session; the MQAR grid of 260 runs takes about 28 more, so it runs resumably
-over several, the page estimating what is left), ``full`` (the same studies at the scale where the papers' claims
+about 2.2 CPU hours, one working session; the MQAR grid of 260 runs takes up to about 66 more, 57 of them in its
+T 128 cells, which train three times as long; early stopping cuts that; so it runs resumably over several sessions,
+the page estimating what is left), ``full`` (the same studies at the scale where the papers' claims
 can be tested; GPU).  Every study is declared at every preset, so the page lists what a preset would run even
 where it has not run yet.
 """
@@ -34,7 +35,9 @@ class Scale:
     mqar_grid: tuple[tuple[int, int], ...]
     mqar_train_examples: int
     mqar_lrs: tuple[float, ...]
-    mqar_epochs: int
+    # Epochs per cell of ``mqar_grid`` (the same order).  The learning rate follows a cosine over the run, so the
+    # epochs set how long it stays near its peak, not only how many steps there are.
+    mqar_epochs: tuple[int, ...]
     # MQAR vocabulary (zoology: 8192).  Smaller on CPU, where the 8192-way output layer would cost most of a step.
     mqar_vocab: int
     # Needle: the training length; tests run at 1x, 2x and 4x it.
@@ -65,9 +68,14 @@ class Scale:
     # False for a smoke preset: its runs are too short to say anything about the papers' claims.
     tests_claims: bool = True
 
+    def __post_init__(self) -> None:
+        if len(self.mqar_epochs) != len(self.mqar_grid):
+            raise ValueError(f"Scale: mqar_epochs needs one value per cell of mqar_grid ({len(self.mqar_grid)}), "
+                             f"got {len(self.mqar_epochs)}")
+
 
 PRESETS: dict[str, Scale] = {
-    "tiny": Scale(d_models=(32,), mqar_grid=((16, 2),), mqar_train_examples=64, mqar_lrs=(3e-3,), mqar_epochs=1,
+    "tiny": Scale(d_models=(32,), mqar_grid=((16, 2),), mqar_train_examples=64, mqar_lrs=(3e-3,), mqar_epochs=(1,),
                   mqar_vocab=64, niah_len=24, niah_train_examples=64, niah_epochs=1, niah_lr=3e-3, test_examples=10,
                   seeds=(0,), batch_size=16, mac_segment=8, mac_examples=64, mac_epochs=1, max_steps=4,
                   lm_len=64, lm_window=16, lm_epochs=1, lm_rows=(64, 16), tests_claims=False,
@@ -76,11 +84,14 @@ PRESETS: dict[str, Scale] = {
                                               side_steps=3, capacity=32, n_chunks=2, eval_streams=8)),
     # MQAR at vocabulary 256: at 8192 a step of 1-head attention cost 8x more on the CPU, nearly all of it in the
     # output layer.  Rates around 1e-3: at 3e-3, attention and gated delta never left 0.2 accuracy in a trial.
+    # 24 epochs at T 128: under 8, whose cosine leaves the peak rate too soon, attention stayed at chance at every
+    # rate of the sweep; under 24 it reached 0.99 by epoch 5 at 2e-3 (three seeds) and gated delta 0.98
+    # (benchmarks/results/report/archive/mqar-T128-epochs-probe/).
     "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=4000,
-                 mqar_lrs=(5e-4, 1e-3, 2e-3), mqar_epochs=8, mqar_vocab=256, niah_len=64, niah_train_examples=2000,
-                 niah_epochs=10, niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2)),
+                 mqar_lrs=(5e-4, 1e-3, 2e-3), mqar_epochs=(8, 24), mqar_vocab=256, niah_len=64,
+                 niah_train_examples=2000, niah_epochs=10, niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2)),
     "full": Scale(d_models=(64, 128, 256, 512), mqar_grid=((64, 4), (128, 8), (256, 16), (512, 64)),
-                  mqar_train_examples=100_000, mqar_lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), mqar_epochs=64,
+                  mqar_train_examples=100_000, mqar_lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), mqar_epochs=(64, 64, 64, 64),
                   mqar_vocab=8192, niah_len=2048, niah_train_examples=20_000, niah_epochs=8, niah_lr=1e-3,
                   test_examples=500, seeds=(0, 1, 2), mac_segment=512, mac_examples=20_000, mac_epochs=8,
                   mac_batch=32,
@@ -148,7 +159,7 @@ def mqar_study(s: Scale) -> list[Run]:
     leaves its first cells complete rather than every cell a third done."""
     runs = []
     zoo = _zoo(s)
-    for T, kv in s.mqar_grid:
+    for (T, kv), epochs in zip(s.mqar_grid, s.mqar_epochs):
         data = _mqar_data(s, T, kv)
         for d in s.d_models:
             stem = {name: f"mqar-{name}-d{d}-T{T}-kv{kv}" for name in zoo}
@@ -156,7 +167,7 @@ def mqar_study(s: Scale) -> list[Run]:
             for name, spec in zoo.items():
                 labels = {"model": name, "T": T, "kv": kv}
                 sweep = [Run(f"{stem[name]}-lr{_fmt_lr(lr)}-s{s.seeds[0]}", "mqar", "mqar", spec, d, data, lr,
-                             s.seeds[0], _train(s, s.mqar_epochs), labels) for lr in s.mqar_lrs]
+                             s.seeds[0], _train(s, epochs), labels) for lr in s.mqar_lrs]
                 sweeps[name] = tuple(r.key for r in sweep)
                 runs += sweep
             for seed in s.seeds[1:]:
@@ -165,7 +176,7 @@ def mqar_study(s: Scale) -> list[Run]:
                     lr = None if lr_from else s.mqar_lrs[0]
                     tag = "best" if lr_from else f"lr{_fmt_lr(s.mqar_lrs[0])}"
                     runs.append(Run(f"{stem[name]}-{tag}-s{seed}", "mqar", "mqar", spec, d, data, lr, seed,
-                                    _train(s, s.mqar_epochs), {"model": name, "T": T, "kv": kv}, lr_from))
+                                    _train(s, epochs), {"model": name, "T": T, "kv": kv}, lr_from))
     return runs
 
 

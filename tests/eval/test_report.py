@@ -331,6 +331,17 @@ def test_cpu_preset_sweeps_at_one_seed_and_reruns_the_best_rate():
     assert first == list(range(len(first))) and len(first) == len(runs) // (len(s.d_models) * len(s.mqar_grid))
 
 
+def test_each_mqar_cell_trains_for_its_own_epochs():
+    s = PRESETS["cpu"]
+    epochs = {T: e for (T, _), e in zip(s.mqar_grid, s.mqar_epochs)}
+    assert epochs == {64: 8, 128: 24}
+    for r in build_suite("cpu"):
+        if r.study == "mqar":
+            assert r.train.epochs == epochs[r.labels["T"]], r.key
+    with pytest.raises(ValueError, match="mqar_epochs needs one value per cell of mqar_grid"):
+        dataclasses.replace(s, mqar_epochs=(8,))
+
+
 def test_workers_share_a_folder_through_lock_files(tmp_path, capsys):
     run = next(r for r in build_suite("tiny") if r.study == "mqar")
     path = run_path(tmp_path, run)
