@@ -157,7 +157,7 @@ def load_result(results_dir: str | Path, run: Run, suite: dict[str, Run] | None 
     if _canonical(_resolve_mixers(stored)) != _canonical(_resolve_mixers(wanted)):
         return None
     # A file that records the model as it was built reruns when a default has changed since.
-    then = payload.get("resolved")
+    then = _current_names(payload.get("resolved"))
     if then is not None and _canonical(then) != _canonical(_known(resolved_config(run), then)):
         return None
     return payload
@@ -178,6 +178,23 @@ def resolved_config(run: Run) -> dict[str, Any] | None:
     if run.spec.wrapper is not None:
         out["wrapper"] = dataclasses.asdict(run.spec.wrapper_config()[1])
     return json.loads(json.dumps(out))
+
+
+def _current_names(resolved: Any) -> Any:
+    """A stored ``resolved`` with each mixer's renamed fields (its config class's ``_renamed_fields``, old -> new)
+    under their current names: a rename since the run changes no model, so it must not make the run again."""
+    from memzoo.models.registry import MIXERS
+
+    mixers = resolved.get("model", {}).get("mixers") if isinstance(resolved, dict) else None
+    if not isinstance(mixers, dict):
+        return resolved
+    out = {}
+    for name, cfg in mixers.items():
+        renamed = getattr(getattr(MIXERS.get(name), "config_class", None), "_renamed_fields", None) or {}
+        if isinstance(cfg, dict):
+            cfg = {renamed.get(k, k): v for k, v in cfg.items() if not (k in renamed and renamed[k] in cfg)}
+        out[name] = cfg
+    return {**resolved, "model": {**resolved["model"], "mixers": out}}
 
 
 def _known(now: Any, then: Any) -> Any:

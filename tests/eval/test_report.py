@@ -109,6 +109,22 @@ def test_a_stored_run_whose_defaults_changed_since_runs_again(tmp_path):
     assert resolved_config(next(r for r in build_suite("tiny") if r.experiment is not None)) is None
 
 
+def test_a_field_renamed_since_the_run_does_not_make_it_run_again(tmp_path):
+    from memzoo.eval.report import resolved_config
+
+    run = next(r for r in build_suite("tiny") if r.key.startswith("mqar-titans_mac"))
+    path = run_path(tmp_path, run)
+    then = resolved_config(run)
+    mac = then["model"]["mixers"]["titans_mac"]
+    # Stored when TitansMACConfig called segment_len "segment" (its _renamed_fields): the same model.
+    mac["segment"] = mac.pop("segment_len")
+    path.write_text(json.dumps({"config": run.config(), "resolved": then}))
+    assert load_result(tmp_path, run) is not None
+    mac["segment"] += 1  # under its old name, another value is still another model
+    path.write_text(json.dumps({"config": run.config(), "resolved": then}))
+    assert load_result(tmp_path, run) is None
+
+
 def test_every_preset_declares_every_study_with_unique_keys():
     for preset, scale in PRESETS.items():
         runs = build_suite(preset)
