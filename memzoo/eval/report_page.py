@@ -398,6 +398,7 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
     commits = sorted({(p["environment"].get("git_commit") or "?")[:10]
                       + (" (uncommitted changes)" if p["environment"].get("git_dirty") else "") for p in done})
     machines = sorted({f"{p['environment'].get('device_name')} x{p['environment'].get('cpu_count')}" for p in done})
+    compiled = sum(bool(p["environment"].get("torch_compile")) for p in done)
     by_study = _group(runs, lambda r: r.study)
     lines = [
         "# Results: the papers' claims at small scale",
@@ -408,7 +409,9 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
         "results are never guessed). Rerunning the command trains only the missing runs.",
         "",
         f"CPU time of the finished runs: {cpu_h:.2f} h. Commits: {', '.join(commits) or 'none'}. "
-        f"Machines: {', '.join(machines) or 'none'}.",
+        f"Machines: {', '.join(machines) or 'none'}."
+        + (f" {compiled} of the runs trained through `torch.compile` (`--compile`; the same model, data and steps, "
+           "fused kernels)." if compiled else ""),
         "",
         "| study | runs finished | CPU min per finished run | pending runs, CPU h (estimate) |",
         "|---|---|---|---|",

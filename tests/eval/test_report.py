@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -508,3 +509,34 @@ def test_a_study_without_a_table_is_refused_not_dropped(tmp_path):
     runs = [dataclasses.replace(r, study="new_study") for r in build_suite("tiny") if r.study == "s4d_init"]
     with pytest.raises(ValueError, match=r"no table for the studies \['new_study'\]"):
         write_page("tiny", runs, tmp_path, tmp_path / "results.md")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_trains_the_same_run_and_is_recorded_outside_its_config(tmp_path, capsys):
+    from memzoo.eval.harness import train_one
+
+    run = next(r for r in build_suite("tiny") if r.study == "mqar")
+    kw = dict(task=run.task, progress=False)
+    from torch._dynamo.utils import counters
+
+    eager = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, **kw)
+    counters.clear()
+    compiled = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, compile=True, **kw)
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    assert counters["stats"]["unique_graphs"] >= 1  # the steps did go through the compiler
+    # The same model, data and steps: the losses agree to rounding (fused kernels sum in another order).
+    assert compiled["steps"] == eager["steps"] > 0
+    for a, b in zip(eager["curve"], compiled["curve"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-4)
+
+    assert _report(tmp_path, "--only", "mqar", "--max-runs", "1", "--compile") == 0
+    payload = json.loads(run_path(tmp_path, run).read_text())
+    assert payload["environment"]["torch_compile"] is True and payload["record"]["compiled"] is True
+    assert "torch_compile" not in json.dumps(payload["config"])
+    assert "1 of the runs trained through `torch.compile`" in (tmp_path / "results.md").read_text()
+    # Not part of the config: an eager call counts the compiled run as done.
+    capsys.readouterr()
+    assert _report(tmp_path, "--only", "mqar", "--max-runs", "0") == 0
+    assert "1 already done" in capsys.readouterr().out
