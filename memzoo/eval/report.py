@@ -310,12 +310,13 @@ def _summary(rec: dict[str, Any]) -> str:
 
 def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", progress: bool = True,
               max_runs: int | None = None, log: Any = print, suite: list[Run] | None = None,
-              compile: bool = False) -> dict[str, int]:
+              compile: bool = False, compile_skip: tuple[str, ...] = ()) -> dict[str, int]:
     """Train the runs without a stored result (the first ``max_runs`` of them) and store each as soon as it ends.
 
     ``compile``: train the harness runs through ``torch.compile`` (``train_one``).  It is not part of a run's
     config, so a stored run counts whichever way it was trained; a compiled run's ``environment`` says
-    ``torch_compile: true``.  ``RUN_KINDS`` experiments train eagerly.
+    ``torch_compile: true``.  ``RUN_KINDS`` experiments, and models named in ``compile_skip`` (their
+    ``ModelSpec.name``), train eagerly.
 
     ``suite`` (default ``runs``): every run of the preset, where the sweeps named by ``lr_from`` are looked up.
     A run whose sweep has not finished, or that another worker holds, is left for a later call.  Returns counts
@@ -347,12 +348,13 @@ def run_suite(runs: list[Run], results_dir: str | Path, *, device: str = "cpu", 
                 skipped += 1
                 continue
             c0, t0 = time.process_time(), time.perf_counter()
+            compiled = compile and run.task not in RUN_KINDS and run.spec.name not in compile_skip
             rec = RUN_KINDS.get(run.task, _harness_run)(run, device=device, progress=progress,
-                                                        desc=f"[{n}/{len(todo)}] {run.key}", compile=compile)
+                                                        desc=f"[{n}/{len(todo)}] {run.key}", compile=compiled)
             cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
             payload = {"key": run.key, "study": run.study, "created": dt.datetime.now().isoformat(timespec="seconds"),
                        "config": run.config(),
-                       "environment": {**env, "torch_compile": True} if compile and run.task not in RUN_KINDS else env,
+                       "environment": {**env, "torch_compile": True} if compiled else env,
                        "cpu_s": round(cpu_s, 1),
                        "wall_s": round(wall_s, 1), "record": rec}
             resolved = resolved_config(run)
@@ -388,6 +390,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (about a minute of compiling per run, then 1.6-1.8x faster "
                         "steps for gated delta or GLA on a CPU; needs a C++ compiler there); stored runs stay valid")
+    p.add_argument("--compile-skip", default="",
+                   help="with --compile: comma-separated models (the zoo's names) to train eagerly, e.g. "
+                        "titans_mac, whose compile took 13 minutes on a CPU for slower steps")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -411,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    skip = tuple(s.strip() for s in args.compile_skip.split(",") if s.strip())
+    names = {r.spec.name for r in runs if r.spec is not None}
+    if skip and not args.compile:
+        raise SystemExit("--compile-skip goes with --compile")
+    if set(skip) - names:
+        raise SystemExit(f"--compile-skip: unknown models {sorted(set(skip) - names)}; the {args.preset} preset has "
+                         f"{sorted(names)}")
     if not args.page_only:
         if args.device == "cpu":
             import torch
@@ -418,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         todo = [r for r in runs if not only or r.study in only]
         stats = run_suite(todo, results_dir, device=args.device, progress=not args.no_progress,
-                          max_runs=args.max_runs, suite=runs, compile=args.compile)
+                          max_runs=args.max_runs, suite=runs, compile=args.compile, compile_skip=skip)
         print(f"report: ran {stats['done']}, skipped {stats['skipped']}, waiting {stats['waiting']}, "
               f"{stats['cpu_s'] / 60:.1f} CPU minutes")
     path = write_page(args.preset, runs, results_dir, page)

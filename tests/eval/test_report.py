@@ -540,3 +540,15 @@ def test_compile_trains_the_same_run_and_is_recorded_outside_its_config(tmp_path
     capsys.readouterr()
     assert _report(tmp_path, "--only", "mqar", "--max-runs", "0") == 0
     assert "1 already done" in capsys.readouterr().out
+    # A model named in --compile-skip trains eagerly.
+    second = next(r for r in build_suite("tiny") if r.study == "mqar" and r.spec.name != run.spec.name)
+    assert _report(tmp_path, "--only", "mqar", "--max-runs", "1", "--compile", "--compile-skip", second.spec.name) == 0
+    payload = json.loads(run_path(tmp_path, second).read_text())
+    assert "torch_compile" not in payload["environment"] and payload["record"]["compiled"] is False
+
+
+def test_compile_skip_names_models_of_the_preset_and_needs_compile(tmp_path):
+    with pytest.raises(SystemExit, match="unknown models \\['nope'\\]"):
+        _report(tmp_path, "--compile", "--compile-skip", "nope", "--page-only")
+    with pytest.raises(SystemExit, match="--compile-skip goes with --compile"):
+        _report(tmp_path, "--compile-skip", "titans_mac", "--page-only")
