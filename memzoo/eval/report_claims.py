@@ -115,10 +115,16 @@ def mqar_claim(model: str, d: int, T: int, kv: int, cells: tuple[tuple[int, int,
     return Claim(_WIDTH, None, "no neighbouring cell at this preset")
 
 
-def trend_verdict(trend: Trend, values: list[float], versus: list[float]) -> tuple[str, str]:
+def trend_verdict(trend: Trend, values: list[float], versus: list[float],
+                  budgets: tuple[str, str] | None = None) -> tuple[str, str]:
     """The difference of the row's mean from its ``versus`` row's, and the verdict: "agrees" beyond the larger
     spread in the claimed direction, "disagrees" beyond it the other way, "within the spread" between, "not
-    testable (both >= 0.95)" for a rise between two saturated rows; "pending" until both rows have two seeds."""
+    testable (both >= 0.95)" for a rise between two saturated rows; "pending" until both rows have two seeds.
+    ``budgets``: the two rows' training budgets (this row's, the other's); rows trained on different budgets are
+    "not comparable", since how long a model trains moves its row as much as the claim does."""
+    if budgets is not None and budgets[0] != budgets[1]:
+        return (f"{trend.label}: trained {budgets[0]} here, {budgets[1]} there",
+                f"{trend.label}: not comparable (other budget)")
     gap = seed_gap(values, versus, "accuracy")
     if gap is None:
         return f"{trend.label}: needs 2+ seeds of both", f"{trend.label}: pending"

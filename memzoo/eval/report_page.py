@@ -209,6 +209,8 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
                     best[key][r.seed] = (acc, p["config"]["lr"])
         complete[key] = {s: v[0] for s, v in best[key].items()
                          if all(res[r.key] is not None for r in group if r.seed == s)}
+    # Each cell's training budget: rows trained for other epochs are not compared by the trends.
+    budget = {key: f"{group[0].train.epochs} epochs" for key, group in groups.items()}
     rows: list[list[str]] = []
     points: list[StatePoint] = []
     # The overview: one row per model, one column per (width, T, kv) cell, best-of-sweep accuracy.
@@ -220,7 +222,9 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
         claim = claim_of(name, d, T, kv, cells)
         value = statistics.fmean(vals) if vals else None
         if claim.trends:
-            tested = [trend_verdict(t, vals, list(complete.get((name, *t.versus), {}).values())) for t in claim.trends]
+            tested = [trend_verdict(t, vals, list(complete.get((name, *t.versus), {}).values()),
+                                    (budget[key], budget.get((name, *t.versus), budget[key])))
+                      for t in claim.trends]
             versus, verdict = "; ".join(v for v, _ in tested), "; ".join(v for _, v in tested)
         else:
             versus, verdict = "", _verdict(claim, value)
@@ -254,7 +258,9 @@ def _mqar_budget(runs: list[Run]) -> str:
     return ("The budget is " + "; ".join(parts) + " (zoology: 12,500 steps at T 64). The learning rate follows a "
             "cosine over the run, so the epochs also set how long it stays near its peak: in the cpu preset, under "
             "8 epochs at T 128 even attention stayed at chance at every rate, and under 24 it learned within 5 "
-            "(`benchmarks/results/report/archive/mqar-T128-epochs-probe/`). A model that does not find the recall "
+            "(`benchmarks/results/report/archive/mqar-T128-epochs-probe/`). The trends compare cells of one budget "
+            "only; a row whose neighbouring cell trained for other epochs says \"not comparable\". A model that "
+            "does not find the recall "
             "mechanism early in it starts to memorise the training set: in the `curve` of such runs (the cpu "
             "preset's lr 5e-4 sweeps of gated_delta at d 64, mom and titans_mlp at d 128) the training loss keeps "
             "falling while the held-out loss climbs back to chance (ln of the vocabulary). So rows that stay low "

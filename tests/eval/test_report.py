@@ -475,7 +475,9 @@ def test_mqar_trends_test_each_row_against_its_neighbouring_cells(tmp_path):
     from memzoo.eval.report_claims import mqar_claim
     from memzoo.eval.report_page import _mqar_section
 
-    runs = [r for r in build_suite("cpu") if r.study == "mqar"]
+    cpu_runs = [r for r in build_suite("cpu") if r.study == "mqar"]
+    # One budget for every cell here (the cpu preset trains its T 128 cells longer: below).
+    runs = [dataclasses.replace(r, train=dataclasses.replace(r.train, epochs=8)) for r in cpu_runs]
     table = {("gla", 64, 64): [0.20, 0.22, 0.24], ("gla", 128, 64): [0.50, 0.55, 0.60],   # rises: agrees
              ("gla", 64, 128): [0.30, 0.32, 0.34],                                          # rises with T: disagrees
              ("mom", 64, 64): [0.1, 0.5, 0.9], ("mom", 128, 64): [0.2, 0.6, 0.8],           # within the spread
@@ -483,11 +485,15 @@ def test_mqar_trends_test_each_row_against_its_neighbouring_cells(tmp_path):
              ("swa", 64, 64): [0.30, 0.31, 0.32], ("swa", 128, 64): [0.10, 0.11, 0.12],    # no width claim
              ("swa", 64, 128): [0.10, 0.11, 0.12],                                          # falls: agrees
              ("titans_mlp", 64, 64): [0.30, 0.31, 0.32]}                                    # neighbour pending
-    lines = _mqar_section(runs, _mqar_results(runs, lambda m, d, T: table.get((m, d, T))), tmp_path / "p.md",
-                          tmp_path / "img", "cpu", mqar_claim)
-    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line.split("|")[-3:-1] for line in lines
-            if line.startswith("| `")}
-    verdict = {k: (v[0].strip(), v[1].strip()) for k, v in rows.items() if len(k) == 3 and k[1].isdigit()}
+
+    def verdicts(runs):
+        lines = _mqar_section(runs, _mqar_results(runs, lambda m, d, T: table.get((m, d, T))), tmp_path / "p.md",
+                              tmp_path / "img", "cpu", mqar_claim)
+        rows = {tuple(c.strip() for c in line.split("|")[1:4]): line.split("|")[-3:-1] for line in lines
+                if line.startswith("| `")}
+        return {k: (v[0].strip(), v[1].strip()) for k, v in rows.items() if len(k) == 3 and k[1].isdigit()}
+
+    verdict = verdicts(runs)
     assert verdict["`gla`", "128", "64 (4)"] == ("width: +0.33 (6.6 x spread)", "width: agrees")
     assert verdict["`gla`", "64", "128 (8)"] == ("length: +0.10 (5.0 x spread)", "length: disagrees")
     assert verdict["`gla`", "64", "64 (4)"][1] == "the reference cell of the trends"
@@ -496,6 +502,12 @@ def test_mqar_trends_test_each_row_against_its_neighbouring_cells(tmp_path):
     assert verdict["`swa`", "128", "64 (4)"][1] == "the reference cell of the trends"
     assert verdict["`swa`", "64", "128 (8)"][1] == "length: agrees"
     assert verdict["`titans_mlp`", "128", "64 (4)"][1] == "width: pending"
+    # Cells trained for other epochs are not compared: the cpu preset's 24-epoch T 128 rows against 8-epoch T 64.
+    verdict = verdicts(cpu_runs)
+    assert verdict["`gla`", "64", "128 (8)"] == ("length: trained 24 epochs here, 8 epochs there",
+                                                 "length: not comparable (other budget)")
+    assert verdict["`swa`", "64", "128 (8)"][1] == "length: not comparable (other budget)"
+    assert verdict["`gla`", "128", "64 (4)"][1] == "width: agrees"
     # The last cell is tested on both axes; the attention rows keep zoology's absolute claim.
     d128_t128 = mqar_claim("gla", 128, 128, 8, ((64, 64, 4), (128, 64, 4), (64, 128, 8), (128, 128, 8)))
     assert [(t.label, t.versus, t.sign) for t in d128_t128.trends] == [("width", (64, 128, 8), 1),
