@@ -2,9 +2,9 @@
 
 Presets: ``tiny`` (CI: a few runs of a few steps, about a minute; it checks the machinery, not the claims),
 ``cpu`` (the papers' protocols scaled down for two CPU cores: the MAC, needle, S4D, LongMem and HMT studies take
-about 2.2 CPU hours, one working session; the MQAR grid of 260 runs takes up to about 66 more, 57 of them in its
-T 128 cells, which train three times as long; early stopping cuts that; so it runs resumably over several sessions,
-the page estimating what is left), ``full`` (the same studies at the scale where the papers' claims
+about 2.2 CPU hours, one working session; the MQAR grid of 260 runs, at 24 epochs a cell, takes up to about 80
+more, early stopping and ``--compile`` cutting that; so it runs resumably over several sessions, the page
+estimating what is left), ``full`` (the same studies at the scale where the papers' claims
 can be tested; GPU).  Every study is declared at every preset, so the page lists what a preset would run even
 where it has not run yet.
 """
@@ -84,11 +84,11 @@ PRESETS: dict[str, Scale] = {
                                               side_steps=3, capacity=32, n_chunks=2, eval_streams=8)),
     # MQAR at vocabulary 256: at 8192 a step of 1-head attention cost 8x more on the CPU, nearly all of it in the
     # output layer.  Rates around 1e-3: at 3e-3, attention and gated delta never left 0.2 accuracy in a trial.
-    # 24 epochs at T 128: under 8, whose cosine leaves the peak rate too soon, attention stayed at chance at every
-    # rate of the sweep; under 24 it reached 0.99 by epoch 5 at 2e-3 (three seeds) and gated delta 0.98
-    # (benchmarks/results/report/archive/mqar-T128-epochs-probe/).
+    # 24 epochs in every cell: under 8, whose cosine leaves the peak rate too soon, attention stayed at chance at
+    # every rate at T 128, where 24 let it reach 0.99 by epoch 5 (benchmarks/results/report/archive/
+    # mqar-T128-epochs-probe/); at T 64, 24 took titans_mlp from 0.15 to 0.94 (archive/mqar-T64-epochs-probe/).
     "cpu": Scale(d_models=(64, 128), mqar_grid=((64, 4), (128, 8)), mqar_train_examples=4000,
-                 mqar_lrs=(5e-4, 1e-3, 2e-3), mqar_epochs=(8, 24), mqar_vocab=256, niah_len=64,
+                 mqar_lrs=(5e-4, 1e-3, 2e-3), mqar_epochs=(24, 24), mqar_vocab=256, niah_len=64,
                  niah_train_examples=2000, niah_epochs=10, niah_lr=3e-3, test_examples=100, seeds=(0, 1, 2)),
     "full": Scale(d_models=(64, 128, 256, 512), mqar_grid=((64, 4), (128, 8), (256, 16), (512, 64)),
                   mqar_train_examples=100_000, mqar_lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), mqar_epochs=(64, 64, 64, 64),
