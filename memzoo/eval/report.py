@@ -181,8 +181,10 @@ def resolved_config(run: Run) -> dict[str, Any] | None:
 
 
 def _current_names(resolved: Any) -> Any:
-    """A stored ``resolved`` with each mixer's renamed fields (its config class's ``_renamed_fields``, old -> new)
-    under their current names: a rename since the run changes no model, so it must not make the run again."""
+    """A stored ``resolved`` with each mixer's renamed fields under their current names (``renamed_options``, the
+    rule every config takes old option names by): a rename since the run changes no model, so it must not make the
+    run again.  A mixer this version does not know, or whose fields cannot be renamed, is left as it was stored."""
+    from memzoo.models.contract import renamed_options
     from memzoo.models.registry import MIXERS
 
     mixers = resolved.get("model", {}).get("mixers") if isinstance(resolved, dict) else None
@@ -190,9 +192,13 @@ def _current_names(resolved: Any) -> Any:
         return resolved
     out = {}
     for name, cfg in mixers.items():
-        renamed = getattr(getattr(MIXERS.get(name), "config_class", None), "_renamed_fields", None) or {}
-        if isinstance(cfg, dict):
-            cfg = {renamed.get(k, k): v for k, v in cfg.items() if not (k in renamed and renamed[k] in cfg)}
+        if name in MIXERS and isinstance(cfg, dict):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                try:
+                    cfg = renamed_options(f"mixer {name!r}", MIXERS[name].config_class, cfg)
+                except TypeError:  # old and new name both stored: compared as stored (a mismatch reruns it)
+                    pass
         out[name] = cfg
     return {**resolved, "model": {**resolved["model"], "mixers": out}}
 

@@ -357,6 +357,11 @@ def test_each_mqar_cell_trains_for_its_own_epochs():
             assert r.train.epochs == epochs[r.labels["T"]], r.key
     with pytest.raises(ValueError, match="mqar_epochs needs one value per cell of mqar_grid"):
         dataclasses.replace(s, mqar_epochs=(8,))
+    # Cells with other epochs each get their own (the preset's two are equal, so this needs a Scale of its own).
+    from memzoo.eval.report_suite import mqar_study
+
+    mixed = dataclasses.replace(s, mqar_epochs=(8, 24))
+    assert {(r.labels["T"], r.train.epochs) for r in mqar_study(mixed)} == {(64, 8), (128, 24)}
 
 
 def test_workers_share_a_folder_through_lock_files(tmp_path, capsys):
@@ -527,12 +532,12 @@ def test_a_study_without_a_table_is_refused_not_dropped(tmp_path):
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compile_trains_the_same_run_and_is_recorded_outside_its_config(tmp_path, capsys):
+    from torch._dynamo.utils import counters
+
     from memzoo.eval.harness import train_one
 
     run = next(r for r in build_suite("tiny") if r.study == "mqar")
     kw = dict(task=run.task, progress=False)
-    from torch._dynamo.utils import counters
-
     eager = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, **kw)
     counters.clear()
     compiled = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, compile=True, **kw)
