@@ -269,6 +269,18 @@ def _mqar_budget(runs: list[Run]) -> str:
             "it was not kept.")
 
 
+def _niah_budget(runs: list[Run]) -> str:
+    """The needle study's training budget, read from its runs (one budget for every model)."""
+    budgets = {(sum(c.num_examples for c in r.data.train), r.train.epochs,
+                steps_per_epoch(r.data, r.train) * r.train.epochs, r.lr) for r in runs}
+    parts = [f"{n:,} training examples for {e} epochs ({steps:,} steps) at peak rate {lr:g}"
+             for n, e, steps, lr in sorted(budgets)]
+    rates = " (one rate for all, no sweep). " if len(parts) == 1 else " (no sweep). "
+    return ("Every model trains on " + "; ".join(parts) + rates
+            + "That budget limits the slow learners: `benchmarks/niah_budget.py` retrains a row with more examples, "
+            "epochs or another rate, and its runs and what they show are in `benchmarks/results/niah-budget/`.")
+
+
 def _hmt_section(runs: list[Run], res: dict[str, dict | None], claim_of: Callable[[str], Claim]) -> list[str]:
     """Held-out loss per model (nats per byte, and bits per byte), each wrapped model against its bare backbone."""
     groups = _group(runs, lambda r: r.labels["model"])
@@ -451,8 +463,9 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           "the needle is out of local reach at 2x. HMT over a windowed backbone is row `hmt_swa`, "
                           "its backbone alone is `swa` (its language-modelling claim is the `hmt` study). EM needs "
                           "all four value digits right; token acc is the share of them right at 1x (chance 0.1), "
-                          "which tells a model that copies part of the passkey from one that learned nothing. At "
-                          "this training budget several rows vary widely between seeds.",
+                          "which tells a model that copies part of the passkey from one that learned nothing. "
+                          + _niah_budget(by_study["niah"]) + " At this budget several rows vary widely between "
+                          "seeds.",
                           folder, "niah-<model>-d<d>-s<seed>",
                           [*table, "", *_img(page, png, "passkey exact match vs length")])
     if "mqar" in by_study:

@@ -334,6 +334,19 @@ def test_needle_table_shows_token_accuracy_beside_exact_match():
     assert row[2:5] == ["0.00"] * 3, rows
 
 
+def test_needle_intro_states_the_budget_its_runs_trained_with():
+    from memzoo.eval.report_page import _niah_budget
+
+    runs = [r for r in build_suite("cpu") if r.study == "niah"]
+    text = _niah_budget(runs)
+    # 2,000 examples in batches of 32: 63 steps an epoch.
+    assert "2,000 training examples for 10 epochs (630 steps) at peak rate 0.003 (one rate for all" in text, text
+    other = dataclasses.replace(runs[0], train=dataclasses.replace(runs[0].train, epochs=30), lr=1e-3)
+    text = _niah_budget([*runs, other])
+    assert "10 epochs (630 steps) at peak rate 0.003; 2,000 training examples for 30 epochs (1,890 steps) at peak " \
+           "rate 0.001 (no sweep)" in text.replace("\n", ""), text
+
+
 def test_cpu_preset_sweeps_at_one_seed_and_reruns_the_best_rate():
     runs = [r for r in build_suite("cpu") if r.study == "mqar"]
     keys = {r.key for r in runs}
