@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
+from common import print_table, trained_once  # noqa: E402
 
-from memzoo.eval.harness import train_one  # noqa: E402
 from memzoo.eval.report import ROOT, load_result, run_path  # noqa: E402
 from memzoo.eval.report_suite import build_suite  # noqa: E402
-from memzoo.eval.results import environment  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "mqar-theta"
 SUITE = ROOT / "benchmarks" / "results" / "report" / "cpu"
@@ -79,14 +75,8 @@ def main() -> None:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         path = OUT / f"{base.key.rsplit('-s', 1)[0]}-theta{args.theta_max:g}-s{seed}.json"
-        if not path.exists():
-            c0 = time.process_time()
-            rec = train_one(spec, base.d_model, base.data, base.lr, seed, base.train, task="mqar", progress=False)
-            OUT.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"base": base.key, "theta_max": args.theta_max, "seed": seed,
-                                        "environment": environment("cpu"),
-                                        "cpu_s": round(time.process_time() - c0, 1), "record": rec}, indent=1) + "\n")
-        rec = json.loads(path.read_text())["record"]
+        rec = trained_once(path, {"base": base.key, "theta_max": args.theta_max, "seed": seed}, spec=spec,
+                           d_model=base.d_model, data=base.data, lr=base.lr, seed=seed, train=base.train, task="mqar")
         rows.append({"seed": seed, "theta_max": args.theta_max, "accuracy": rec["metrics"]["all"]["accuracy"],
                      "suite_theta_max_1": stored_accuracy(base, seed, suite),
                      "curve": " ".join(f"{c['accuracy']:.2f}" for c in rec["curve"])})

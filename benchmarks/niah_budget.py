@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
+from common import print_table, trained_once  # noqa: E402
 
-from memzoo.eval.harness import train_one  # noqa: E402
 from memzoo.eval.report import ROOT, load_result  # noqa: E402
 from memzoo.eval.report_suite import build_suite  # noqa: E402
-from memzoo.eval.results import environment  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "niah-budget"
 SUITE = ROOT / "benchmarks" / "results" / "report" / "cpu"
@@ -62,15 +58,9 @@ def main() -> None:
     data = dataclasses.replace(base.data, train=(dataclasses.replace(base.data.train[0], num_examples=n),))
     train = dataclasses.replace(base.train, epochs=epochs)
     path = OUT / f"{base.key}-n{n}-e{epochs}-lr{lr:g}.json"
-    if not path.exists():
-        c0 = time.process_time()
-        rec = train_one(base.spec, base.d_model, data, lr, base.seed, train, task="niah", progress=False)
-        OUT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"base": base.key, "train_examples": n, "epochs": epochs, "lr": lr,
-                                    "seed": base.seed, "train": dataclasses.asdict(train),
-                                    "environment": environment("cpu"),
-                                    "cpu_s": round(time.process_time() - c0, 1), "record": rec}, indent=1) + "\n")
-    rec = json.loads(path.read_text())["record"]
+    rec = trained_once(path, {"base": base.key, "train_examples": n, "epochs": epochs, "lr": lr, "seed": base.seed,
+                              "train": dataclasses.asdict(train)},
+                       spec=base.spec, d_model=base.d_model, data=data, lr=lr, seed=base.seed, train=train, task="niah")
     stored = load_result(SUITE, base, suite)
     rows = [{"budget": "suite", "examples": base.data.train[0].num_examples, "epochs": base.train.epochs,
              "lr": f"{base.lr:g}", **(exact_match(stored["record"]) if stored else {}),

@@ -247,14 +247,18 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
             "", *_table(header, rows), "", "</details>", ""]
 
 
+def _budget(run: Run) -> str:
+    """A run's training budget in words: examples, epochs and optimizer steps."""
+    n, epochs = sum(c.num_examples for c in run.data.train), run.train.epochs
+    return f"{n:,} training examples for {epochs} epochs ({steps_per_epoch(run.data, run.train) * epochs:,} steps)"
+
+
 def _mqar_budget(runs: list[Run]) -> str:
     """What the training budget of ``runs`` means for reading the MQAR rows."""
-    budgets = {}  # sequence length -> (examples, epochs, steps), in the grid's order
+    budgets: dict[int, str] = {}  # sequence length -> budget, in the grid's order
     for r in runs:
-        budgets.setdefault(r.labels["T"], (sum(c.num_examples for c in r.data.train), r.train.epochs,
-                                           steps_per_epoch(r.data, r.train) * r.train.epochs))
-    parts = [f"{n:,} training examples for {e} epochs ({steps:,} steps) at T {T}"
-             for T, (n, e, steps) in budgets.items()]
+        budgets.setdefault(r.labels["T"], _budget(r))
+    parts = [f"{budget} at T {T}" for T, budget in budgets.items()]
     return ("The budget is " + "; ".join(parts) + " (zoology: 12,500 steps at T 64). The learning rate follows a "
             "cosine over the run, so the epochs also set how long it stays near its peak: in the cpu preset, under "
             "8 epochs at T 128 even attention stayed at chance at every rate, and under 24 it learned within 5; at "
@@ -271,10 +275,7 @@ def _mqar_budget(runs: list[Run]) -> str:
 
 def _niah_budget(runs: list[Run]) -> str:
     """The needle study's training budget, read from its runs (one budget for every model)."""
-    budgets = {(sum(c.num_examples for c in r.data.train), r.train.epochs,
-                steps_per_epoch(r.data, r.train) * r.train.epochs, r.lr) for r in runs}
-    parts = [f"{n:,} training examples for {e} epochs ({steps:,} steps) at peak rate {lr:g}"
-             for n, e, steps, lr in sorted(budgets)]
+    parts = list(dict.fromkeys(f"{_budget(r)} at peak rate {r.lr:g}" for r in runs))
     rates = " (one rate for all, no sweep). " if len(parts) == 1 else " (no sweep). "
     return ("Every model trains on " + "; ".join(parts) + rates
             + "That budget limits the slow learners: `benchmarks/niah_budget.py` retrains a row with more examples, "

@@ -34,13 +34,22 @@ CSV_FIELDS = (
 )
 
 
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[2]
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _git(*args: str, root: Path = _ROOT) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def tree_dirty(root: Path = _ROOT) -> bool | None:
+    """Whether the tracked files of the git tree at ``root`` differ from its commit (None outside git).  Untracked
+    files do not count: they are the run's own result files far more often than code."""
+    status = _git("status", "--porcelain", "--untracked-files=no", root=root)
+    return None if status is None else bool(status)
 
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -50,10 +59,9 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     import memzoo
 
     device = torch.device(device)
-    status = _git("status", "--porcelain")
     return {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_dirty": tree_dirty(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "numpy": numpy.__version__,

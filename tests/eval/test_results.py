@@ -1,6 +1,8 @@
 """Summaries (best-of-sweep, seeds), the CSV contract and the plots, from synthetic records."""
 
 import math
+import shutil
+import subprocess
 
 import pytest
 
@@ -63,3 +65,23 @@ def test_plots_are_written(tmp_path, plot):
 def test_plots_refuse_empty_input(tmp_path):
     with pytest.raises(ValueError, match="depth"):
         plot_niah_heatmap([r for r in summarize(RECORDS) if "depth" not in r["slice"]], tmp_path / "p.png")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_tree_dirty_counts_changed_tracked_files_not_untracked_ones(tmp_path):
+    from memzoo.eval.results import tree_dirty
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert tree_dirty(tmp_path) is None  # not a git tree
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "code")
+    assert tree_dirty(tmp_path) is False
+    (tmp_path / "run.json").write_text("{}\n")  # a run's own result file
+    assert tree_dirty(tmp_path) is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert tree_dirty(tmp_path) is True
