@@ -103,19 +103,31 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def trained_once(path: Path, meta: dict, **train_one_kwargs) -> dict:
-    """The harness record stored at ``path``; trained first (``memzoo.eval.harness.train_one``, no progress bar)
-    and written there with ``meta``, the package's environment and the CPU time, when the file does not exist."""
-    if not path.exists():
-        from memzoo.eval.harness import train_one
-        from memzoo.eval.results import environment as run_environment
+def trained_once(path: Path, meta: dict, run) -> dict:
+    """The harness record of ``run`` (a ``memzoo.eval.report.Run``) stored at ``path``; trained first
+    (``memzoo.eval.harness.train_one``, no progress bar) and written there with ``meta``, the run's ``config`` and
+    ``resolved`` model, the package's environment and the CPU time, when the file does not exist.  A file that
+    holds another run (other settings, or a model default changed since) is an error naming what differs: it is
+    neither reused for this run nor overwritten."""
+    from memzoo.eval.report import config_differences, resolved_config
 
-        c0 = time.process_time()
-        rec = train_one(progress=False, **train_one_kwargs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**meta, "environment": run_environment("cpu"),
-                                    "cpu_s": round(time.process_time() - c0, 1), "record": rec}, indent=1) + "\n")
-    return json.loads(path.read_text())["record"]
+    if path.exists():
+        payload = json.loads(path.read_text())
+        differs = config_differences(payload, run)
+        if differs:
+            raise SystemExit(f"{path} holds a run with other settings ({', '.join(differs)} differ from this "
+                             f"run's); move it away to train this one")
+        return payload["record"]
+    from memzoo.eval.harness import train_one
+    from memzoo.eval.results import environment as run_environment
+
+    c0 = time.process_time()
+    rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "config": run.config(), "resolved": resolved_config(run),
+                                "environment": run_environment("cpu"), "cpu_s": round(time.process_time() - c0, 1),
+                                "record": rec}, indent=1) + "\n")
+    return rec
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -58,9 +58,9 @@ def main() -> None:
     data = dataclasses.replace(base.data, train=(dataclasses.replace(base.data.train[0], num_examples=n),))
     train = dataclasses.replace(base.train, epochs=epochs)
     path = OUT / f"{base.key}-n{n}-e{epochs}-lr{lr:g}.json"
-    rec = trained_once(path, {"base": base.key, "train_examples": n, "epochs": epochs, "lr": lr, "seed": base.seed,
-                              "train": dataclasses.asdict(train)},
-                       spec=base.spec, d_model=base.d_model, data=data, lr=lr, seed=base.seed, train=train, task="niah")
+    run = dataclasses.replace(base, key=path.stem, data=data, lr=lr, train=train)
+    rec = trained_once(path, {"base": base.key, "train_examples": n, "epochs": epochs, "lr": lr, "seed": base.seed},
+                       run)
     stored = load_result(SUITE, base, suite)
     rows = [{"budget": "suite", "examples": base.data.train[0].num_examples, "epochs": base.train.epochs,
              "lr": f"{base.lr:g}", **(exact_match(stored["record"]) if stored else {}),

@@ -36,7 +36,7 @@ from typing import Any
 from .config import BenchTrainConfig, DataSpec, ModelSpec
 from .tasks import sweep_score
 
-__all__ = ["Run", "RUN_KINDS", "run_path", "load_result", "run_suite", "main"]
+__all__ = ["Run", "RUN_KINDS", "run_path", "load_result", "config_differences", "run_suite", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,14 +153,25 @@ def load_result(results_dir: str | Path, run: Run, suite: dict[str, Run] | None 
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    stored, wanted = payload.get("config"), json.loads(json.dumps(run.config()))
-    if _canonical(_resolve_mixers(stored)) != _canonical(_resolve_mixers(wanted)):
-        return None
+    return None if config_differences(payload, run) else payload
+
+
+def config_differences(payload: dict[str, Any], run: Run) -> list[str]:
+    """What keeps a stored run file ``payload`` from being ``run``: the names of the config entries that differ
+    (``model``, ``data``, ``lr``, ``train``, ...), ``resolved model`` when a default of the model has changed since
+    it ran, or ``config`` when the file records none; empty when it is ``run``'s result.  An option renamed since
+    compares equal to its new name; one added since (or with a None default) is taken at its default."""
+    stored = payload.get("config")
+    if not isinstance(stored, dict):
+        return ["config"]
+    stored = _canonical(_resolve_mixers(stored))
+    wanted = _canonical(_resolve_mixers(json.loads(json.dumps(run.config()))))
+    out = [k for k in dict.fromkeys([*wanted, *stored]) if stored.get(k) != wanted.get(k)]
     # A file that records the model as it was built reruns when a default has changed since.
     then = _current_names(payload.get("resolved"))
     if then is not None and _canonical(then) != _canonical(_known(resolved_config(run), then)):
-        return None
-    return payload
+        out.append("resolved model")
+    return out
 
 
 def resolved_config(run: Run) -> dict[str, Any] | None:
