@@ -121,12 +121,12 @@ def trained_once(path: Path, meta: dict, run) -> dict:
     from memzoo.eval.harness import train_one
     from memzoo.eval.results import environment as run_environment
 
+    env = run_environment("cpu")  # the commit that trains it, read before a long run (the tree may move on)
     c0 = time.process_time()
     rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, run.train, task=run.task, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "config": run.config(), "resolved": resolved_config(run),
-                                "environment": run_environment("cpu"), "cpu_s": round(time.process_time() - c0, 1),
-                                "record": rec}, indent=1) + "\n")
+    path.write_text(json.dumps({**meta, "config": run.config(), "resolved": resolved_config(run), "environment": env,
+                                "cpu_s": round(time.process_time() - c0, 1), "record": rec}, indent=1) + "\n")
     return rec
 
 

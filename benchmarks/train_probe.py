@@ -155,12 +155,13 @@ def main() -> None:
     lr = args.lr or base.lr
     data = dataclasses.replace(base.data, train=(dataclasses.replace(base.data.train[0], num_examples=n),))
     run = dataclasses.replace(base, key=f"{base.key}-n{n}-lr{lr:g}", data=data, lr=lr)
+    env = run_environment("cpu")  # read before the run: the tree may move on while it trains
     c0 = time.process_time()
     rows = probe(run, steps=args.steps, every=args.every, progress=not args.no_progress)
     path = OUT / f"{run.key}-{args.steps}steps.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"base": base.key, "examples": n, "lr": lr, "steps": args.steps,
-                                "config": run.config(), "environment": run_environment("cpu"),
+                                "config": run.config(), "environment": env,
                                 "cpu_s": round(time.process_time() - c0, 1), "rows": rows}, indent=1) + "\n")
     # Activations: each mixer and its parts; an output projection only where its part itself was not called.
     called = [k[4:] for k in rows[0] if k.startswith("rms ")]
