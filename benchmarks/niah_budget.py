@@ -1,10 +1,11 @@
-"""A results-page needle run retrained under another budget (training examples, epochs, learning rate).
+"""A results-page needle run retrained under another budget (training examples, epochs, learning rate, clipping).
 
 The cpu preset's needle study trains every model on the same 2,000 passkey examples for 10 epochs at 3e-3 (cosine
 per epoch, early stop at 0.99).  This reruns one of its runs (same model, width, test sets and seed) with only the
-training set's size, the epochs or the rate changed, and prints exact match per test length next to the suite's
-stored run.  Each run is written to ``benchmarks/results/niah-budget/<key>-n<examples>-e<epochs>-lr<lr>.json``
-(config, seed, commit, machine, record) and skipped when that file exists.
+training set's size, the epochs, the rate or the gradient clipping changed, and prints exact match per test length
+next to the suite's stored run.  Each run is written to
+``benchmarks/results/niah-budget/<key>-n<examples>-e<epochs>-lr<lr>[-clip<c>].json`` (config, seed, commit, machine,
+record) and reused when that file holds the same run (a file with other settings is an error, never reused).
 
     python benchmarks/niah_budget.py --key niah-attention-d64-s0 --examples 8000 --epochs 30 --lr 3e-3
     (attention: about 20 CPU s per 10 epochs of 2,000 examples, one thread)
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, help="training examples (default: the suite's)")
     p.add_argument("--epochs", type=int, help="epochs (default: the suite's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the suite's)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient's norm to this (default: the suite's, none)")
     args = p.parse_args()
     torch.set_num_threads(1)
     suite = {r.key: r for r in build_suite("cpu")}
@@ -50,22 +52,26 @@ def main() -> None:
     for name in ("examples", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.lr is not None and not args.lr > 0:
-        raise SystemExit(f"--lr must be positive, got {args.lr}")
+    for name in ("lr", "grad_clip"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     n = args.examples or base.data.train[0].num_examples
     epochs = args.epochs or base.train.epochs
     lr = args.lr or base.lr
     data = dataclasses.replace(base.data, train=(dataclasses.replace(base.data.train[0], num_examples=n),))
-    train = dataclasses.replace(base.train, epochs=epochs)
-    path = OUT / f"{base.key}-n{n}-e{epochs}-lr{lr:g}.json"
+    train = dataclasses.replace(base.train, epochs=epochs, grad_clip=args.grad_clip or base.train.grad_clip)
+    clip = f"-clip{train.grad_clip:g}" if train.grad_clip is not None else ""
+    path = OUT / f"{base.key}-n{n}-e{epochs}-lr{lr:g}{clip}.json"
     run = dataclasses.replace(base, key=path.stem, data=data, lr=lr, train=train)
     rec = trained_once(path, {"base": base.key, "train_examples": n, "epochs": epochs, "lr": lr, "seed": base.seed},
                        run)
     stored = load_result(SUITE, base, suite)
     rows = [{"budget": "suite", "examples": base.data.train[0].num_examples, "epochs": base.train.epochs,
-             "lr": f"{base.lr:g}", **(exact_match(stored["record"]) if stored else {}),
+             "lr": f"{base.lr:g}", "grad clip": base.train.grad_clip,
+             **(exact_match(stored["record"]) if stored else {}),
              "epochs run": stored["record"]["epochs_run"] if stored else "not run"},
-            {"budget": "this run", "examples": n, "epochs": epochs, "lr": f"{lr:g}", **exact_match(rec),
+            {"budget": "this run", "examples": n, "epochs": epochs, "lr": f"{lr:g}", "grad clip": train.grad_clip,
+             **exact_match(rec),
              "epochs run": rec["epochs_run"]}]
     print(f"{base.key}: exact match per test length ({path.name})")
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
