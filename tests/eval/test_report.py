@@ -340,11 +340,16 @@ def test_needle_intro_states_the_budget_its_runs_trained_with():
     runs = [r for r in build_suite("cpu") if r.study == "niah"]
     text = _niah_budget(runs)
     # 2,000 examples in batches of 32: 63 steps an epoch.
-    assert "2,000 training examples for 10 epochs (630 steps) at peak rate 0.003 (one rate for all" in text, text
-    other = dataclasses.replace(runs[0], train=dataclasses.replace(runs[0].train, epochs=30), lr=1e-3)
+    assert "2,000 training examples for 10 epochs (630 steps) at peak rate 0.003, gradient norm clipped at 1 (one " \
+           "rate for all" in text, text
+    assert "archive/niah-unclipped/" in text, text
+    other = dataclasses.replace(runs[0], train=dataclasses.replace(runs[0].train, epochs=30, grad_clip=None), lr=1e-3)
     text = _niah_budget([*runs, other])
-    assert "10 epochs (630 steps) at peak rate 0.003; 2,000 training examples for 30 epochs (1,890 steps) at peak " \
-           "rate 0.001 (no sweep)" in text, text
+    assert "10 epochs (630 steps) at peak rate 0.003, gradient norm clipped at 1; 2,000 training examples for 30 " \
+           "epochs (1,890 steps) at peak rate 0.001 (no sweep)" in text, text
+    unclipped = [dataclasses.replace(r, train=dataclasses.replace(r.train, grad_clip=None)) for r in runs]
+    text = _niah_budget(unclipped)
+    assert "at peak rate 0.003 (one rate for all" in text and "clipped" not in text, text
 
 
 def test_cpu_preset_sweeps_at_one_seed_and_reruns_the_best_rate():
