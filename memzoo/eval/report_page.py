@@ -8,6 +8,7 @@ result agrees, or why the claim cannot be tested at this size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -79,8 +80,14 @@ Series = list[tuple[str, list[int], list[float | None]]]
 
 
 def _length_table(runs: list[Run], res: dict[str, dict | None], label: Callable[[Run], str],
-                  claim_of: Callable[[Run], Claim], label_name: str = "model") -> tuple[list[str], Series]:
-    """Rows of exact match at 1x/2x/4x the training length, one per label; also the plotted series."""
+                  claim_of: Callable[[Run], Claim], label_name: str = "model",
+                  compare: tuple[str, dict[str, dict | None]] | None = None) -> tuple[list[str], Series]:
+    """Rows of exact match at 1x/2x/4x the training length, one per label; also the plotted series.
+
+    ``compare``: (column name, payload per run key) of the same runs under another recipe, shown as one more
+    column of exact match at 2x (left out when none of them is there)."""
+    if compare is not None and not any(compare[1].get(r.key) for r in runs):
+        compare = None
     rows, series = [], []
     for name, group in _group(runs, label).items():
         lens = _lengths(group[0])
@@ -96,11 +103,15 @@ def _length_table(runs: list[Run], res: dict[str, dict | None], label: Callable[
         claim = claim_of(group[0])
         two_x = means[1] if len(means) > 1 else None
         done = sum(p is not None for p in payloads)
-        rows.append([f"`{name}`", str(lens[0]), *cells, token_acc, f"{done}/{len(group)}", claim.paper,
+        other = []
+        if compare is not None and len(lens) > 1:
+            other = [cell(row_values([compare[1].get(r.key) for r in group], f"seq_len={lens[1]}", "exact_match"),
+                          len(group))]
+        rows.append([f"`{name}`", str(lens[0]), *cells, token_acc, *other, f"{done}/{len(group)}", claim.paper,
                      _verdict(claim, two_x)])
         series.append((name, lens, means))
-    header = [label_name, "train len", "EM 1x", "EM 2x", "EM 4x", "token acc 1x", "runs", "paper reports",
-              "agrees at 2x?"]
+    header = [label_name, "train len", "EM 1x", "EM 2x", "EM 4x", "token acc 1x",
+              *([compare[0]] if compare is not None else []), "runs", "paper reports", "agrees at 2x?"]
     return _table(header, rows), series
 
 
@@ -282,11 +293,22 @@ def _niah_budget(runs: list[Run]) -> str:
             "epochs, another rate or other clipping, and its runs and what they show are in "
             "`benchmarks/results/niah-budget/`.")
     if any(r.train.grad_clip is not None for r in runs):
-        text += (" The clipping matters at this budget: unclipped, titans_mlp and MAL stayed at chance (EM 0.00 to "
-                 "0.07 at 1x over their seeds) where clipped they learn the task (seed 0: 0.99 and 0.95 at 1x); "
-                 "attention, GLA and HMT gained nothing from it. The unclipped runs are kept in "
-                 "`benchmarks/results/report/archive/niah-unclipped/`.")
+        text += (" Clipping moves some rows at this budget, in both directions: column `EM 2x unclipped` gives each "
+                 "row under the study's former recipe, the same runs without clipping (kept in "
+                 "`benchmarks/results/report/archive/niah-unclipped/`).")
     return text
+
+
+def _unclipped(runs: list[Run], results_dir: Path) -> dict[str, dict | None]:
+    """The stored unclipped twin of each clipped run: ``<key>.json`` in ``../archive/niah-unclipped/`` beside
+    ``results_dir``, counted only when its config is the run's own with no clipping (``load_result``)."""
+    archive = Path(results_dir).parent / "archive" / "niah-unclipped"
+    twins = {}
+    for r in runs:
+        if r.train is not None and r.train.grad_clip is not None and archive.is_dir():
+            twin = dataclasses.replace(r, train=dataclasses.replace(r.train, grad_clip=None))
+            twins[r.key] = load_result(archive, twin)
+    return twins
 
 
 def _clipping(run: Run) -> str:
@@ -467,7 +489,8 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           [*table, "", *_img(page, png, "MAC variants: exact match vs length")])
     if "niah" in by_study:
         table, series = _length_table(by_study["niah"], res, lambda r: r.labels["model"],
-                                      lambda r: claims["niah"](r.labels["model"]))
+                                      lambda r: claims["niah"](r.labels["model"]),
+                                      compare=("EM 2x unclipped", _unclipped(by_study["niah"], results_dir)))
         png = _plot_lengths(series, img / f"results-{preset}-niah.png", f"Passkey vs length ({preset})")
         lines += _section("Needle (passkey) at 1x, 2x and 4x the training length",
                           "Token-level passkey (`memzoo.eval.tasks.niah`, vocabulary 64), trained at one length with "

@@ -98,8 +98,8 @@ PRESETS: dict[str, Scale] = {
     "full": Scale(d_models=(64, 128, 256, 512), mqar_grid=((64, 4), (128, 8), (256, 16), (512, 64)),
                   mqar_train_examples=100_000, mqar_lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), mqar_epochs=(64, 64, 64, 64),
                   mqar_vocab=8192, niah_len=2048, niah_train_examples=20_000, niah_epochs=8, niah_lr=1e-3,
-                  test_examples=500, seeds=(0, 1, 2), niah_grad_clip=1.0, mac_segment=512, mac_examples=20_000, mac_epochs=8,
-                  mac_batch=32,
+                  test_examples=500, seeds=(0, 1, 2), niah_grad_clip=1.0, mac_segment=512, mac_examples=20_000,
+                  mac_epochs=8, mac_batch=32,
                   # The demonstration's task and sizes trained longer: its backbone reached 0.52 in-segment
                   # accuracy in 1500 steps, and its SideNet was still improving at 400.
                   longmem=LongMemRecallConfig(backbone_steps=3000, side_steps=1600)),

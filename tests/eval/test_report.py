@@ -334,6 +334,42 @@ def test_needle_table_shows_token_accuracy_beside_exact_match():
     assert row[2:5] == ["0.00"] * 3, rows
 
 
+def test_needle_table_shows_the_unclipped_twins_at_2x(tmp_path):
+    import json
+
+    from memzoo.eval.report import resolved_config
+    from memzoo.eval.report_claims import Claim
+    from memzoo.eval.report_page import _unclipped
+
+    runs = [r for r in build_suite("cpu") if r.study == "niah"][:2]
+    lens = [c.seq_len for c in runs[0].data.test]
+    results, archive = tmp_path / "cpu", tmp_path / "archive" / "niah-unclipped"
+    archive.mkdir(parents=True)
+
+    def stored(run, em2x):
+        metrics = {f"seq_len={T}": {"exact_match": em2x if i == 1 else 0.0, "accuracy": 0.1}
+                   for i, T in enumerate(lens)}
+        return {"config": run.config(), "resolved": resolved_config(run), "record": {"metrics": metrics}}
+
+    twin = dataclasses.replace(runs[0], train=dataclasses.replace(runs[0].train, grad_clip=None))
+    (archive / f"{runs[0].key}.json").write_text(json.dumps(stored(twin, 0.75)))
+    # A file of another run under the second key (clipped, as the suite's own): not its unclipped twin.
+    (archive / f"{runs[1].key}.json").write_text(json.dumps(stored(runs[1], 0.5)))
+    twins = _unclipped(runs, results)
+    assert twins[runs[0].key]["record"]["metrics"][f"seq_len={lens[1]}"]["exact_match"] == 0.75
+    assert twins[runs[1].key] is None
+    res = {r.key: stored(r, 0.25) for r in runs}
+    rows, _ = _length_table(runs, res, lambda r: r.labels["model"], lambda r: Claim("paper", None, "untested"),
+                            compare=("EM 2x unclipped", twins))
+    header, first, second = (row.split(" | ") for row in (rows[0], rows[2], rows[3]))
+    assert header[6] == "EM 2x unclipped" and first[6] == "0.75", rows
+    assert first[3] == "0.25" and second[6] == "pending", rows
+    # No twin at all: no column.
+    rows, _ = _length_table(runs, res, lambda r: r.labels["model"], lambda r: Claim("paper", None, "untested"),
+                            compare=("EM 2x unclipped", {}))
+    assert "unclipped" not in rows[0], rows
+
+
 def test_needle_intro_states_the_budget_its_runs_trained_with():
     from memzoo.eval.report_page import _niah_budget
 
