@@ -48,9 +48,9 @@ class Scale:
     test_examples: int
     seeds: tuple[int, ...]
     batch_size: int = 32
-    # The needle study clips the gradient's norm to this (None: no clipping).  Unclipped at 3e-3, the MLP-memory
-    # models sat at chance on the passkey (titans_mlp, MAL: 0.00 EM at 1x, seed 0), clipped at 1 they learned it
-    # (0.99 / 0.95 at 1x), while attention, GLA and HMT stayed where they were (benchmarks/results/niah-budget/).
+    # The needle study clips the gradient's norm to this (None: no clipping).  Unclipped at 3e-3, MAL sat at chance
+    # on the passkey at every seed (EM at 2x 0.00 / 0.00 / 0.03); clipped at 1, two seeds of three learned it (0.92 /
+    # 0.67 / 0.00).  Other rows moved both ways by seed (benchmarks/results/report/archive/niah-unclipped/).
     niah_grad_clip: float | None = None
     # The MAC study: segment length (training sequences are two segments), training examples, epochs, batch.
     mac_segment: int = 16
