@@ -52,7 +52,8 @@ def _clip(text: str) -> float | None | str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--key", required=True, help="a cpu-preset needle run, e.g. niah-attention-d64-s0")
+    p.add_argument("--key", required=True,
+                   help="a cpu-preset needle or MAC-study run, e.g. niah-attention-d64-s0, mac-paper-s0")
     p.add_argument("--examples", type=int, help="training examples (default: the suite's)")
     p.add_argument("--epochs", type=int, help="epochs (default: the suite's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the suite's)")
@@ -62,8 +63,8 @@ def main() -> None:
     torch.set_num_threads(1)
     suite = {r.key: r for r in build_suite("cpu")}
     base = suite.get(args.key)
-    if base is None or base.study != "niah":
-        raise SystemExit(f"--key {args.key!r} is not a run of the cpu preset's needle study (see report --list)")
+    if base is None or base.study not in ("niah", "mac") or base.lr is None:
+        raise SystemExit(f"--key {args.key!r} is not a run of the cpu preset's needle or MAC study (see report --list)")
     for name in ("examples", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be a positive integer, got {getattr(args, name)}")
