@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 
-
-def _load_cpu_ab():
-    # By file path, and with sys.path restored: benchmarks/ on sys.path would shadow packages (its kernels.py).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_ab.py"
-    saved = list(sys.path)
-    spec = importlib.util.spec_from_file_location("memzoo_bench_cpu_ab", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
-
-cpu_ab = _load_cpu_ab()
+cpu_ab = load_benchmark("cpu_ab")
 
 
 @pytest.mark.parametrize("argv, message", [

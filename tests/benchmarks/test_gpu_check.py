@@ -3,23 +3,14 @@ that moves between two runs on the same inputs, and a wrong result each fail."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    # By file path, as test_roofline.py does: benchmarks/ must not go on sys.path (its kernels.py shadows a package).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("memzoo_bench_gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 # A fake "kernel" module: the poisoning wraps allocations made from modules of memzoo.kernels only.

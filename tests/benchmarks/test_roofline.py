@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_scripts import load_benchmark
 
-
-def _load_roofline():
-    # By file path, never by putting benchmarks/ on sys.path: its kernels.py would shadow the `kernels` package
-    # that transformers imports, breaking every later test in the same worker.
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "roofline.py"
-    spec = importlib.util.spec_from_file_location("memzoo_bench_roofline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-roofline = _load_roofline()
+roofline = load_benchmark("roofline")
 
 
 def test_gla_one_chunk_by_hand():

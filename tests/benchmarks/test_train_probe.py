@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_scripts import load_benchmark
 
 from memzoo.eval.harness import train_one
 from memzoo.eval.report_suite import build_suite
 
-
-def _load_probe():
-    # By file path, and with sys.path restored (benchmarks/ on sys.path would shadow packages).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "train_probe.py"
-    saved = list(sys.path)
-    spec = importlib.util.spec_from_file_location("memzoo_bench_train_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
-
-train_probe = _load_probe()
+train_probe = load_benchmark("train_probe")
 
 
 @pytest.mark.parametrize("model", ["titans_mal", "attention"])

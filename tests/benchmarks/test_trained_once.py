@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 
 import memzoo.eval.harness as harness
 from memzoo.eval.report_suite import build_suite
 
-
-def _load_common():
-    # By file path, and with sys.path restored (benchmarks/ on sys.path would shadow packages).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
-    saved = list(sys.path)
-    spec = importlib.util.spec_from_file_location("memzoo_bench_common", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
-
-common = _load_common()
+common = load_benchmark("common")
 
 
 @pytest.fixture
