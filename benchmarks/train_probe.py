@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
-from memzoo.eval.harness import _epoch_batches, load_segment, segment_seed, train_step, trainable  # noqa: E402
+from memzoo.eval.harness import (  # noqa: E402
+    _epoch_batches,
+    load_segment,
+    segment_seed,
+    step_lr,
+    train_step,
+    trainable,
+)
 from memzoo.eval.report import ROOT  # noqa: E402
 from memzoo.eval.report_suite import build_suite  # noqa: E402
 from memzoo.eval.results import environment as run_environment  # noqa: E402
@@ -105,29 +111,29 @@ def probe(run, *, steps: int, every: int, progress: bool = True) -> list[dict]:
     groups = grad_groups(model)
     rows, step = [], 0
     bar = tqdm(total=steps, disable=not progress, leave=False, dynamic_ncols=True)
-    for epoch in range(train.epochs):
-        epoch_lr = run.lr * 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
-        model.train()
-        for seg, idx in _epoch_batches(sizes, batch_size, gen):
-            warm = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
-            for group in opt.param_groups:
-                group["lr"] = epoch_lr * warm
-            seen.clear()
-            loss = train_step(model, opt, params, sets[seg].inputs[idx], sets[seg].labels[idx], train,
-                              torch.device("cpu"))
-            if step % every == 0 or step == steps - 1:
-                # The gradients of this step are still in .grad (train_step zeroes them before its backward).
-                grads = {f"grad {k}": float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in ps if p.grad is not None]))) for k, ps in groups.items()
-                    if any(p.grad is not None for p in ps)}
-                rows.append({"step": step, "epoch": epoch, "lr": epoch_lr * warm, "loss": loss,
-                             **{f"rms {k}": v for k, v in seen.items()}, **grads})
-            step += 1
-            bar.update(1)
-            if step >= steps:
-                bar.close()
-                return rows
-    bar.close()
+    try:
+        for epoch in range(train.epochs):
+            model.train()
+            for seg, idx in _epoch_batches(sizes, batch_size, gen):
+                lr = step_lr(run.lr, train, epoch, step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                seen.clear()
+                loss = train_step(model, opt, params, sets[seg].inputs[idx], sets[seg].labels[idx], train,
+                                  torch.device("cpu"))
+                if step % every == 0 or step == steps - 1:
+                    # The gradients of this step are still in .grad (train_step zeroes them before its backward).
+                    grads = {f"grad {k}": float(torch.nn.utils.get_total_norm(
+                        [p.grad for p in ps if p.grad is not None])) for k, ps in groups.items()
+                        if any(p.grad is not None for p in ps)}
+                    rows.append({"step": step, "epoch": epoch, "lr": lr, "loss": loss,
+                                 **{f"rms {k}": v for k, v in seen.items()}, **grads})
+                step += 1
+                bar.update(1)
+                if step >= steps:
+                    return rows
+    finally:
+        bar.close()
     return rows
 
 

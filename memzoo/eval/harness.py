@@ -171,6 +171,16 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, params: list[
     return loss.item()
 
 
+def step_lr(lr: float, train: BenchTrainConfig, epoch: int, step: int | None = None) -> float:
+    """The learning rate of optimizer step ``step`` (0-based, over the run) in ``epoch``: zoology's
+    CosineAnnealingLR(T_max=epochs) from peak ``lr``, stepped once per epoch, times the linear warmup over the first
+    ``train.warmup_steps`` steps; ``step=None``: the epoch's rate without warmup."""
+    rate = lr * 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
+    if step is not None and train.warmup_steps:
+        rate *= min(1.0, (step + 1) / train.warmup_steps)
+    return rate
+
+
 def trainable(model: torch.nn.Module) -> list[Tensor]:
     """The parameters the optimizer updates: a wrapper over a frozen backbone (LongMem) trains only its own."""
     return list(model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters())
@@ -223,14 +233,12 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
     bar = _progress(total, desc, progress)
     try:
         for epoch in range(train.epochs):
-            # zoology's CosineAnnealingLR(T_max=epochs), stepped once per epoch.
-            epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
+            epoch_lr = step_lr(lr, train, epoch)
             model.train()
             losses = []
             for seg, idx in _epoch_batches(sizes, batch_size, gen):
-                warm = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
                 for group in opt.param_groups:
-                    group["lr"] = epoch_lr * warm
+                    group["lr"] = step_lr(lr, train, epoch, step)
                 x = train_sets[seg].inputs[idx].to(device)
                 y = train_sets[seg].labels[idx].to(device)
                 losses.append(train_step(step_model, opt, params, x, y, train, device))

@@ -303,12 +303,10 @@ def _unclipped(runs: list[Run], results_dir: Path) -> dict[str, dict | None]:
     """The stored unclipped twin of each clipped run: ``<key>.json`` in ``../archive/niah-unclipped/`` beside
     ``results_dir``, counted only when its config is the run's own with no clipping (``load_result``)."""
     archive = Path(results_dir).parent / "archive" / "niah-unclipped"
-    twins = {}
-    for r in runs:
-        if r.train is not None and r.train.grad_clip is not None and archive.is_dir():
-            twin = dataclasses.replace(r, train=dataclasses.replace(r.train, grad_clip=None))
-            twins[r.key] = load_result(archive, twin)
-    return twins
+    if not archive.is_dir():
+        return {}
+    return {r.key: load_result(archive, dataclasses.replace(r, train=dataclasses.replace(r.train, grad_clip=None)))
+            for r in runs if r.train is not None and r.train.grad_clip is not None}
 
 
 def _clipping(run: Run) -> str:

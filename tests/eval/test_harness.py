@@ -9,7 +9,7 @@ import torch
 
 from memzoo.eval import cli
 from memzoo.eval.config import BenchConfig, BenchTrainConfig, DataSpec, ModelSpec, log_lrs
-from memzoo.eval.harness import evaluate, mark_best, slice_metrics, train_one
+from memzoo.eval.harness import evaluate, mark_best, slice_metrics, step_lr, train_one
 from memzoo.eval.presets import PRESETS, get_bench_preset
 from memzoo.eval.tasks import IGNORE, make_task
 from memzoo.eval.tasks.mqar import MQARConfig
@@ -158,3 +158,13 @@ def test_unscored_rows_do_not_break_metrics():
     data = data._replace(labels=torch.full_like(data.labels, IGNORE))
     s = evaluate(RecallOracle(128, 4), data)
     assert torch.isfinite(s["loss"]).all() and (s["accuracy"] == 0).all()
+
+
+def test_step_lr_is_a_cosine_per_epoch_after_a_linear_warmup():
+    train = BenchTrainConfig(epochs=4, warmup_steps=4)
+    # Epoch rates: 0.5 (1 + cos(pi e / 4)) of the peak, the last epoch well above zero (stepped once per epoch).
+    assert [step_lr(2.0, train, e) for e in range(4)] == pytest.approx([2.0, 1.7071068, 1.0, 0.2928932])
+    # Warmup scales the first steps of the run: (step + 1) / warmup_steps, then 1.
+    assert [step_lr(2.0, train, 0, s) for s in range(6)] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 2.0])
+    assert step_lr(2.0, train, 2, 1) == pytest.approx(0.5)
+    assert step_lr(2.0, dataclasses.replace(train, warmup_steps=0), 1, 0) == pytest.approx(1.7071068)
