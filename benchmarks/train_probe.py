@@ -1,17 +1,19 @@
 """A results-page run's first training steps, instrumented: loss, activation sizes and gradient norms per step.
 
 For a run whose training loss sits at chance, this shows where it goes wrong: whether an activation grows, which
-parameters get the gradient.  It retrains a cpu-preset run (same model, seed, training data, batch order, optimizer
-and schedule, so its first steps are the run's own first steps) for ``--steps`` optimizer steps, optionally with
-another rate or a larger training set, and every ``--every`` steps records
+parameters get the gradient.  It retrains a cpu-preset run through the harness's own ``train_one`` (same model,
+seed, training data, batch order, optimizer, schedule and per-epoch evaluation, so its first steps are the run's own
+first steps) for ``--steps`` optimizer steps, optionally with another rate or a larger training set, and every
+``--every`` steps (and at the last step) records
 
 - the loss of that step and its learning rate;
 - the RMS of the output of each block's mixer and of the mixer's parts (its direct submodules; for a part that is
   never called as a module, e.g. an attention whose projections are called one by one, its output projection);
 - the gradient norm of each block's mixer parts, of the embedding and of the output head (before clipping).
 
-The rows are written to ``benchmarks/results/train-probe/<key>-n<examples>-lr<lr>-<steps>steps.json`` (config,
-commit, machine) and a few columns are printed.
+The rows and the per-epoch curve are written to
+``benchmarks/results/train-probe/<key>-n<examples>-lr<lr>-<steps>steps.json`` (config, commit, machine) and a few
+columns are printed.
 
     python benchmarks/train_probe.py --key niah-titans_mal-d64-s0 --lr 3e-3 --examples 8000 --steps 600
     (MAL at d 64: about 0.3 CPU s per step, one thread)
@@ -32,14 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
-from memzoo.eval.harness import (  # noqa: E402
-    _epoch_batches,
-    load_segment,
-    segment_seed,
-    step_lr,
-    train_step,
-    trainable,
-)
+from memzoo.eval.harness import train_one  # noqa: E402
 from memzoo.eval.report import ROOT  # noqa: E402
 from memzoo.eval.report_suite import build_suite  # noqa: E402
 from memzoo.eval.results import environment as run_environment  # noqa: E402
@@ -81,60 +76,56 @@ def grad_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
-def probe(run, *, steps: int, every: int, progress: bool = True) -> list[dict]:
-    """Train ``run`` (a harness run of the suite) for ``steps`` steps as ``train_one`` would, recording a row every
-    ``every`` steps (and the last)."""
-    from tqdm.auto import tqdm
+class ActivationRecorder:
+    """The RMS of each part's output, from forward hooks, over the training forward passes since the last
+    ``take`` (an evaluation pass runs in eval mode and is not recorded)."""
 
-    data, train = run.data, run.train
-    sets = [load_segment(c, segment_seed(c, "train", i, run.seed), None) for i, c in enumerate(data.train)]
-    torch.manual_seed(run.seed)
-    model = run.spec.build(data.vocab_size, run.d_model)
-    params = trainable(model)
-    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=train.weight_decay)
-    gen = torch.Generator().manual_seed(run.seed)
-    sizes = [d.inputs.shape[0] for d in sets]
-    batch_size = data.batch_size or train.batch_size
+    def __init__(self, parts: dict[str, torch.nn.Module]):
+        self.seen: dict[str, float] = {}
+        for name, module in parts.items():
+            module.register_forward_hook(self._hook(name))
 
-    seen: dict[str, float] = {}
-
-    def hook(name: str):
+    def _hook(self, name: str):
         def record(module, inputs, output):
             out = output[0] if isinstance(output, tuple) else output
-            if torch.is_tensor(out) and out.is_floating_point():
-                seen[name] = _rms(out)
+            if module.training and torch.is_tensor(out) and out.is_floating_point():
+                self.seen[name] = _rms(out)
 
         return record
 
-    for name, module in probed_parts(model).items():
-        module.register_forward_hook(hook(name))
-    groups = grad_groups(model)
-    rows, step = [], 0
-    bar = tqdm(total=steps, disable=not progress, leave=False, dynamic_ncols=True)
-    try:
-        for epoch in range(train.epochs):
-            model.train()
-            for seg, idx in _epoch_batches(sizes, batch_size, gen):
-                lr = step_lr(run.lr, train, epoch, step)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                seen.clear()
-                loss = train_step(model, opt, params, sets[seg].inputs[idx], sets[seg].labels[idx], train,
-                                  torch.device("cpu"))
-                if step % every == 0 or step == steps - 1:
-                    # The gradients of this step are still in .grad (train_step zeroes them before its backward).
-                    grads = {f"grad {k}": float(torch.nn.utils.get_total_norm(
-                        [p.grad for p in ps if p.grad is not None])) for k, ps in groups.items()
-                        if any(p.grad is not None for p in ps)}
-                    rows.append({"step": step, "epoch": epoch, "lr": lr, "loss": loss,
-                                 **{f"rms {k}": v for k, v in seen.items()}, **grads})
-                step += 1
-                bar.update(1)
-                if step >= steps:
-                    return rows
-    finally:
-        bar.close()
-    return rows
+    def take(self) -> dict[str, float]:
+        """The values since the last call, then forgets them: a part not called in the next step has no value
+        there rather than this step's."""
+        out, self.seen = self.seen, {}
+        return out
+
+
+def probe(run, *, steps: int, every: int, progress: bool = True) -> tuple[list[dict], dict]:
+    """Train ``run`` (a harness run of the suite) with ``train_one`` itself for at most ``steps`` steps, recording
+    a row every ``every`` steps (and the last); returns the rows and ``train_one``'s record (its per-epoch curve)."""
+    rows: list[dict] = []
+    probes: dict[str, object] = {}
+
+    def on_build(model: torch.nn.Module) -> None:
+        probes["acts"] = ActivationRecorder(probed_parts(model))
+        probes["groups"] = grad_groups(model)
+
+    def on_step(info: dict) -> None:
+        # The gradients of this step are still in .grad (train_step zeroes them before its backward).
+        grads = {f"grad {k}": float(torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None]))
+                 for k, ps in probes["groups"].items() if any(p.grad is not None for p in ps)}
+        row = {"step": info["step"], "epoch": info["epoch"], "lr": info["lr"], "loss": info["loss"],
+               **{f"rms {k}": v for k, v in probes["acts"].take().items()}, **grads}
+        if row["step"] % every == 0:
+            rows.append(row)
+        probes["last"] = row
+
+    train = dataclasses.replace(run.train, max_steps=min(steps, run.train.max_steps or steps))
+    rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, train, task=run.task, progress=progress,
+                    on_build=on_build, on_step=on_step)
+    if probes["last"]["step"] != rows[-1]["step"]:  # the last step run (at --steps, the run's end or an early stop)
+        rows.append(probes["last"])
+    return rows, rec
 
 
 def main() -> None:
@@ -163,12 +154,13 @@ def main() -> None:
     run = dataclasses.replace(base, key=f"{base.key}-n{n}-lr{lr:g}", data=data, lr=lr)
     env = run_environment("cpu")  # read before the run: the tree may move on while it trains
     c0 = time.process_time()
-    rows = probe(run, steps=args.steps, every=args.every, progress=not args.no_progress)
+    rows, rec = probe(run, steps=args.steps, every=args.every, progress=not args.no_progress)
     path = OUT / f"{run.key}-{args.steps}steps.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"base": base.key, "examples": n, "lr": lr, "steps": args.steps,
                                 "config": run.config(), "environment": env,
-                                "cpu_s": round(time.process_time() - c0, 1), "rows": rows}, indent=1) + "\n")
+                                "cpu_s": round(time.process_time() - c0, 1), "curve": rec["curve"], "rows": rows},
+                               indent=1) + "\n")
     # Activations: each mixer and its parts; an output projection only where its part itself was not called.
     called = [k[4:] for k in rows[0] if k.startswith("rms ")]
     shown = ["step", "lr", "loss"]

@@ -194,12 +194,18 @@ def steps_per_epoch(data: DataSpec, train: BenchTrainConfig) -> int:
 
 def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: int, train: BenchTrainConfig, *,
               task: str, device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-              progress: bool = True, desc: str = "", compile: bool = False) -> dict[str, Any]:
+              progress: bool = True, desc: str = "", compile: bool = False,
+              on_build: Callable[[torch.nn.Module], None] | None = None,
+              on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train one model from scratch and score it on the test segments.
 
     ``compile``: take the training steps through ``torch.compile(model)`` (an execution choice, not part of the
     run's config: the same model and data, fused kernels; evaluation runs the module itself).  On the CPU it cut
     a step of gated delta or GLA by 1.6-1.8x for about a minute of compiling per run.
+
+    ``on_build(model)``: called once with the built model before the first step (e.g. to register forward hooks).
+    ``on_step(info)``: called after every optimizer step with ``model``, ``step`` (0-based), ``epoch``, ``lr`` and
+    ``loss``; the step's gradients are still in ``.grad``.  Neither may change the training: a probe observes.
 
     Returns:
         A JSON-ready record: the model and data identity, ``params`` (all, a frozen backbone included),
@@ -218,6 +224,8 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
     torch.manual_seed(seed)
     model = spec.build(data.vocab_size, d_model).to(device)
     params = trainable(model)
+    if on_build is not None:
+        on_build(model)
     step_model = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -237,11 +245,14 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
             model.train()
             losses = []
             for seg, idx in _epoch_batches(sizes, batch_size, gen):
+                rate = step_lr(lr, train, epoch, step)
                 for group in opt.param_groups:
-                    group["lr"] = step_lr(lr, train, epoch, step)
+                    group["lr"] = rate
                 x = train_sets[seg].inputs[idx].to(device)
                 y = train_sets[seg].labels[idx].to(device)
                 losses.append(train_step(step_model, opt, params, x, y, train, device))
+                if on_step is not None:
+                    on_step({"model": model, "step": step, "epoch": epoch, "lr": rate, "loss": losses[-1]})
                 step += 1
                 bar.update(1)
                 if step >= total:
