@@ -37,10 +37,10 @@ def exact_match(record: dict) -> dict[str, float]:
     return {k: round(v["exact_match"], 3) for k, v in record["metrics"].items() if "/" not in k}
 
 
-def _clip(text: str) -> float | None | str:
+def _clip(text: str) -> float | None:
     """``--grad-clip``: a positive norm, or ``none`` (no clipping)."""
-    if text in ("none", "suite"):
-        return None if text == "none" else text
+    if text == "none":
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -50,16 +50,21 @@ def _clip(text: str) -> float | None | str:
     return value
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--key", required=True,
                    help="a cpu-preset needle or MAC-study run, e.g. niah-attention-d64-s0, mac-paper-s0")
     p.add_argument("--examples", type=int, help="training examples (default: the suite's)")
     p.add_argument("--epochs", type=int, help="epochs (default: the suite's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the suite's)")
-    p.add_argument("--grad-clip", type=_clip, default="suite",
+    # No default: an absent --grad-clip leaves the attribute unset, and the run keeps the suite's setting.
+    p.add_argument("--grad-clip", type=_clip, default=argparse.SUPPRESS,
                    help="clip the gradient's norm to this, or 'none' (default: the suite's, 1 in the cpu preset)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(1)
     suite = {r.key: r for r in build_suite("cpu")}
     base = suite.get(args.key)
@@ -74,8 +79,7 @@ def main() -> None:
     epochs = args.epochs or base.train.epochs
     lr = args.lr or base.lr
     data = dataclasses.replace(base.data, train=(dataclasses.replace(base.data.train[0], num_examples=n),))
-    clip_norm = base.train.grad_clip if args.grad_clip == "suite" else args.grad_clip
-    train = dataclasses.replace(base.train, epochs=epochs, grad_clip=clip_norm)
+    train = dataclasses.replace(base.train, epochs=epochs, grad_clip=getattr(args, "grad_clip", base.train.grad_clip))
     clip = f"-clip{train.grad_clip:g}" if train.grad_clip is not None else ""
     path = OUT / f"{base.key}-n{n}-e{epochs}-lr{lr:g}{clip}.json"
     run = dataclasses.replace(base, key=path.stem, data=data, lr=lr, train=train)
