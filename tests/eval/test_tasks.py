@@ -236,6 +236,22 @@ def test_seq_digits_layout_and_fixed_split():
         SeqDigitsConfig(vocab_size=30)
 
 
+def test_pydoc_lm_train_drops_rows_that_repeat_a_held_out_row(monkeypatch):
+    from memzoo.eval.tasks import pydoc_lm
+
+    # 20 rows of 4 bytes: row 9 (held out) is row 2's text and row 15 is row 19's (held out); the rest are distinct.
+    rows = [bytes([r, r, r, r]) for r in range(20)]
+    rows[9], rows[15] = rows[2], rows[19]
+    monkeypatch.setattr(pydoc_lm, "_text", lambda: np.frombuffer(b"".join(rows), dtype=np.uint8))
+    pydoc_lm.rows.cache_clear()
+    try:
+        train, test = pydoc_lm.rows(3, "train"), pydoc_lm.rows(3, "test")
+        assert [bytes(r) for r in test] == [rows[9], rows[19]]
+        assert [bytes(r) for r in train] == [rows[r] for r in range(20) if r not in (2, 9, 15, 19)]
+    finally:
+        pydoc_lm.rows.cache_clear()
+
+
 def test_pydoc_lm_next_byte_labels_and_fixed_split():
     from memzoo.train.data import iter_documents
 
@@ -243,17 +259,24 @@ def test_pydoc_lm_next_byte_labels_and_fixed_split():
     T = 100
     train, test = make_task(PydocLMConfig(seq_len=T), 0), make_task(PydocLMConfig(split="test", seq_len=T), 0)
     n_rows = len(text) // (T + 1)
-    assert train.inputs.shape[0] + test.inputs.shape[0] == n_rows and test.inputs.shape == (n_rows // 10, T)
+    assert test.inputs.shape == (n_rows // 10, T)
     for d in (train, test):
         # Every position is scored, with the byte that follows it.
         assert torch.equal(d.labels[:, :-1], d.inputs[:, 1:]) and (d.labels != IGNORE).all()
-    # The held-out rows are the text's rows 9, 19, 29, ... whatever the seed (it only orders them).
-    held_out = {text[r * (T + 1): (r + 1) * (T + 1)] for r in range(9, n_rows, 10)}
-    assert {bytes(row) for row in torch.cat([test.inputs, test.labels[:, -1:]], 1).tolist()} == held_out
+
+    def rows_of(d):
+        return sorted(bytes(row) for row in torch.cat([d.inputs, d.labels[:, -1:]], 1).tolist())
+
+    # The held-out rows are the text's rows 9, 19, 29, ... whatever the seed (it only orders them); the training
+    # rows are the others, less any that repeats a held-out row.
+    all_rows = [text[r * (T + 1): (r + 1) * (T + 1)] for r in range(n_rows)]
+    held_out = sorted(all_rows[9::10])
+    assert rows_of(test) == held_out
+    assert rows_of(train) == sorted(row for r, row in enumerate(all_rows) if r % 10 != 9 and row not in held_out)
     other = make_task(PydocLMConfig(seq_len=T), 3)
     assert not torch.equal(other.inputs, train.inputs)
-    assert sorted(map(tuple, other.inputs.tolist())) == sorted(map(tuple, train.inputs.tolist()))
-    assert not {bytes(r) for r in train.inputs.tolist()} & {bytes(r) for r in test.inputs.tolist()}
+    assert rows_of(other) == rows_of(train)
+    assert not set(rows_of(train)) & set(held_out)
     with pytest.raises(ValueError, match="exceeds the"):
         PydocLMConfig(split="test", seq_len=T, num_examples=n_rows)
     with pytest.raises(ValueError, match="split must be one of"):
