@@ -100,32 +100,36 @@ class ActivationRecorder:
         return out
 
 
+class _Probe:
+    """``train_one``'s hooks: a row of loss, rate, activations and gradient norms every ``every`` steps, and the
+    last step's row (the run may end at ``--steps``, at its last epoch or by an early stop)."""
+
+    def __init__(self, every: int):
+        self.every, self.rows, self.last = every, [], None
+
+    def on_build(self, model: torch.nn.Module) -> None:
+        self.acts, self.groups = ActivationRecorder(probed_parts(model)), grad_groups(model)
+
+    def on_step(self, info: dict) -> None:
+        # The gradients of this step are still in .grad (train_step zeroes them before its backward).
+        grads = {f"grad {k}": float(torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None]))
+                 for k, ps in self.groups.items() if any(p.grad is not None for p in ps)}
+        self.last = {"step": info["step"], "epoch": info["epoch"], "lr": info["lr"], "loss": info["loss"],
+                     **{f"rms {k}": v for k, v in self.acts.take().items()}, **grads}
+        if self.last["step"] % self.every == 0:
+            self.rows.append(self.last)
+
+
 def probe(run, *, steps: int, every: int, progress: bool = True) -> tuple[list[dict], dict]:
     """Train ``run`` (a harness run of the suite) with ``train_one`` itself for at most ``steps`` steps, recording
     a row every ``every`` steps (and the last); returns the rows and ``train_one``'s record (its per-epoch curve)."""
-    rows: list[dict] = []
-    probes: dict[str, object] = {}
-
-    def on_build(model: torch.nn.Module) -> None:
-        probes["acts"] = ActivationRecorder(probed_parts(model))
-        probes["groups"] = grad_groups(model)
-
-    def on_step(info: dict) -> None:
-        # The gradients of this step are still in .grad (train_step zeroes them before its backward).
-        grads = {f"grad {k}": float(torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None]))
-                 for k, ps in probes["groups"].items() if any(p.grad is not None for p in ps)}
-        row = {"step": info["step"], "epoch": info["epoch"], "lr": info["lr"], "loss": info["loss"],
-               **{f"rms {k}": v for k, v in probes["acts"].take().items()}, **grads}
-        if row["step"] % every == 0:
-            rows.append(row)
-        probes["last"] = row
-
+    hooks = _Probe(every)
     train = dataclasses.replace(run.train, max_steps=min(steps, run.train.max_steps or steps))
     rec = train_one(run.spec, run.d_model, run.data, run.lr, run.seed, train, task=run.task, progress=progress,
-                    on_build=on_build, on_step=on_step)
-    if probes["last"]["step"] != rows[-1]["step"]:  # the last step run (at --steps, the run's end or an early stop)
-        rows.append(probes["last"])
-    return rows, rec
+                    on_build=hooks.on_build, on_step=hooks.on_step)
+    if hooks.rows[-1] is not hooks.last:
+        hooks.rows.append(hooks.last)
+    return hooks.rows, rec
 
 
 def main() -> None:

@@ -239,9 +239,10 @@ def test_seq_digits_layout_and_fixed_split():
 def test_pydoc_lm_train_drops_rows_that_repeat_a_held_out_row(monkeypatch):
     from memzoo.eval.tasks import pydoc_lm
 
-    # 20 rows of 4 bytes: row 9 (held out) is row 2's text and row 15 is row 19's (held out); the rest are distinct.
+    # 20 rows of 4 bytes (3 inputs and the last label): row 9 (held out) is row 2's text, row 15 has row 19's (held
+    # out) inputs but another last byte; the rest are distinct.
     rows = [bytes([r, r, r, r]) for r in range(20)]
-    rows[9], rows[15] = rows[2], rows[19]
+    rows[9], rows[15] = rows[2], rows[19][:3] + b"\xff"
     monkeypatch.setattr(pydoc_lm, "_text", lambda: np.frombuffer(b"".join(rows), dtype=np.uint8))
     pydoc_lm.rows.cache_clear()
     try:
@@ -271,12 +272,15 @@ def test_pydoc_lm_next_byte_labels_and_fixed_split():
     # rows are the others, less any that repeats a held-out row.
     all_rows = [text[r * (T + 1): (r + 1) * (T + 1)] for r in range(n_rows)]
     held_out = sorted(all_rows[9::10])
+    held_inputs = {row[:-1] for row in held_out}
     assert rows_of(test) == held_out
-    assert rows_of(train) == sorted(row for r, row in enumerate(all_rows) if r % 10 != 9 and row not in held_out)
+    trained = [row for r, row in enumerate(all_rows) if r % 10 != 9 and row[:-1] not in held_inputs]
+    assert rows_of(train) == sorted(trained)
     other = make_task(PydocLMConfig(seq_len=T), 3)
     assert not torch.equal(other.inputs, train.inputs)
     assert rows_of(other) == rows_of(train)
     assert not set(rows_of(train)) & set(held_out)
+    assert not {bytes(r) for r in train.inputs.tolist()} & {bytes(r) for r in test.inputs.tolist()}
     with pytest.raises(ValueError, match="exceeds the"):
         PydocLMConfig(split="test", seq_len=T, num_examples=n_rows)
     with pytest.raises(ValueError, match="split must be one of"):

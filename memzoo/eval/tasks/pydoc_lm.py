@@ -4,7 +4,7 @@ The text is ``memzoo-train``'s ``pydoc`` source (``pydoc_data.topics``, shipped 
 download): the topics in sorted order joined by newlines, as UTF-8 bytes (tokens 0..255).  It is cut into
 consecutive rows of ``seq_len + 1`` bytes; a row's first ``seq_len`` bytes are the inputs and every position is
 labelled with the byte after it.  The split is fixed: every tenth row (row index 9, 19, 29, ...) is held out
-(``test``), the others are ``train``, less any row whose bytes equal a held-out row's: the text repeats itself (a
+(``test``), the others are ``train``, less any row whose inputs equal a held-out row's: the text repeats itself (a
 table's border line, a repeated sentence), and such a row would put held-out text in the training set.  The text,
 so the row counts, depend on the Python release (at ``seq_len`` 256 on 3.11: 1632 train and 181 held-out rows, no
 repeat; at ``seq_len`` 128, 10 repeats are dropped; on 3.13 at ``seq_len`` 64, 30).  The generator's seed only
@@ -64,17 +64,17 @@ def _text() -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def rows(seq_len: int, split: str) -> np.ndarray:
-    """``[N, seq_len + 1]`` byte rows of ``split`` (in text order), by the fixed every-tenth-row rule; ``train`` has
-    no row equal to a held-out one."""
+    """``[N, seq_len + 1]`` byte rows of ``split`` (in text order), by the fixed every-tenth-row rule; no ``train``
+    row has a held-out row's inputs (its first ``seq_len`` bytes)."""
     text = _text()
     n = len(text) // (seq_len + 1)
     all_rows = text[: n * (seq_len + 1)].reshape(n, seq_len + 1)
     held_out = np.arange(n) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     if split == "test":
         return all_rows[held_out]
-    test = {r.tobytes() for r in all_rows[held_out]}
+    test = {r[:-1].tobytes() for r in all_rows[held_out]}
     train = all_rows[~held_out]
-    return train[np.array([r.tobytes() not in test for r in train], dtype=bool)]
+    return train[np.array([r[:-1].tobytes() not in test for r in train], dtype=bool)]
 
 
 def make(cfg: PydocLMConfig, seed: int) -> TaskData:
