@@ -508,13 +508,26 @@ def test_mqar_overview_has_a_row_per_model_and_a_column_per_cell(tmp_path):
             acc = {5e-4: 0.5, 1e-3: 0.99, 2e-3: 0.9}.get(r.lr, 0.98)
             res[r.key] = {"config": {"lr": r.lr or 1e-3}, "record": {"metrics": {"all": {"accuracy": acc}},
                                                                       "state_floats": {"64": 8192}}}
+        # swa's sweep seed stays low at every rate while its reruns learn: the row says how far it trails.
+        if r.labels["model"] == "swa" and (r.d_model, r.labels["T"]) == (64, 64):
+            acc = {5e-4: 0.2, 1e-3: 0.18, 2e-3: 0.19}.get(r.lr, {1: 0.6, 2: 0.55}.get(r.seed))
+            res[r.key] = {"config": {"lr": r.lr or 5e-4}, "record": {"metrics": {"all": {"accuracy": acc}},
+                                                                      "state_floats": {"64": 4096}}}
     lines = _mqar_section(runs, res, tmp_path / "p.md", tmp_path / "img", "cpu", mqar_claim)
     assert lines[0] == "| model | d 64, T 64 (4) | d 128, T 64 (4) | d 64, T 128 (8) | d 128, T 128 (8) |"
     assert "| `attention` | 0.98 ± 0.01 | pending | pending | pending |" in lines
     assert sum(line.startswith("| `") for line in lines[:lines.index("")]) == 13
     detail = lines[lines.index(next(x for x in lines if x.startswith("<details>"))):]
-    row = "| `attention` | 64 | 64 (4) | 0.001 | 0.98 ± 0.01 | 5/5 | zoology Fig. 2: attention ~1.00 |  | agrees |"
+    row = ("| `attention` | 64 | 64 (4) | 0.001 | 0.98 ± 0.01 | 0.99 / 0.98 / 0.98 | 5/5 | zoology Fig. 2: attention "
+           "~1.00 |  | agrees |")
     assert row in detail
+    swa = next(line for line in detail if line.startswith("| `swa` | 64 | 64 (4) |")).split(" | ")
+    assert swa[3:6] == ["0.0005 (sweep seed 0.35 below its reruns)", "0.45 ± 0.22", "0.20 / 0.60 / 0.55"]
+    # Less than TRAILS behind: no remark.
+    res.update({k: {**v, "record": {**v["record"], "metrics": {"all": {"accuracy": 0.35}}}} for k, v in res.items()
+                if v is not None and "swa" in k and "best" in k})
+    lines = _mqar_section(runs, res, tmp_path / "p.md", tmp_path / "img", "cpu", mqar_claim)
+    assert next(line for line in lines if line.startswith("| `swa` | 64 | 64 (4) |")).split(" | ")[3] == "0.0005"
     assert (tmp_path / "img" / "results-cpu-mqar-state.png").exists()
 
 
