@@ -47,6 +47,12 @@ def segment_seed(cfg: Any, split: str, index: int, seed: int) -> int:
     return h if split == "train" else _HALF + h
 
 
+def test_segment_seeds(data: DataSpec) -> list[int]:
+    """The seeds of ``data``'s test segments: the same for every run seed (each drawn at run seed 0), so that seeds
+    and models are scored on one test set."""
+    return [segment_seed(c, "test", i, 0) for i, c in enumerate(data.test)]
+
+
 def load_segment(cfg: Any, seed: int, cache_dir: str | Path | None = None) -> TaskData:
     """``make_task(cfg, seed)``, read from / written to ``cache_dir`` (keyed by md5 of config and seed)."""
     if cache_dir is None:
@@ -217,7 +223,7 @@ def train_one(spec: ModelSpec, d_model: int, data: DataSpec, lr: float, seed: in
     primary = TASKS[task].primary
     t0 = time.perf_counter()
     train_seeds = [segment_seed(c, "train", i, seed) for i, c in enumerate(data.train)]
-    test_seeds = [segment_seed(c, "test", i, 0) for i, c in enumerate(data.test)]
+    test_seeds = test_segment_seeds(data)
     train_sets = [load_segment(c, s, None) for c, s in zip(data.train, train_seeds)]
     test_sets = [load_segment(c, s, cache_dir) for c, s in zip(data.test, test_seeds)]
 

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .harness import steps_per_epoch
+from .harness import load_segment, steps_per_epoch, test_segment_seeds
 from .longmem_recall import ARMS as LONGMEM_ARMS
 from .plots import _pyplot, _save
 from .report import ROOT, Run, load_result
 from .report_claims import CLAIMS as PAPER_CLAIMS
 from .report_claims import Claim, seed_gap, trend_verdict
+from .tasks.base import IGNORE
 
 __all__ = ["write_page", "cell", "row_values"]
 
@@ -267,6 +268,46 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
     return [*summary, "", *_img(page, png, "MQAR accuracy vs state size"),
             "<details><summary>Per cell: the sweep's best rate, the runs, the paper's claim and the verdict</summary>",
             "", *_table(header, rows), "", "</details>", ""]
+
+
+def answer_in_view(inputs: Any, labels: Any, span: int, context: int) -> tuple[int, int]:
+    """(scored positions whose answer token sits in the first ``context`` positions (MQAR's key-value pairs) and
+    among the last ``span`` input tokens up to and including them, scored positions): the queries a model that looks
+    only ``span`` tokens back can copy its answer for.  A filler token that equals the answer by chance is no source."""
+    import torch
+
+    sources = torch.where(torch.arange(inputs.shape[1]) < context, inputs, -1)  # -1: no source
+    views = torch.nn.functional.pad(sources, (span - 1, 0), value=-1).unfold(1, span, 1)  # [N, T, span]
+    scored = labels != IGNORE
+    return int(((views == labels[..., None]).any(-1) & scored).sum()), int(scored.sum())
+
+
+def _windows(runs: list[Run]) -> list[int]:
+    """The attention windows and segments of the MQAR models (``window`` / ``segment_len`` options)."""
+    spans = {opts[k] for r in runs for opts in (r.spec.mixers or {}).values() for k in ("window", "segment_len")
+             if opts.get(k)}
+    return sorted(spans)
+
+
+def _mqar_reach(runs: list[Run]) -> str:
+    """A sentence giving, per (T, kv) cell, the share of test queries whose value lies within the models' window:
+    about what a model reaches that looks its answers up only in that window."""
+    spans = _windows(runs)
+    if not spans:
+        return ""
+    cells = {(r.labels["T"], r.labels["kv"]): r.data for r in runs}  # one test set per cell, whatever the seed
+    parts = []
+    for (T, kv), data in cells.items():
+        sets = [load_segment(c, seed) for c, seed in zip(data.test, test_segment_seeds(data))]
+        for span in spans:
+            hit, total = (sum(x) for x in zip(*(answer_in_view(d.inputs, d.labels, span,
+                                                               2 * c.num_kv_pairs * c.num_passes)
+                                                for c, d in zip(data.test, sets))))
+            parts.append(f"{hit / total:.2f} at T {T} ({kv})" + (f" for a window of {span}" if len(spans) > 1 else ""))
+    window = f"the last {spans[0]} tokens" if len(spans) == 1 else "a window"
+    return (f" Of the test queries, the share whose value lies within {window} is {', '.join(parts)}: a model "
+            "that looks its answers up only within such a window (`swa`; the attention of MAG, MAL and HMT's "
+            "backbone; MAC's segment sees less) scores about that, and more only through a memory or state.")
 
 
 def _budget(run: Run) -> str:
@@ -523,7 +564,8 @@ def write_page(preset: str, runs: list[Run], results_dir: str | Path, page: str 
                           "same model: higher than at the next smaller width (same T, kv), lower than at the "
                           "previous (T, kv) (same width). A trend agrees when the two means differ in the claimed "
                           "direction by more than the larger standard deviation over seeds. "
-                          + _mqar_budget(by_study["mqar"]) + " Cells run left to right, so a partly run preset has "
+                          + _mqar_budget(by_study["mqar"]) + _mqar_reach(by_study["mqar"])
+                          + " Cells run left to right, so a partly run preset has "
                           "its first cells complete.", folder,
                           "mqar-<model>-d<d>-T<T>-kv<kv>-{lr<lr>,best}-s<seed>",
                           _mqar_section(by_study["mqar"], res, page, img, preset, claims["mqar"]))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from memzoo.eval.cli import main as bench_main
 from memzoo.eval.harness import train_one
@@ -495,6 +496,40 @@ def test_s4d_verdicts_test_the_ordering_complex_inits_together_and_real_below():
     rows = _s4d_rows({**measured, "s4d-real": [0.84], "s4d-legs": []})
     assert rows["s4d-real"][2] == "needs 2+ seeds of every init" and rows["s4d-real"][-1] == "pending"
     assert rows["s4d-lin"][-1] == "pending" and rows["s4d-legs"][1] == "pending"
+
+
+def test_answer_in_view_counts_queries_whose_pair_lies_within_the_span():
+    from memzoo.eval.report_page import answer_in_view
+
+    I = -100  # noqa: E741
+    # Context k1 v1 k2 v2 (ids 1 10 2 20), then filler; queries: k1 at position 5 (answer 10 at position 1, 4 back),
+    # k2 at position 9 (answer 20 at position 3, 6 back), where a filler token 20 at position 8 is no source.
+    inputs = torch.tensor([[1, 10, 2, 20, 7, 1, 7, 7, 20, 2]])
+    labels = torch.tensor([[I, I, I, I, I, 10, I, I, I, 20]])
+    assert answer_in_view(inputs, labels, 4, 4) == (0, 2)
+    assert answer_in_view(inputs, labels, 5, 4) == (1, 2)
+    assert answer_in_view(inputs, labels, 7, 4) == (2, 2)
+    assert answer_in_view(inputs, labels, 5, 10) == (2, 2)  # with the filler counted as a source, k2 too
+
+
+def test_mqar_section_states_the_share_of_queries_within_the_window():
+    from memzoo.eval.harness import load_segment, test_segment_seeds
+    from memzoo.eval.report_page import _mqar_reach
+
+    runs = [r for r in build_suite("tiny") if r.study == "mqar"]
+    (window,) = {o["window"] for r in runs for o in r.spec.mixers.values() if o.get("window")}
+    # An independent count: each query's value position in the context, against the window.
+    c = runs[0].data.test[0]
+    d = load_segment(c, test_segment_seeds(runs[0].data)[0])
+    hit = total = 0
+    for row, lab in zip(d.inputs.tolist(), d.labels.tolist()):
+        for t, answer in enumerate(lab):
+            if answer != -100:
+                total += 1
+                hit += t - row.index(answer) < window  # the value's first occurrence is its pair's
+    text = _mqar_reach(runs)
+    assert f"within the last {window} tokens is {hit / total:.2f} at T {c.input_seq_len} ({c.num_kv_pairs})" in text
+    assert 0 < hit < total
 
 
 def test_mqar_overview_has_a_row_per_model_and_a_column_per_cell(tmp_path):
