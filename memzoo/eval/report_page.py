@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .harness import load_segment, steps_per_epoch, test_segment_seeds
 from .longmem_recall import ARMS as LONGMEM_ARMS
 from .plots import _pyplot, _save
@@ -274,8 +276,6 @@ def answer_in_view(inputs: Any, labels: Any, span: int, context: int) -> tuple[i
     """(scored positions whose answer token sits in the first ``context`` positions (MQAR's key-value pairs) and
     among the last ``span`` input tokens up to and including them, scored positions): the queries a model that looks
     only ``span`` tokens back can copy its answer for.  A filler token that equals the answer by chance is no source."""
-    import torch
-
     sources = torch.where(torch.arange(inputs.shape[1]) < context, inputs, -1)  # -1: no source
     views = torch.nn.functional.pad(sources, (span - 1, 0), value=-1).unfold(1, span, 1)  # [N, T, span]
     scored = labels != IGNORE
