@@ -33,6 +33,7 @@ from common import print_table, trained_once  # noqa: E402
 
 from memzoo.eval.report import ROOT, load_result  # noqa: E402
 from memzoo.eval.report_suite import build_suite  # noqa: E402
+from memzoo.eval.tasks import TASKS  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "niah-budget"
 MQAR_OUT = ROOT / "benchmarks" / "results" / "mqar-budget"
@@ -96,7 +97,7 @@ def main() -> None:
     data = dataclasses.replace(base.data, train=(dataclasses.replace(base.data.train[0], num_examples=n),))
     train = dataclasses.replace(base.train, epochs=epochs, grad_clip=getattr(args, "grad_clip", base.train.grad_clip))
     clip = f"-clip{train.grad_clip:g}" if train.grad_clip is not None else ""
-    metric = "accuracy" if base.study == "mqar" else "exact_match"
+    metric = TASKS[base.task].primary  # exact match for the needle and MAC runs, accuracy for MQAR
     path = (MQAR_OUT if base.study == "mqar" else OUT) / f"{base.key}-n{n}-e{epochs}-lr{lr:g}{clip}.json"
     run = dataclasses.replace(base, key=path.stem, data=data, lr=lr, train=train)
     rec = trained_once(path, {"base": base.key, "train_examples": n, "epochs": epochs, "lr": lr, "seed": base.seed},

@@ -238,9 +238,10 @@ def _mqar_section(runs: list[Run], res: dict[str, dict | None], page: Path, img:
         vals, sweep_seed = list(complete[key].values()), min(seeds)
         best_lr = f"{best[key][sweep_seed][1]:g}" if sweep_seed in complete[key] else "pending"
         reruns = [v for s, v in complete[key].items() if s != sweep_seed]
-        if sweep_seed in complete[key] and reruns and min(reruns) - complete[key][sweep_seed] >= TRAILS:
-            # The rate was picked by a seed that did worse at every rate than the others at the picked one.
-            best_lr += f" (sweep seed {min(reruns) - complete[key][sweep_seed]:.2f} below its reruns)"
+        if sweep_seed in complete[key] and reruns:
+            trails = min(reruns) - complete[key][sweep_seed]
+            if trails >= TRAILS:  # the rate was picked by a seed that did worse at every rate than the others at it
+                best_lr += f" (sweep seed {trails:.2f} below its reruns)"
         per_seed = " / ".join(f"{complete[key][s]:.2f}" if s in complete[key] else "pending" for s in sorted(seeds))
         claim = claim_of(name, d, T, kv, cells)
         value = statistics.fmean(vals) if vals else None
@@ -290,24 +291,25 @@ def _windows(runs: list[Run]) -> list[int]:
 
 
 def _mqar_reach(runs: list[Run]) -> str:
-    """A sentence giving, per (T, kv) cell, the share of test queries whose value lies within the models' window:
+    """A sentence giving, per window and (T, kv) cell, the share of test queries whose value lies within the window:
     about what a model reaches that looks its answers up only in that window."""
     spans = _windows(runs)
     if not spans:
         return ""
     cells = {(r.labels["T"], r.labels["kv"]): r.data for r in runs}  # one test set per cell, whatever the seed
-    parts = []
-    for (T, kv), data in cells.items():
-        sets = [load_segment(c, seed) for c, seed in zip(data.test, test_segment_seeds(data))]
-        for span in spans:
-            hit, total = (sum(x) for x in zip(*(answer_in_view(d.inputs, d.labels, span,
-                                                               2 * c.num_kv_pairs * c.num_passes)
-                                                for c, d in zip(data.test, sets))))
-            parts.append(f"{hit / total:.2f} at T {T} ({kv})" + (f" for a window of {span}" if len(spans) > 1 else ""))
-    window = f"the last {spans[0]} tokens" if len(spans) == 1 else "a window"
-    return (f" Of the test queries, the share whose value lies within {window} is {', '.join(parts)}: a model "
-            "that looks its answers up only within such a window (`swa`; the attention of MAG, MAL and HMT's "
-            "backbone; MAC's segment sees less) scores about that, and more only through a memory or state.")
+    tests = {cell: [(c, load_segment(c, seed)) for c, seed in zip(data.test, test_segment_seeds(data))]
+             for cell, data in cells.items()}
+    shares = []
+    for span in spans:
+        parts = []
+        for (T, kv), sets in tests.items():
+            hit, total = (sum(x) for x in zip(*(answer_in_view(d.inputs, d.labels, span, c.context_len)
+                                                for c, d in sets)))
+            parts.append(f"{hit / total:.2f} at T {T} ({kv})")
+        shares.append(f"within the last {span} tokens is {', '.join(parts)}")
+    return (f" Of the test queries, the share whose value lies {'; '.join(shares)}: a model that looks its answers "
+            "up only within such a window (`swa`; the attention of MAG, MAL and HMT's backbone; MAC's segment sees "
+            "less) scores about that, and more only through a memory or state.")
 
 
 def _budget(run: Run) -> str:

@@ -65,6 +65,14 @@ def test_mqar_zoology_layout(rnq):
     assert (blanks == 0).all() != rnq
 
 
+def test_mqar_read_twice_repeats_the_pairs_within_context_len():
+    cfg = MQARConfig(vocab_size=128, num_examples=50, input_seq_len=64, num_kv_pairs=4, num_passes=2)
+    d = make_task(cfg, 0)
+    assert cfg.context_len == 16
+    assert torch.equal(d.inputs[:, :8], d.inputs[:, 8:16])  # the second pass of the pairs
+    assert ((d.labels != IGNORE).nonzero()[:, 1] >= cfg.context_len).all()  # every query after them
+
+
 def test_mqar_power_law_clusters_queries_early():
     d = make_task(MQARConfig(vocab_size=1024, num_examples=2000, input_seq_len=256, num_kv_pairs=4), 1)
     gaps = ((d.labels != IGNORE).nonzero()[:, 1] - 8) // 2

@@ -37,6 +37,11 @@ class MQARConfig:
     # Repeat the context this many times before the queries (JRT's "read twice" variant).
     num_passes: int = 1
 
+    @property
+    def context_len(self) -> int:
+        """The tokens before the query region: the key-value pairs, ``num_passes`` times."""
+        return 2 * self.num_kv_pairs * self.num_passes
+
     def __post_init__(self) -> None:
         check_positive(vocab_size=self.vocab_size, num_examples=self.num_examples,
                        input_seq_len=self.input_seq_len, num_kv_pairs=self.num_kv_pairs, num_passes=self.num_passes)
@@ -45,7 +50,7 @@ class MQARConfig:
             raise ValueError(f"input_seq_len must be even, got {T}")
         if self.vocab_size <= T:
             raise ValueError(f"vocab_size ({self.vocab_size}) must exceed input_seq_len ({T})")
-        if 2 * kv * self.num_passes + 2 * kv > T:
+        if self.context_len + 2 * kv > T:
             raise ValueError(f"input_seq_len={T} is too short for num_kv_pairs={kv} with num_passes="
                              f"{self.num_passes}: need 2*kv*num_passes + 2*kv <= input_seq_len")
         if self.vocab_size // 2 - 1 < kv:
@@ -65,7 +70,7 @@ def make(cfg: MQARConfig, seed: int) -> TaskData:
     keys = distinct_per_row(rng, N, kv, 1, V // 2)  # [N, kv]
     values = distinct_per_row(rng, N, kv, V // 2, V)  # [N, kv]
     context = np.tile(np.stack([keys, values], axis=2).reshape(N, 2 * kv), (1, cfg.num_passes))
-    ctx = context.shape[1]
+    ctx = cfg.context_len
 
     space = (T - ctx) // 2
     g = np.arange(1, space + 1, dtype=np.float64)
